@@ -1,0 +1,1 @@
+"""Triton kernels of quantkit (installed as ``quantkit.kernels``); absolute imports only."""

@@ -1,0 +1,1 @@
+"""Quantization algorithms, registered by name (see ``quantkit.algorithms.registry``)."""
