@@ -97,9 +97,11 @@ def dequantize(
     return reference.dequantize(codes, scale, zero, scheme, out_dtype)
 
 
-def fake_quantize(x: torch.Tensor, scheme: QuantScheme, backend: Backend = "auto") -> torch.Tensor:
+def fake_quantize(
+    x: torch.Tensor, scheme: QuantScheme, backend: Backend = "auto", check_finite: bool = True
+) -> torch.Tensor:
     """``dequantize(quantize(x))`` in the shape and dtype of ``x``."""
-    codes, scale, zero = quantize(x, scheme, backend)
+    codes, scale, zero = quantize(x, scheme, backend, check_finite)
     return dequantize(codes, scale, zero, scheme, x.dtype, backend).reshape(x.shape)
 
 

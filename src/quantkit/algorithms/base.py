@@ -1,0 +1,146 @@
+"""What every algorithm shares: scheme construction, observers and the pipeline interface.
+
+The calibration pipeline (:mod:`quantkit.pipeline`) walks decoder blocks and, for each group
+of linears that share an input (e.g. q/k/v), attaches the algorithm's observers to those
+linears, runs the calibration activations through the block, then asks the algorithm to turn
+the group into :class:`~quantkit.quant_linear.QuantLinear` modules.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit.config import ConfigError, DTypeConfig, check, check_choice
+from quantkit.quant_linear import QuantLinear
+from quantkit.scheme import QuantScheme
+
+W_QTYPES = ("per_tensor", "per_channel", "per_group")
+# per_tensor activations are calibrated once (static); per_token scales are computed per call.
+A_QTYPES = ("per_tensor", "per_token")
+
+
+def weight_scheme(w_dtype: DTypeConfig, w_qtype: str, groupsize: int) -> QuantScheme | None:
+    """The weight scheme, or None for ``w_dtype=float16``; errors name the config keys."""
+    check_choice("algo.w_qtype", w_qtype, W_QTYPES)
+    if w_dtype.is_identity:
+        return None
+    check(
+        w_qtype == "per_group" or groupsize == -1,
+        f"algo.groupsize={groupsize} has no meaning with algo.w_qtype={w_qtype}; "
+        "use w_qtype=per_group or groupsize=-1",
+    )
+    try:
+        return QuantScheme(w_dtype.name, w_qtype, groupsize if w_qtype == "per_group" else -1,
+                           has_zero=w_dtype.has_zero, unsigned=w_dtype.unsigned)
+    except ValueError as exc:
+        raise ConfigError(f"w_dtype/algo: {exc}") from None
+
+
+def activation_scheme(a_dtype: DTypeConfig, a_qtype: str) -> QuantScheme | None:
+    """The activation scheme, or None for ``a_dtype=float16`` (weight-only)."""
+    check_choice("algo.a_qtype", a_qtype, A_QTYPES)
+    if a_dtype.is_identity:
+        return None
+    try:
+        return QuantScheme(a_dtype.name, a_qtype, -1, has_zero=a_dtype.has_zero, unsigned=a_dtype.unsigned)
+    except ValueError as exc:
+        raise ConfigError(f"a_dtype/algo: {exc}") from None
+
+
+class Observer(ABC):
+    """Collects statistics of one linear's inputs ``x (tokens, in_features)`` during calibration."""
+
+    @abstractmethod
+    def update(self, x: torch.Tensor) -> None: ...
+
+
+class ActRangeObserver(Observer):
+    """Running range of the inputs, for a static activation scale under ``scheme``."""
+
+    def __init__(self, scheme: QuantScheme) -> None:
+        self.scheme = scheme
+        self.lo: torch.Tensor | None = None
+        self.hi: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("calibration activations contain NaN or inf; cannot calibrate a static scale")
+        lo, hi = x.min().float(), x.max().float()
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+
+    def scale(self) -> torch.Tensor:
+        """Static per-tensor scale ``(1, 1)`` float32 (same rule as dynamic quantization)."""
+        from quantkit.reference import compute_qparams
+
+        if self.lo is None:
+            raise RuntimeError("observer saw no calibration data")
+        extremes = torch.stack([self.lo, self.hi]).reshape(1, 2)
+        return compute_qparams(extremes, self.scheme)[0]
+
+
+class Algorithm(ABC):
+    """Base class: weight/activation schemes and the hooks the pipeline calls."""
+
+    name = "base"
+
+    def __init__(self, config: Any, w_dtype: DTypeConfig, a_dtype: DTypeConfig) -> None:
+        self.config = config
+        self.w_scheme: QuantScheme | None = None
+        self.a_scheme: QuantScheme | None = None
+
+    @property
+    def a_static(self) -> bool:
+        return self.a_scheme is not None and self.a_scheme.granularity == "per_tensor"
+
+    @property
+    def quantizes(self) -> bool:
+        """False when both dtypes are float16: the run is the unquantized baseline."""
+        return self.w_scheme is not None or self.a_scheme is not None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether this algorithm needs calibration activations at all."""
+        return self.a_static
+
+    @property
+    def block_sequential(self) -> bool:
+        return bool(getattr(self.config, "block_sequential", False))
+
+    @property
+    def layer_sequential(self) -> bool:
+        return bool(getattr(self.config, "layer_sequential", False))
+
+    def make_observer(self, name: str, linear: nn.Linear) -> Observer | None:
+        """Observer for one linear of the group being calibrated (None: nothing to collect)."""
+        return ActRangeObserver(self.a_scheme) if self.a_static else None
+
+    def prepare_group(
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: nn.Module | None
+    ) -> None:
+        """Transform a group before any group of the same phase is quantized (e.g. fold
+        per-channel scales into ``prev``). The pipeline calls it for every group of a phase
+        first, so ``prev`` is still a full-precision module. Default: nothing."""
+
+    @abstractmethod
+    def quantize_group(
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: nn.Module | None
+    ) -> dict[str, nn.Module]:
+        """Replacement modules for the linears of one group (``prev`` feeds them, if foldable)."""
+
+    def quantize_outside_block(self, name: str, linear: nn.Linear) -> nn.Module:
+        """Replacement for a linear outside the decoder blocks (e.g. a non-skipped lm_head)."""
+        raise ConfigError(
+            f"algo={self.name} quantizes decoder blocks only; add {name!r} to skip_layers"
+        )
+
+    def _to_quant_linear(self, linear: nn.Linear, observer: Observer | None, **kwargs: Any) -> nn.Module:
+        """QuantLinear with this algorithm's schemes (the linear itself if nothing quantizes)."""
+        if not self.quantizes:
+            return linear
+        act_scale = observer.scale() if isinstance(observer, ActRangeObserver) else None
+        return QuantLinear.from_linear(linear, self.w_scheme, self.a_scheme, act_scale=act_scale, **kwargs)

@@ -1,0 +1,49 @@
+"""RTN: round-to-nearest weights (and optionally activations) on the scheme's grid.
+
+Needs no data for the weights. With ``a_qtype=per_tensor`` activations get a static scale
+calibrated from the inputs each linear sees in the calibration pipeline, and then
+``block_sequential``/``layer_sequential`` decide whether those inputs come from the already
+quantized earlier blocks/sublayers. With weight-only or dynamic activation quantization the
+two flags have nothing to act on (no calibration runs) and the run log says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from quantkit.algorithms.base import Algorithm, Observer, activation_scheme, weight_scheme
+from quantkit.algorithms.registry import register
+from quantkit.config import DTypeConfig, check_groupsize
+
+
+@dataclass(frozen=True)
+class RTNConfig:
+    name: str = "rtn"
+    groupsize: int = 128
+    w_qtype: str = "per_group"
+    a_qtype: str = "per_token"
+    block_sequential: bool = False
+    layer_sequential: bool = False
+
+    def __post_init__(self) -> None:
+        check_groupsize("algo.groupsize", self.groupsize)
+
+
+@register("rtn", RTNConfig)
+class RTN(Algorithm):
+    def __init__(self, config: RTNConfig, w_dtype: DTypeConfig, a_dtype: DTypeConfig) -> None:
+        super().__init__(config, w_dtype, a_dtype)
+        self.w_scheme = weight_scheme(w_dtype, config.w_qtype, config.groupsize)
+        self.a_scheme = activation_scheme(a_dtype, config.a_qtype)
+
+    def quantize_group(
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: nn.Module | None
+    ) -> dict[str, nn.Module]:
+        return {name: self._to_quant_linear(lin, observers.get(name)) for name, lin in linears.items()}
+
+    def quantize_outside_block(self, name: str, linear: nn.Linear) -> nn.Module:
+        if self.a_static:
+            return super().quantize_outside_block(name, linear)
+        return self._to_quant_linear(linear, None)

@@ -1,0 +1,150 @@
+"""``QuantLinear``: a drop-in replacement of ``nn.Linear`` holding packed low-bit weights.
+
+Buffers (weight ``W (out, in)`` quantized under a :class:`QuantScheme` with ``G`` groups per row):
+
+* ``qweight  (out, ceil(in / 8) * bits)`` uint8: codes packed by :mod:`quantkit.packing`
+* ``scales   (out|1, G|1)`` float16: the stored scales (codes were computed with exactly these)
+* ``qzeros   (out|1, ceil(G / 8) * bits)`` uint8: packed zero points (asymmetric grids only)
+* ``bias     (out,)`` float16, optional
+* ``act_scale (1, 1)`` float32, optional: a statically calibrated activation scale
+
+Activations are quantized on the way in when an activation scheme is set: dynamically (scale
+computed per call from the input, e.g. per token) or statically (``act_scale``). On CPU the
+forward dequantizes through the torch reference; the fused Triton matmuls replace this on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantkit import ops
+from quantkit.packing import packed_cols
+from quantkit.scheme import QuantScheme
+
+SCALE_DTYPE = torch.float16
+# Smallest stored scale: the fp16 normal minimum, so a stored scale never flushes to zero.
+MIN_SCALE = 2.0**-14
+
+
+def storage_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Round float32 scales to what :class:`QuantLinear` stores (float16), back in float32.
+
+    Algorithms quantize with the rounded scale so that stored codes and scales agree exactly.
+    """
+    return scale.clamp(MIN_SCALE, torch.finfo(SCALE_DTYPE).max).to(SCALE_DTYPE).float()
+
+
+def weight_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (storage-rounded) and zero of a weight ``(out, in)`` computed from ``w`` itself."""
+    from quantkit.reference import compute_qparams
+
+    scale, zero = compute_qparams(w, scheme)
+    return storage_scale(scale), zero
+
+
+class QuantLinear(nn.Module):
+    """``y = act_quant(x) @ dequant(qweight, scales, qzeros).T + bias``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        w_scheme: QuantScheme,
+        a_scheme: QuantScheme | None = None,
+        a_static: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.w_scheme, self.a_scheme, self.a_static = w_scheme, a_scheme, a_static
+        rows, groups = w_scheme.scale_shape(out_features, in_features)
+        bits = w_scheme.bits
+        self.register_buffer("qweight", torch.zeros(out_features, packed_cols(in_features, bits), dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(rows, groups, dtype=SCALE_DTYPE, device=device))
+        zeros = torch.zeros(rows, packed_cols(groups, bits), dtype=torch.uint8, device=device)
+        self.register_buffer("qzeros", zeros if w_scheme.has_zero else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=SCALE_DTYPE, device=device) if bias else None)
+        act_scale = torch.ones(1, 1, dtype=torch.float32, device=device)
+        self.register_buffer("act_scale", act_scale if a_scheme is not None and a_static else None)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        w_scheme: QuantScheme,
+        a_scheme: QuantScheme | None = None,
+        act_scale: torch.Tensor | None = None,
+        qparams: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> "QuantLinear":
+        """Quantize ``linear.weight`` round-to-nearest on the grid given by ``qparams``.
+
+        ``qparams`` (scale, zero) default to :func:`weight_qparams` of the weight itself;
+        data-aware algorithms pass their own (e.g. clipped) ones or already-quantized weights.
+        ``act_scale`` makes activation quantization static.
+        """
+        w = linear.weight.detach()
+        scale, zero = qparams if qparams is not None else weight_qparams(w, w_scheme)
+        codes = ops.quantize_with_qparams(w, scale, zero, w_scheme)  # (out, in)
+        module = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, w_scheme, a_scheme,
+            a_static=act_scale is not None, device=w.device,
+        )
+        module.set_weight(codes, scale, zero)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach())
+        if act_scale is not None:
+            module.act_scale.copy_(act_scale.reshape(1, 1))
+        return module
+
+    def set_weight(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
+        """Store ``codes (out, in)``, ``scale`` and ``zero`` (shapes of ``w_scheme``)."""
+        bits = self.w_scheme.bits
+        self.qweight.copy_(ops.pack_codes(codes, bits))
+        self.scales.copy_(scale.to(SCALE_DTYPE))
+        if self.w_scheme.has_zero:
+            assert zero is not None, "an asymmetric scheme needs zero points"
+            zero_codes = zero.to(torch.int8 if self.w_scheme.qmin < 0 else torch.uint8)
+            self.qzeros.copy_(ops.pack_codes(zero_codes, bits))
+
+    def weight_codes(self) -> torch.Tensor:
+        """Unpacked codes ``(out, in)``."""
+        signed = self.w_scheme.dtype.is_int and self.w_scheme.qmin < 0
+        return ops.unpack_codes(self.qweight, self.w_scheme.bits, self.in_features, signed)
+
+    def zeros(self) -> torch.Tensor | None:
+        """Unpacked zero points ``(out|1, G|1)`` int32, or None."""
+        if self.qzeros is None:
+            return None
+        signed = self.w_scheme.qmin < 0
+        groups = self.scales.shape[1]
+        return ops.unpack_codes(self.qzeros, self.w_scheme.bits, groups, signed).to(torch.int32)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight ``(out, in)`` this module computes with."""
+        return ops.dequantize(self.weight_codes(), self.scales.float(), self.zeros(), self.w_scheme, dtype)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize activations ``x (..., in)`` under ``a_scheme`` (identity if none)."""
+        if self.a_scheme is None:
+            return x
+        if self.a_static:
+            codes = ops.quantize_with_qparams(x, self.act_scale, None, self.a_scheme)
+            return ops.dequantize(codes, self.act_scale, None, self.a_scheme, x.dtype).reshape(x.shape)
+        return ops.fake_quantize(x, self.a_scheme, check_finite=False)  # hot path: no host sync
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quantize_input(x)
+        w = self.dequantized_weight(x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return nn.functional.linear(x, w, bias)
+
+    def weight_storage_bits(self) -> int:
+        """Bits that store the weight: packed codes, scales and packed zero points."""
+        tensors = [self.qweight, self.scales] + ([self.qzeros] if self.qzeros is not None else [])
+        return sum(t.numel() * t.element_size() * 8 for t in tensors)
+
+    def extra_repr(self) -> str:
+        act = f", act={self.a_scheme.describe()}{' static' if self.a_static else ''}" if self.a_scheme else ""
+        return f"in={self.in_features}, out={self.out_features}, w={self.w_scheme.describe()}{act}"

@@ -1,0 +1,161 @@
+"""One run, end to end: validate -> load -> calibration data -> quantize -> evaluate -> results.
+
+Everything that can be checked without weights (algorithm and dtype schemes, devices, the
+architecture and the group size against the model's config) is checked before the model
+loads, so a bad override fails in seconds and leaves no results behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig
+
+from quantkit import data as qdata
+from quantkit import models
+from quantkit.algorithms.registry import build_algorithm
+from quantkit.arch import get_arch, min_input_dim, resolve_model_type
+from quantkit.config import ConfigError, RunConfig, check
+from quantkit.evaluation import perplexity
+from quantkit.pipeline import quantize_model
+from quantkit.results import (
+    RESULTS_FILE, SCHEMA_VERSION, bits_per_weight, device_name, model_bytes, peak_memory, versions,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def resolve_device(value: str, key: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; ``cuda`` without a GPU is a ConfigError."""
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(value)
+    if device.type == "cuda":
+        check(torch.cuda.is_available(), f"{key}={value} but no CUDA GPU is available; use {key}=cpu or auto")
+        index = device.index or 0
+        count = torch.cuda.device_count()
+        check(index < count, f"{key}={value} but only {count} CUDA device(s) exist")
+    return device
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def _check_groupsize(algorithm: Any, hf_config: Any, arch: Any) -> None:
+    scheme = algorithm.w_scheme
+    if scheme is not None and scheme.granularity == "per_group":
+        width = min_input_dim(arch, hf_config)
+        check(
+            scheme.groupsize <= width,
+            f"algo.groupsize={scheme.groupsize} is larger than the model's smallest layer input ({width})",
+        )
+
+
+def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run ``cfg``; write and return the results (``resolved`` is the config as composed)."""
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device, "device")
+    offload = resolve_device(cfg.offload, "offload")
+    algorithm = build_algorithm(cfg.algo, cfg.w_dtype, cfg.a_dtype)
+    if not algorithm.needs_calibration and algorithm.quantizes and (algorithm.block_sequential or algorithm.layer_sequential):
+        log.info("block_sequential/layer_sequential have no effect: algo=%s with these dtypes needs no calibration data", algorithm.name)
+
+    path = models.resolve_model_path(cfg.model.path)
+    try:  # config.json only: everything below is checked before any weight loads
+        hf_config = AutoConfig.from_pretrained(path)
+    except OSError as exc:
+        raise ConfigError(f"model.path={cfg.model.path!r}: no model config found ({exc})") from None
+    model_type = resolve_model_type(cfg.model_type, hf_config.model_type)
+    arch = get_arch(model_type)
+    _check_groupsize(algorithm, hf_config, arch)
+
+    dtype = compute_dtype(cfg.model.dtype, device)
+    t0 = time.perf_counter()
+    model, tokenizer = models.load_model(path, dtype, offload)
+    load_seconds = time.perf_counter() - t0
+    eval_ids = qdata.eval_tokens(tokenizer, cfg.data.name, cfg.data.split, cfg.data.path)
+    samples = None
+    if algorithm.needs_calibration:
+        cal_path = cfg.data.path if cfg.calibrate_name == cfg.data.name else None
+        samples = qdata.calibration_samples(
+            tokenizer, cfg.calibrate_name, cfg.num_calibrate, cfg.calibrate_seq_length, cfg.seed, cal_path
+        )
+
+    def evaluate() -> dict[str, Any]:
+        model.to(device)
+        out = perplexity(model, eval_ids, cfg.eval.seq_length, cfg.eval.batch_size, cfg.eval.max_windows, device)
+        model.to(offload)
+        return out
+
+    baseline = evaluate() if cfg.eval.baseline else None
+    size_before = model_bytes(model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    report = quantize_model(model, arch, algorithm, samples, device, offload, cfg.skip_layers) if algorithm.quantizes else None
+    quant_seconds = time.perf_counter() - t0
+    evaluation = evaluate()
+
+    results: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "status": "complete",
+        "algo": algorithm.name,
+        "w_dtype": cfg.w_dtype.name,
+        "a_dtype": cfg.a_dtype.name,
+        "groupsize": getattr(cfg.algo, "groupsize", None),
+        "w_scheme": algorithm.w_scheme.describe() if algorithm.w_scheme else None,
+        "a_scheme": algorithm.a_scheme.describe() if algorithm.a_scheme else None,
+        "model": cfg.model.name,
+        "model_type": model_type,
+        "perplexity": evaluation["perplexity"],
+        "eval": evaluation,
+        "baseline_perplexity": baseline["perplexity"] if baseline else None,
+        "bits_per_weight": bits_per_weight(model),
+        "model_bytes_before": size_before,
+        "model_bytes_after": model_bytes(model),
+        "quantized_layers": len(report.quantized) if report else 0,
+        "skipped_layers": report.skipped if report else [],
+        "quantization_seconds": quant_seconds,
+        "load_seconds": load_seconds,
+        "total_seconds": time.perf_counter() - t_start,
+        **peak_memory(device),
+        "device": str(device),
+        "device_name": device_name(device),
+        "compute_dtype": str(dtype).replace("torch.", ""),
+        "versions": versions(),
+        "config": resolved,
+    }
+    write_json_atomic(Path(cfg.output_dir) / RESULTS_FILE, results)
+    log.info(summary_line(results))
+    return results
+
+
+def summary_line(r: dict[str, Any]) -> str:
+    """One line a person reads at the end of a run."""
+    scheme = r["w_scheme"] or "float16"
+    if r["a_scheme"]:
+        scheme += f" / act {r['a_scheme']}"
+    ppl = f"ppl {r['perplexity']:.3f}"
+    if r["baseline_perplexity"]:
+        delta = 100 * (r["perplexity"] / r["baseline_perplexity"] - 1)
+        ppl += f" (float16 {r['baseline_perplexity']:.3f}, {delta:+.2f}%)"
+    bits = f"{r['bits_per_weight']:.2f} bits/weight" if r["bits_per_weight"] else "unquantized"
+    mb = 1024**2
+    return (
+        f"{r['algo']} {scheme} on {r['model']}: {ppl} | {bits} | "
+        f"{r['model_bytes_before'] / mb:.1f} MiB -> {r['model_bytes_after'] / mb:.1f} MiB | "
+        f"quantized in {r['quantization_seconds']:.1f} s"
+    )
+
+
+__all__ = ["run", "summary_line", "resolve_device", "ConfigError"]

@@ -1,0 +1,168 @@
+"""The calibration pipeline with RTN on tiny models: what gets quantized, and what each flag does."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from quantkit import models
+from quantkit.algorithms.registry import build_algorithm
+from quantkit.algorithms.rtn import RTNConfig
+from quantkit.arch import get_arch
+from quantkit.config import ConfigError, DTypeConfig
+from quantkit.pipeline import quantize_model
+from quantkit import reference as ref
+from quantkit.quant_linear import QuantLinear, weight_qparams
+
+INT4 = DTypeConfig("int4", has_zero=True, unsigned=True)
+INT2 = DTypeConfig("int2", has_zero=True, unsigned=True)
+INT8 = DTypeConfig("int8")
+FP16 = DTypeConfig("float16")
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"llama": models.build_tiny_llama(root / "llama"), "opt": models.build_tiny_opt(root / "opt")}
+
+
+def load(tiny_dirs, kind="llama"):
+    model, _ = models.load_model(str(tiny_dirs[kind]), torch.float32)
+    return model
+
+
+def rtn(w=INT4, a=FP16, **kwargs):
+    return build_algorithm(RTNConfig(**{"groupsize": 32, **kwargs}), w, a)
+
+
+def samples(n=4, length=24):
+    return torch.randint(4, 260, (n, length), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_rtn_weight_only_quantizes_every_block_linear_and_skips_lm_head(tiny_dirs, kind):
+    model = load(tiny_dirs, kind)
+    reference = copy.deepcopy(model)
+    report = quantize_model(model, get_arch(model.config.model_type), rtn(), None, "cpu")
+    arch = get_arch(model.config.model_type)
+    block_linears = [n for n, m in reference.named_modules() if isinstance(m, nn.Linear) and n.startswith(arch.blocks)]
+    assert sorted(report.quantized) == sorted(block_linears)
+    assert isinstance(model.lm_head, nn.Linear) and report.skipped == ["lm_head"]
+    for name in block_linears:  # RTN weights are exactly the fake-quantized originals
+        q, w = model.get_submodule(name), reference.get_submodule(name).weight.detach()
+        scale, zero = weight_qparams(w, q.w_scheme)
+        codes = ref.quantize(w, scale, zero, q.w_scheme)
+        assert torch.equal(q.dequantized_weight(), ref.dequantize(codes, scale, zero, q.w_scheme))
+    ids = samples(1)
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_skip_layers_by_regex_and_suffix(tiny_dirs):
+    model = load(tiny_dirs)
+    skip = ("lm_head", r"model\.layers\.0\.mlp\..*", "o_proj")
+    quantize_model(model, get_arch("llama"), rtn(), None, "cpu", skip_layers=skip)
+    assert isinstance(model.model.layers[0].mlp.down_proj, nn.Linear)
+    assert isinstance(model.model.layers[1].mlp.down_proj, QuantLinear)
+    assert all(isinstance(layer.self_attn.o_proj, nn.Linear) for layer in model.model.layers)
+
+
+def test_lm_head_can_be_quantized_by_rtn_when_not_skipped(tiny_dirs):
+    model = load(tiny_dirs)
+    quantize_model(model, get_arch("llama"), rtn(), None, "cpu", skip_layers=())
+    assert isinstance(model.lm_head, QuantLinear)
+
+
+def _act_scales(model):
+    return {n: m.act_scale.item() for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.act_scale is not None}
+
+
+def _fp_input_ranges(model, ids):
+    """Static int8 per-tensor scales computed from the full-precision model's own activations."""
+    ranges, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.startswith("model.layers"):
+            def hook(_m, args, _o, name=name):
+                x = args[0]
+                lo, hi = ranges.get(name, (float("inf"), float("-inf")))
+                ranges[name] = (min(lo, x.min().item()), max(hi, x.max().item()))
+            handles.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    return {n: max(abs(lo), abs(hi)) / 127 for n, (lo, hi) in ranges.items()}
+
+
+def test_static_activation_scales_come_from_full_precision_inputs_by_default(tiny_dirs):
+    model = load(tiny_dirs)
+    ids = samples()
+    expected = _fp_input_ranges(copy.deepcopy(model), ids)
+    quantize_model(model, get_arch("llama"), rtn(INT2, INT8, a_qtype="per_tensor"), ids, "cpu", batch_size=2)
+    got = _act_scales(model)
+    assert got.keys() == expected.keys()
+    for name in got:
+        assert got[name] == pytest.approx(expected[name], rel=1e-5), name
+
+
+def test_block_sequential_calibrates_on_quantized_outputs(tiny_dirs):
+    ids = samples()
+    base = _act_scales(_quantized(tiny_dirs, ids, block_sequential=False))
+    seq = _act_scales(_quantized(tiny_dirs, ids, block_sequential=True))
+    block0 = [n for n in base if n.startswith("model.layers.0.")]
+    block1 = [n for n in base if n.startswith("model.layers.1.")]
+    assert all(base[n] == seq[n] for n in block0 if "q_proj" in n)  # block 0's first group: same input
+    assert any(base[n] != pytest.approx(seq[n], rel=1e-6) for n in block1)
+
+
+def test_layer_sequential_calibrates_later_groups_on_quantized_earlier_ones(tiny_dirs):
+    ids = samples()
+    base = _act_scales(_quantized(tiny_dirs, ids, layer_sequential=False))
+    seq = _act_scales(_quantized(tiny_dirs, ids, layer_sequential=True))
+    first = "model.layers.0.self_attn.q_proj"
+    assert base[first] == seq[first]  # the first group always sees the block's input
+    assert base["model.layers.0.self_attn.o_proj"] != pytest.approx(seq["model.layers.0.self_attn.o_proj"], rel=1e-6)
+
+
+def _quantized(tiny_dirs, ids, **flags):
+    model = load(tiny_dirs)
+    quantize_model(model, get_arch("llama"), rtn(INT2, INT8, a_qtype="per_tensor", **flags), ids, "cpu", batch_size=2)
+    return model
+
+
+def test_blocks_move_to_device_and_back_to_offload(tiny_dirs, monkeypatch):
+    model = load(tiny_dirs)
+    moves = []
+    for i, block in enumerate(model.model.layers):
+        original = block.to
+
+        def spy(*args, i=i, original=original, **kwargs):
+            moves.append((i, str(args[0]) if args else str(kwargs.get("device"))))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(block, "to", spy)
+    quantize_model(model, get_arch("llama"), rtn(INT4, INT8, a_qtype="per_tensor"), samples(), "cpu", offload="cpu")
+    per_block = [[d for j, d in moves if j == i] for i in range(2)]
+    assert per_block[1][-2:] == ["cpu", "cpu"]  # device for quantization, then offload
+    assert len(per_block[1]) >= 2
+
+
+def test_static_activations_without_samples_is_an_error(tiny_dirs):
+    model = load(tiny_dirs)
+    with pytest.raises(ValueError, match="needs calibration samples"):
+        quantize_model(model, get_arch("llama"), rtn(INT4, INT8, a_qtype="per_tensor"), None, "cpu")
+
+
+def test_nan_activations_are_rejected_during_calibration(tiny_dirs):
+    model = load(tiny_dirs)
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quantize_model(model, get_arch("llama"), rtn(INT4, INT8, a_qtype="per_tensor"), samples(), "cpu")
+
+
+def test_unsupported_architecture_names_what_to_add():
+    with pytest.raises(ConfigError, match="unsupported architecture model_type='bloom'.*ARCHS"):
+        get_arch("bloom")

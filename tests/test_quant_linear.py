@@ -1,0 +1,75 @@
+"""QuantLinear stores exactly what it computes with, and quantizes activations as configured."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from quantkit import reference
+from quantkit.quant_linear import QuantLinear, storage_scale, weight_qparams
+from quantkit.scheme import QuantScheme
+
+SCHEMES = {
+    "int4-g32-asym": QuantScheme("int4", "per_group", 32, has_zero=True, unsigned=True),
+    "int4-g48-short-last-group": QuantScheme("int4", "per_group", 48, has_zero=True),
+    "int3-channel-sym": QuantScheme("int3", "per_channel"),
+    "int2-g16-asym": QuantScheme("int2", "per_group", 16, has_zero=True, unsigned=True),
+    "int8-channel": QuantScheme("int8", "per_channel"),
+    "int8-tensor-unsigned-zero": QuantScheme("int8", "per_tensor", has_zero=True, unsigned=True),
+    "fp8-g32": QuantScheme("fp8", "per_group", 32),
+    "fp4-g16": QuantScheme("fp4", "per_group", 16),
+}
+
+
+@pytest.mark.parametrize("scheme", SCHEMES.values(), ids=SCHEMES.keys())
+def test_dequantized_weight_is_the_fake_quantized_weight(scheme):
+    linear = nn.Linear(100, 24, bias=True)
+    q = QuantLinear.from_linear(linear, scheme)
+    scale, zero = weight_qparams(linear.weight.detach(), scheme)
+    codes = reference.quantize(linear.weight.detach(), scale, zero, scheme)
+    expected = reference.dequantize(codes, scale, zero, scheme)
+    assert torch.equal(q.weight_codes(), codes)
+    assert torch.equal(q.dequantized_weight(), expected)
+    x = torch.randn(3, 5, 100)
+    torch.testing.assert_close(q(x), nn.functional.linear(x, expected, q.bias.float()))
+
+
+def test_scales_are_stored_in_float16_and_codes_agree_with_them():
+    linear = nn.Linear(64, 8, bias=False)
+    q = QuantLinear.from_linear(linear, SCHEMES["int4-g32-asym"])
+    assert q.scales.dtype == torch.float16 and q.bias is None
+    raw, _ = reference.compute_qparams(linear.weight.detach(), SCHEMES["int4-g32-asym"])
+    assert torch.equal(q.scales.float(), storage_scale(raw))
+
+
+def test_storage_is_packed():
+    scheme = SCHEMES["int4-g32-asym"]
+    q = QuantLinear.from_linear(nn.Linear(576, 10), scheme)
+    assert q.qweight.shape == (10, 576 // 8 * 4) and q.qweight.dtype == torch.uint8
+    groups = 576 // 32
+    assert q.qzeros.shape == (10, (groups + 7) // 8 * 4)
+    assert q.weight_storage_bits() == 10 * 576 * 4 + 10 * groups * 16 + q.qzeros.numel() * 8
+
+
+def test_dynamic_per_token_activation_quantization():
+    a = QuantScheme("int8", "per_token")
+    linear = nn.Linear(32, 16)
+    q = QuantLinear.from_linear(linear, SCHEMES["int8-channel"], a)
+    x = torch.randn(2, 7, 32)
+    xq = reference.fake_quantize(x, a)
+    torch.testing.assert_close(q(x), nn.functional.linear(xq, q.dequantized_weight(), q.bias.float()))
+    assert not torch.equal(q(x), nn.functional.linear(x, q.dequantized_weight(), q.bias.float()))
+
+
+def test_static_activation_scale_is_used_and_saturates():
+    a = QuantScheme("int8", "per_tensor")
+    q = QuantLinear.from_linear(nn.Linear(8, 4), SCHEMES["int8-channel"], a, act_scale=torch.tensor(0.01))
+    assert q.a_static and q.act_scale.item() == pytest.approx(0.01)
+    x = torch.full((1, 8), 100.0)  # far outside the calibrated range: clipped to 127 * 0.01
+    assert torch.allclose(q.quantize_input(x), torch.full((1, 8), 1.27))
+
+
+def test_extra_repr_names_the_schemes():
+    q = QuantLinear.from_linear(nn.Linear(64, 8), SCHEMES["int4-g32-asym"], QuantScheme("int8", "per_token"))
+    assert "int4 g32 asym" in repr(q) and "act=int8 token" in repr(q)

@@ -1,0 +1,104 @@
+"""The entry point end to end on the tiny model: results.json, early errors, sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quantkit import models, runner
+from quantkit.config import ConfigError, build_run_config
+from tests.test_config import compose_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model=tiny-llama", "eval.seq_length=64", "eval.max_windows=3", "num_calibrate=4", "calibrate_seq_length=32"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "run.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_run_writes_complete_results(tmp_path):
+    proc = run_cli(*TINY, "algo.groupsize=32", "eval.baseline=true", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "complete" and results["algo"] == "rtn"
+    assert results["w_scheme"] == "int4 g32 asym unsigned"
+    for key in ("perplexity", "baseline_perplexity", "bits_per_weight", "model_bytes_before", "model_bytes_after",
+                "quantization_seconds", "peak_rss_bytes", "versions", "device", "config"):
+        assert results[key] is not None, key
+    assert results["model_bytes_after"] < results["model_bytes_before"]
+    assert 4.5 < results["bits_per_weight"] < 5.5
+    assert results["config"]["algo"]["groupsize"] == 32
+    assert set(results["versions"]) >= {"torch", "triton", "transformers"}
+    assert "ppl" in proc.stdout + proc.stderr  # the one-line summary
+
+
+def test_float16_run_is_the_unquantized_baseline(tmp_path):
+    cfg = build_run_config(compose_dict(*TINY, "w_dtype=float16", f"output_dir={tmp_path}"))
+    results = runner.run(cfg)
+    assert results["bits_per_weight"] is None and results["quantized_layers"] == 0
+    assert results["model_bytes_after"] == results["model_bytes_before"]
+
+
+def test_bits_order_perplexity_on_tiny_model(tmp_path):
+    ppl = {}
+    for dtype in ("int8", "int2"):
+        cfg = build_run_config(compose_dict(*TINY, f"w_dtype={dtype}", "algo.groupsize=-1", f"output_dir={tmp_path / dtype}"))
+        ppl[dtype] = runner.run(cfg)["perplexity"]
+    base = runner.run(build_run_config(compose_dict(*TINY, "w_dtype=float16", f"output_dir={tmp_path / 'fp'}")))["perplexity"]
+    assert abs(ppl["int8"] - base) / base < 0.01
+    assert ppl["int2"] > ppl["int8"]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def fail(*_a, **_k):
+        raise AssertionError("the model must not load for an invalid config")
+
+    monkeypatch.setattr(models, "load_model", fail)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["algo.groupsize=4096"], "algo.groupsize=4096 is larger than the model's smallest layer input (64)"),
+        (["device=cuda"], "device=cuda but no CUDA GPU is available"),
+        (["model_type=bloom"], "unsupported architecture model_type='bloom'"),
+        (["w_dtype=float16", "a_dtype=int8"], "activation-only quantization"),
+    ],
+)
+def test_invalid_runs_fail_before_the_model_loads(tmp_path, no_model_load, overrides, message):
+    cfg = build_run_config(compose_dict(*TINY, *overrides, f"output_dir={tmp_path}"))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        runner.run(cfg)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_cli_bad_override_is_a_clear_error(tmp_path):
+    proc = run_cli(*TINY, "algo.groupsize=0", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "algo.groupsize=0 is not valid" in proc.stderr
+    assert not (tmp_path / "results.json").exists()
+    proc = run_cli("w_dtype=int5", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and "int4" in proc.stderr and "Could not find 'w_dtype/int5'" in proc.stderr
+
+
+def test_cli_sweep_runs_every_combination(tmp_path):
+    proc = run_cli("-m", *TINY, "algo.groupsize=16,32", "w_dtype=int3,int4", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in tmp_path.glob("*/results.json")]
+    assert sorted((r["w_dtype"], r["groupsize"]) for r in results) == [
+        ("int3", 16), ("int3", 32), ("int4", 16), ("int4", 32)
+    ]
