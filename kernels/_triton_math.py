@@ -1,0 +1,93 @@
+"""Shared ``@triton.jit`` arithmetic: exact rounding, minifloat codes, bf16 bits.
+
+Everything here is integer bit arithmetic or float operations whose results are exact, so it
+gives the same bits on a GPU and in the Triton interpreter (where libdevice ``rint`` does not
+exist, fp32 -> fp8 casts are wrong and fp32 -> bf16 casts truncate). The math mirrors
+:mod:`quantkit.reference`:
+
+* :func:`round_half_even` is ``torch.round`` for ``|y| <= 2**22``: adding
+  ``1.5 * 2**23`` moves ``y`` into the binade whose spacing is 1, so the fp32 addition itself
+  rounds half to even; subtracting the constant back is exact.
+* :func:`minifloat_encode` is ``encode_minifloat(round_to_minifloat(clamp(y)))``: the binade
+  exponent ``e`` is read from the fp32 bits (floored at the smallest normal exponent, which
+  yields subnormals), ``n = round(|y| / 2**(e - MANT_BITS))`` and the code is
+  ``((e + BIAS - 1) << MANT_BITS) + n``. That single formula covers normals (``n`` in
+  ``[2**M, 2**(M+1))``), subnormals (``e + BIAS - 1 == 0``, ``n < 2**M``) and the carry into the
+  next binade (``n == 2**(M+1)``). The sign bit is the sign bit of ``y`` (``-0.0`` and negative
+  values that round to zero keep it, as torch's float8 casts do).
+* :func:`minifloat_decode` is ``decode_minifloat``: ``(implicit * 2**M + mant) *
+  2**(max(biased, 1) - BIAS - M)``, every step exact. Codes with the all-ones exponent decode
+  as ordinary normals, as in the reference (they are never produced by the encoder).
+
+The constexpr parameters ``EXP_BITS``/``MANT_BITS``/``BIAS``/``MAX_VALUE`` are the fields of
+:class:`quantkit.dtypes.QuantDType` (e2m1: 2/1/1/6.0, e4m3fn: 4/3/7/448.0, e5m2: 5/2/15/57344.0).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# round_half_even is exact for |y| <= ROUND_LIMIT; clamp wider inputs first
+ROUND_LIMIT = tl.constexpr(4194304.0)  # 2**22
+
+
+@triton.jit
+def round_half_even(y):
+    """``torch.round(y)`` (ties to even) for fp32 ``y`` with ``|y| <= 2**22``; any shape."""
+    return (y + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def pow2(e):
+    """``2.0 ** e`` in fp32 for int32 ``e`` in ``[-126, 127]``, built from the exponent bits."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def minifloat_encode(
+    y, EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr, BIAS: tl.constexpr,
+    MAX_VALUE: tl.constexpr,
+):
+    """Bit pattern (int32, ``EXP_BITS + MANT_BITS + 1`` low bits) of fp32 ``y`` rounded to the grid.
+
+    Saturates at ``MAX_VALUE`` (so ``inf`` maps to the largest finite code); ties to even.
+    """
+    sign = (y.to(tl.int32, bitcast=True) >> 31) & 1  # sign bit of y, also for -0.0
+    a = tl.minimum(tl.abs(y), MAX_VALUE)  # saturate; MAX_VALUE lies on the grid
+    biased32 = (a.to(tl.int32, bitcast=True) >> 23) & 0xFF  # fp32 exponent field
+    e = tl.maximum(biased32 - 127, 1 - BIAS)  # binade, floored at the smallest normal
+    # a * 2**(MANT_BITS - e) < 2**(MANT_BITS + 1) is exact (a power-of-two scaling), so an FMA
+    # contraction with the rounding addition cannot change the result
+    n = round_half_even(a * pow2(MANT_BITS - e)).to(tl.int32)
+    code = ((e + (BIAS - 1)) << MANT_BITS) + n
+    return code | (sign << (EXP_BITS + MANT_BITS))
+
+
+@triton.jit
+def minifloat_decode(
+    code, EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr, BIAS: tl.constexpr,
+):
+    """fp32 value of minifloat bit patterns ``code`` (any integer dtype; low bits are used)."""
+    c = code.to(tl.int32) & ((1 << (EXP_BITS + MANT_BITS + 1)) - 1)
+    sign = (c >> (EXP_BITS + MANT_BITS)) & 1
+    biased = (c >> MANT_BITS) & ((1 << EXP_BITS) - 1)
+    mant = c & ((1 << MANT_BITS) - 1)
+    n = tl.where(biased > 0, mant + (1 << MANT_BITS), mant)  # significand in units of 2**-M
+    mag = n.to(tl.float32) * pow2(tl.maximum(biased, 1) - (BIAS + MANT_BITS))  # exact
+    return tl.where(sign != 0, -mag, mag)
+
+
+@triton.jit
+def bf16_bits(v):
+    """Bit pattern (int32, low 16 bits) of fp32 ``v`` rounded to bfloat16, ties to even.
+
+    Integer arithmetic only: bf16 is the top half of fp32, so rounding is adding
+    ``0x7FFF + lsb`` to the fp32 bits and shifting; it handles subnormals, overflow to inf and
+    ties exactly, both on a GPU and in the interpreter (whose fp32 -> bf16 cast truncates and
+    mangles subnormals). NaN becomes the canonical quiet NaN ``0x7FC0``. Store the result
+    through an int16 view of the bf16 output.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) & 0xFFFF
+    return tl.where(v != v, 0x7FC0, rounded)
