@@ -1,0 +1,270 @@
+r"""Text corpora for calibration and perplexity, following the GPTQ evaluation protocol.
+
+Named corpora (`CORPORA`), each a single string per split:
+
+- `pydoc`: Python's own `pydoc_data.topics` (offline); splits train, test; "\n\n"-joined.
+- `wikitext2`: hub `wikitext` / `wikitext-2-raw-v1`, column "text"; splits train,
+  validation, test; "\n\n"-joined.
+- `ptb`: hub `ptb_text_only` / `penn_treebank`, column "sentence"; splits train, validation,
+  test; train "\n\n"-joined, validation/test " "-joined (GPTQ's "ptb-new", used for Llama).
+- `c4`: hub `allenai/c4`, first en shard of train / validation, column "text"; splits train,
+  validation (test = validation); train "\n\n"-joined, validation the first 1100 documents
+  " "-joined.
+
+`pydoc` needs no network: its topics are sorted by key, the first 80% of topics are `train`,
+the rest `test`. Each hub corpus also reads a local copy with the same schema through `path`
+(a json/jsonl/parquet/txt file, optionally compressed, or a dir whose file names contain the
+split, as in a hub snapshot). A local path is itself a valid corpus name: a .txt file verbatim,
+or the "text" column of a json/jsonl/parquet file; a file serves every split, a dir is searched
+for the split's files.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from quantkit.models import cache_dir
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+_COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".lz4"}
+_PYDOC_TRAIN_FRACTION = 0.8
+
+
+@dataclass(frozen=True)
+class HubCorpus:
+    """How one hub dataset is turned into a single string per split (GPTQ protocol).
+
+    `splits` maps the split names we accept to the dataset's own split names; `data_files`
+    (keyed by the dataset's split) selects files inside the hub repo; `separators` and
+    `max_documents` are keyed by the dataset's split, with `default_separator` for the rest.
+    """
+
+    hub_args: tuple[str, ...]
+    column: str
+    splits: dict[str, str]
+    data_files: dict[str, str] = field(default_factory=dict)
+    separators: dict[str, str] = field(default_factory=dict)
+    default_separator: str = "\n\n"
+    max_documents: dict[str, int] = field(default_factory=dict)
+
+
+HUB_CORPORA: dict[str, HubCorpus] = {
+    "wikitext2": HubCorpus(
+        hub_args=("wikitext", "wikitext-2-raw-v1"),
+        column="text",
+        splits={"train": "train", "validation": "validation", "test": "test"},
+    ),
+    # "ptb-new" of the GPTQ code (the Llama protocol): eval splits joined with a space.
+    "ptb": HubCorpus(
+        hub_args=("ptb_text_only", "penn_treebank"),
+        column="sentence",
+        splits={"train": "train", "validation": "validation", "test": "test"},
+        separators={"validation": " ", "test": " "},
+    ),
+    # GPTQ evaluates C4 on the first 1100 validation documents joined with a space (then keeps
+    # 256 windows: `perplexity(..., max_windows=256)`). Calibration draws random windows over
+    # the joined train shard instead of GPTQ's one-window-per-random-document sampling.
+    "c4": HubCorpus(
+        hub_args=("allenai/c4",),
+        column="text",
+        splits={"train": "train", "validation": "validation", "test": "validation"},
+        data_files={
+            "train": "en/c4-train.00000-of-01024.json.gz",
+            "validation": "en/c4-validation.00000-of-00008.json.gz",
+        },
+        separators={"validation": " "},
+        max_documents={"validation": 1100},
+    ),
+}
+
+CORPORA: tuple[str, ...] = ("pydoc", *HUB_CORPORA)
+"""Every corpus name `load_text` accepts besides local paths."""
+
+
+def load_text(name: str, split: str, path: str | None = None) -> str:
+    """Return split `split` of corpus `name` as one string.
+
+    `name` is one of `CORPORA` or a local json/jsonl/parquet/txt file (or dir of them);
+    `path` points a hub corpus at a local copy of the same schema.
+    """
+    if name == "pydoc":
+        if path is not None:
+            raise ValueError("path is not used by the 'pydoc' corpus; pass path=None")
+        return _pydoc_text(split)
+    if name in HUB_CORPORA:
+        return _hub_text(name, HUB_CORPORA[name], split, path)
+    if Path(name).expanduser().exists():
+        return _local_text(Path(name).expanduser(), split)
+    raise ValueError(
+        f"Unknown corpus {name!r}: expected one of {', '.join(CORPORA)}, "
+        "or a path to a local .txt / .json / .jsonl / .parquet file (json/parquet need a "
+        "'text' column)"
+    )
+
+
+def _pydoc_text(split: str) -> str:
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    n_train = int(len(keys) * _PYDOC_TRAIN_FRACTION)
+    chosen = {"train": keys[:n_train], "test": keys[n_train:]}
+    if split not in chosen:
+        raise ValueError(f"split={split!r} is not a split of 'pydoc': expected train or test")
+    return "\n\n".join(topics[key] for key in chosen[split])
+
+
+def _hub_text(name: str, spec: HubCorpus, split: str, path: str | None) -> str:
+    if split not in spec.splits:
+        raise ValueError(
+            f"split={split!r} is not a split of {name!r}: expected one of {', '.join(spec.splits)}"
+        )
+    hub_split = spec.splits[split]
+    if path is not None:
+        documents = _local_documents(Path(path).expanduser(), hub_split, spec.column)
+    else:
+        documents = _hub_documents(name, spec, hub_split)
+    limit = spec.max_documents.get(hub_split)
+    if limit is not None:
+        documents = documents[:limit]
+    return spec.separators.get(hub_split, spec.default_separator).join(documents)
+
+
+def _hub_documents(name: str, spec: HubCorpus, hub_split: str) -> list[str]:
+    from datasets import load_dataset
+
+    kwargs = {}
+    if hub_split in spec.data_files:
+        kwargs["data_files"] = {hub_split: spec.data_files[hub_split]}
+    try:
+        dataset = load_dataset(*spec.hub_args, split=hub_split, **kwargs)
+    except OSError as err:  # ConnectionError / offline mode / not cached
+        raise OSError(
+            f"Could not load corpus {name!r} ({'/'.join(spec.hub_args)}) from the Hugging Face "
+            f"hub or its local cache. Pass a local copy via path=... (a json/jsonl/parquet/txt "
+            f"file or a dir of them, column {spec.column!r}), or use the offline corpus 'pydoc'."
+        ) from err
+    return list(dataset[spec.column])
+
+
+def _builder(file: Path) -> str | None:
+    """The `datasets` packaged builder for `file` ("json", "parquet", "text"), else None."""
+    suffixes = [s.lower() for s in file.suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSION:
+        suffixes = suffixes[:-1]
+    return _BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+def _split_files(directory: Path, split: str) -> list[Path]:
+    """Data files under `directory` whose name contains `split` as a word (hub snapshot layout)."""
+    pattern = re.compile(rf"(^|[^a-z]){re.escape(split)}([^a-z]|$)")
+    return sorted(
+        f for f in directory.rglob("*") if f.is_file() and _builder(f) and pattern.search(f.name)
+    )
+
+
+def _local_documents(path: Path, split: str, column: str) -> list[str]:
+    """Read `column` of a local file, or of the `split` files of a dir, as a list of strings.
+
+    Plain text files give one document per line, whatever `column` is.
+    """
+    from datasets import load_dataset
+
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = _split_files(path, split)
+    else:
+        raise FileNotFoundError(f"path={str(path)!r} does not exist")
+    if not files:
+        raise FileNotFoundError(
+            f"No {split!r} data file (.json/.jsonl/.parquet/.txt, optionally compressed, with "
+            f"{split!r} in its name) under path={str(path)!r}"
+        )
+    builders = {_builder(f) for f in files}
+    if len(builders) != 1 or None in builders:
+        raise ValueError(
+            f"Cannot read {[f.name for f in files]}: expected files of one format among "
+            f"{', '.join(_BUILDERS)} (optionally compressed)"
+        )
+    builder = builders.pop()
+    # Local files are converted to Arrow once and cached under the quantkit cache dir.
+    dataset = load_dataset(
+        builder,
+        data_files=[str(f) for f in files],
+        split="train",
+        cache_dir=str(cache_dir() / "datasets"),
+    )
+    if builder == "text":
+        column = "text"
+    if column not in dataset.column_names:
+        raise ValueError(
+            f"{str(path)!r} has columns {dataset.column_names}, expected a {column!r} column"
+        )
+    return list(dataset[column])
+
+
+def _local_text(path: Path, split: str) -> str:
+    """A local corpus: a raw .txt file verbatim, else its "text" column joined with blank lines."""
+    if path.is_file() and _builder(path) == "text" and path.suffix.lower() == ".txt":
+        return path.read_text(encoding="utf-8")
+    return "\n\n".join(_local_documents(path, split, "text"))
+
+
+def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+    """Tokenize a whole corpus at once: (1, T) int64, special tokens as the tokenizer adds them."""
+    # verbose=False: the "longer than model max length" warning is moot, windows are cut later.
+    encoded = tokenizer(text, return_tensors="pt", return_attention_mask=False, verbose=False)
+    return encoded["input_ids"].to(torch.int64)
+
+
+def _check_positive(value: int, name: str) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def calibration_samples(
+    tokenizer: PreTrainedTokenizerBase,
+    name: str,
+    num_samples: int,
+    seq_length: int,
+    seed: int,
+    path: str | None = None,
+) -> torch.Tensor:
+    """Draw `num_samples` random windows of `seq_length` tokens from the train split.
+
+    GPTQ protocol: the train split is tokenized once and each sample starts at a uniform
+    random offset in [0, T - seq_length - 1], drawn from a `torch.Generator` seeded with
+    `seed` (the global RNG is untouched). Windows may overlap.
+
+    Returns:
+        (num_samples, seq_length) int64 token ids.
+    """
+    _check_positive(num_samples, "num_calibrate")
+    _check_positive(seq_length, "calibrate_seq_length")
+    ids = _tokenize(tokenizer, load_text(name, "train", path))[0]  # (T,)
+    if ids.numel() < seq_length + 1:
+        raise ValueError(
+            f"calibrate_seq_length={seq_length} needs at least {seq_length + 1} tokens, but the "
+            f"train split of corpus {name!r} has only {ids.numel()}: lower calibrate_seq_length "
+            "or use a longer corpus"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_length, (num_samples,), generator=generator)
+    offsets = torch.arange(seq_length)
+    return ids[starts[:, None] + offsets[None, :]]  # (num_samples, seq_length)
+
+
+def eval_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    name: str,
+    split: str = "test",
+    path: str | None = None,
+) -> torch.Tensor:
+    """Tokenize split `split` of corpus `name` as one sequence: (1, T) int64."""
+    return _tokenize(tokenizer, load_text(name, split, path))
+
