@@ -1,0 +1,370 @@
+"""GPTQ (Frantar et al. 2022): one-shot weight quantization with second-order error correction.
+
+For a linear with weight ``W (out, in)`` and calibration inputs ``X (tokens, in)`` GPTQ
+minimizes ``||X W^T - X Q^T||^2`` over ``Q`` on the quantization grid. With the Hessian
+``H = 2/n X^T X`` it quantizes one input column at a time and spreads that column's rounding
+error over the columns not yet quantized (the OBS update), using the upper Cholesky factor
+``U`` of ``(H + damp I)^-1`` (``U^T U = H^-1``):
+
+    err = (W[:, j] - Q[:, j]) / U[j, j]
+    W[:, j:] -= err ⊗ U[j, j:]
+
+Updates are applied lazily: inside a block of ``blocksize`` columns eagerly, to the columns
+after the block with one matmul per block (the published "lazy batch" form).
+
+Group parameters (``per_group``) are computed when a group's first column is reached, from
+the already error-updated weights (including the updates still pending from the current
+block, so the result does not depend on ``blocksize``). With ``actorder`` the columns are
+processed by descending ``diag(H)``; the group parameters are then fixed up front from the
+original weights in the original column order ("static groups"), so group ``k // groupsize``
+of column ``k`` stays contiguous and the packed layout needs no ``g_idx``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantkit.algorithms.base import (
+    A_QTYPES, ActRangeObserver, Algorithm, Observer, activation_scheme, weight_scheme,
+)
+from quantkit.algorithms.registry import register
+from quantkit.config import ConfigError, DTypeConfig, check, check_choice, check_groupsize
+from quantkit.quant_linear import QuantLinear, weight_qparams
+from quantkit.reference import dequantize, expand_to_cols, quantize
+from quantkit.scheme import QuantScheme
+
+log = logging.getLogger(__name__)
+
+DAMP_GROWTH = 10.0  # damping multiplier after a failed factorization
+MAX_DAMP_RAISES = 6  # 0.01 * 10**6: far past any Hessian with finite entries
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """``conf/algo/gptq.yaml``; ``static_groups`` acts only with ``actorder`` (see module doc)."""
+
+    name: str = "gptq"
+    groupsize: int = 128
+    blocksize: int = 128
+    percdamp: float = 0.01
+    actorder: bool = False
+    static_groups: bool = True
+    a_qtype: str = "per_token"
+    block_sequential: bool = True
+    layer_sequential: bool = True
+
+    def __post_init__(self) -> None:
+        check_groupsize("algo.groupsize", self.groupsize)
+        check(self.blocksize >= 1, f"algo.blocksize={self.blocksize} must be >= 1 (columns updated at once)")
+        check(0.0 < self.percdamp <= 1.0,
+              f"algo.percdamp={self.percdamp} must be in (0, 1] (fraction of the mean Hessian diagonal)")
+        check(
+            not (self.actorder and self.groupsize > 0 and not self.static_groups),
+            f"algo.actorder=true with algo.groupsize={self.groupsize} needs algo.static_groups=true: "
+            "dynamic groups in activation order are not contiguous in the packed layout",
+        )
+        check_choice("algo.a_qtype", self.a_qtype, A_QTYPES)
+
+
+@dataclass
+class GPTQStats:
+    """What :func:`gptq_quantize` reports about one weight."""
+
+    loss: float  # tr((W - Q) H (W - Q)^T) with the undamped H: 2 * mean_x ||x (W - Q)^T||^2
+    rel_loss: float  # loss / tr(W H W^T)
+    damp: float  # absolute damping added to diag(H)
+    percdamp: float  # damp / mean(diag H): the fraction used after any automatic raises
+    damp_raises: int  # how often the damping was raised because the factorization failed
+    dead_columns: int  # inputs that were always zero (H_ii == 0): weights set to 0
+    weight: torch.Tensor  # (out, in) float32: the GPTQ weight, == dequantize(codes, scale, zero)
+
+
+# --- pure tensor functions ------------------------------------------------------------------
+
+
+def accumulate_hessian(H: torch.Tensor | None, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Fold inputs ``x (..., in)`` into the running ``H = 2/n sum x x^T`` ``(in, in)`` float32.
+
+    ``H`` is updated in place (allocated on ``x``'s device when None); returns ``(H, n)``
+    with ``n`` the number of rows (tokens) seen so far.
+    """
+    x = x.reshape(-1, x.shape[-1])  # (t, in)
+    if H is None:
+        H = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+    t = x.shape[0]
+    if t == 0:
+        return H, n
+    x = x.to(torch.float32)
+    total = n + t
+    H.mul_(n / total).addmm_(x.T, x, alpha=2.0 / total)  # (in, in)
+    return H, total
+
+
+def inverse_hessian_factor(
+    H: torch.Tensor, percdamp: float, name: str = "weight"
+) -> tuple[torch.Tensor, float, int]:
+    """Upper ``U`` with ``U^T U = (H + damp I)^-1``, ``damp = percdamp * mean(diag H)``.
+
+    Factorized in float64 (cheap next to the column loop; the inverse of an ill-conditioned
+    Hessian is where float32 loses accuracy). If the factorization fails (``H`` indefinite or
+    numerically singular) the damping grows by ``DAMP_GROWTH``, with a warning, at most
+    ``MAX_DAMP_RAISES`` times. Returns ``(U float32, damp, raises)``.
+
+    ``U = R^-1`` where ``H + damp I = R R^T`` with ``R`` upper, and ``R = J chol(J H J) J``
+    (``J`` reverses the order): one Cholesky and one triangular inverse.
+    """
+    n = H.shape[0]
+    flipped = H.to(torch.float64).flip(0, 1)  # (in, in) J H J
+    damp = percdamp * flipped.diagonal().abs().mean().item()
+    eye = torch.eye(n, dtype=torch.float64, device=H.device)
+    for raises in range(MAX_DAMP_RAISES + 1):
+        L, info = torch.linalg.cholesky_ex(flipped + damp * eye)
+        if int(info) == 0:
+            U = torch.linalg.solve_triangular(L.flip(0, 1), eye, upper=True)  # (in, in)
+            if bool(torch.isfinite(U).all()):
+                return U.to(torch.float32), damp, raises
+        if raises == MAX_DAMP_RAISES:
+            break
+        log.warning("gptq %s: Cholesky of the damped Hessian failed with damping %.3g; raising it to %.3g",
+                    name, damp, damp * DAMP_GROWTH)
+        damp *= DAMP_GROWTH
+    raise RuntimeError(
+        f"gptq {name}: the Hessian could not be factorized even with damping {damp:.3g} "
+        f"({MAX_DAMP_RAISES} raises); check the calibration data of this layer"
+    )
+
+
+class _ColumnQuantizer:
+    """Quantize one column ``w (out,)`` with per-row ``scale``/``zero`` ``(out,)`` on ``scheme``'s grid.
+
+    Integer grids inline the arithmetic of :func:`quantkit.reference.quantize` (same float32
+    operations, so the codes are identical); float grids call the reference on ``(out, 1)``.
+    """
+
+    def __init__(self, scheme: QuantScheme) -> None:
+        self.scheme = dataclasses.replace(scheme, granularity="per_channel", groupsize=-1)
+        self.is_int = scheme.dtype.is_int
+
+    def __call__(
+        self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes, values)``: codes as float32 (int grids) or uint8 (float grids), values float32."""
+        if not self.is_int:
+            codes = quantize(w[:, None], scale[:, None], None, self.scheme)  # (out, 1) uint8
+            return codes[:, 0], dequantize(codes, scale[:, None], None, self.scheme)[:, 0]
+        q = torch.round(w / scale)
+        if zero is not None:
+            q = torch.clamp(q + zero, self.scheme.qmin, self.scheme.qmax)
+            return q, (q - zero) * scale
+        q = torch.clamp(q, self.scheme.qmin, self.scheme.qmax)
+        return q, q * scale
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    scheme: QuantScheme,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    actorder: bool = False,
+    static_groups: bool = True,
+    name: str = "weight",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, GPTQStats]:
+    """GPTQ-quantize ``W (out, in)`` given the Hessian ``H (in, in)`` of its inputs.
+
+    Returns ``codes (out, in)`` (int8/uint8 as :func:`quantkit.reference.quantize`, in the
+    original column order), ``scale`` (storage-rounded float32) and ``zero`` (int32 or None)
+    of ``scheme.scale_shape(out, in)``, and :class:`GPTQStats`. ``static_groups`` only acts
+    with ``actorder``; ``actorder`` with ``per_group`` requires it. ``name`` labels log lines.
+    """
+    rows, cols = W.shape
+    if H.shape != (cols, cols):
+        raise ValueError(f"gptq {name}: Hessian shape {tuple(H.shape)} does not match weight {tuple(W.shape)}")
+    if blocksize < 1 or not 0.0 < percdamp <= 1.0:
+        raise ValueError(f"gptq {name}: need blocksize >= 1 and percdamp in (0, 1], got {blocksize}, {percdamp}")
+    per_group = scheme.granularity == "per_group"
+    if per_group and scheme.groupsize > cols:
+        raise ValueError(f"gptq {name}: groupsize={scheme.groupsize} is larger than the input dimension {cols}")
+    if actorder and per_group and not static_groups:
+        raise ValueError(f"gptq {name}: actorder with per_group needs static_groups (contiguous group layout)")
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError(f"gptq {name}: the Hessian contains NaN or inf (non-finite calibration inputs?)")
+    W_in, H_in = W.detach().float(), H.detach().float()
+    W, H = W_in.clone(), H_in.clone()  # (out, in), (in, in)
+    dead = H.diagonal() == 0  # inputs that were always zero: any weight is as good, take 0
+    H.diagonal()[dead] = 1.0
+    W[:, dead] = 0.0
+
+    dynamic = per_group and not actorder  # group params from the error-updated weights
+    g = scheme.group_cols(cols)
+    col_quant = _ColumnQuantizer(scheme)
+    if dynamic:
+        shape = scheme.scale_shape(rows, cols)
+        scale = torch.ones(shape, dtype=torch.float32, device=W.device)
+        zero = torch.zeros(shape, dtype=torch.int32, device=W.device) if scheme.has_zero else None
+    else:  # per channel/tensor, or static groups: fixed up front from the original order
+        scale, zero = weight_qparams(W, scheme)
+        col_scale = expand_to_cols(scale, rows, cols, scheme)  # (out, in) view
+        col_zero = expand_to_cols(zero, rows, cols, scheme).float() if zero is not None else None
+
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if actorder else None  # (in,)
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+        if not dynamic:
+            col_scale = col_scale[:, perm]
+            col_zero = col_zero[:, perm] if col_zero is not None else None
+
+    U, damp, raises = inverse_hessian_factor(H, percdamp, name)  # (in, in) upper
+    del H
+    Q = torch.empty_like(W)  # (out, in) dequantized, processing order
+    codes = torch.empty(rows, cols, dtype=torch.float32 if scheme.dtype.is_int else torch.uint8, device=W.device)
+    s = z = None
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()  # (out, b)
+        Err1 = torch.zeros_like(W1)  # (out, b) scaled errors, pending for columns >= i2
+        U1 = U[i1:i2, i1:i2]  # (b, b)
+        with _serial(W.device):  # tiny per-column ops: threads only add sync overhead
+            for i in range(i2 - i1):
+                j = i1 + i
+                if dynamic:
+                    if j % g == 0:
+                        group = _current_group(W, W1, Err1, U, i1, i, j, g)  # (out, <=g)
+                        gs, gz = weight_qparams(group, col_quant.scheme)  # (out, 1)
+                        scale[:, j // g], s = gs[:, 0], gs[:, 0]
+                        if zero is not None:
+                            zero[:, j // g], z = gz[:, 0], gz[:, 0].float()
+                else:
+                    s = col_scale[:, j]
+                    z = col_zero[:, j] if col_zero is not None else None
+                w = W1[:, i]  # (out,)
+                codes[:, j], Q[:, j] = col_quant(w, s, z)
+                err = (w - Q[:, j]) / U1[i, i]  # (out,)
+                W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)  # OBS update inside the block
+                Err1[:, i] = err
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)  # lazy update of the later columns
+
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q, codes = Q[:, inv], codes[:, inv]
+    if scheme.dtype.is_int:
+        codes = codes.to(torch.int8 if scheme.qmin < 0 else torch.uint8)
+    E = W_in - Q  # (out, in)
+    loss = float((E @ H_in * E).sum())
+    energy = float((W_in @ H_in * W_in).sum())  # tr(W H W^T)
+    stats = GPTQStats(loss, loss / energy if energy > 0 else 0.0, damp, percdamp * DAMP_GROWTH**raises,
+                      raises, int(dead.sum()), Q)
+    return codes, scale, zero, stats
+
+
+@contextmanager
+def _serial(device: torch.device) -> Iterator[None]:
+    """Run CPU work single-threaded: per-column ops on a few thousand elements are slower with
+    an OpenMP team, badly so on a shared machine (a busy core stalls every barrier)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _current_group(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor,
+                   i1: int, i: int, j: int, g: int) -> torch.Tensor:
+    """Columns ``j .. j+g-1`` as they are now: the block's eagerly updated part, and the part
+    after the block with the updates this block has not yet applied lazily."""
+    i2 = i1 + W1.shape[1]
+    inside = W1[:, i:i + g]  # (out, <=g)
+    end = min(j + g, W.shape[1])
+    if end <= i2:
+        return inside
+    after = W[:, i2:end] - Err1 @ U[i1:i2, i2:end]  # (out, end - i2)
+    return torch.cat([inside, after], dim=1)
+
+
+# --- orchestration ---------------------------------------------------------------------------
+
+
+class HessianObserver(Observer):
+    """Accumulates ``H = 2/n X^T X`` of one linear's inputs (and, for static activation
+    scales, their range: the composite of a Hessian and an :class:`ActRangeObserver`)."""
+
+    def __init__(self, name: str, act_range: ActRangeObserver | None = None) -> None:
+        self.name = name
+        self.H: torch.Tensor | None = None  # (in, in) float32
+        self.n = 0
+        self.act_range = act_range
+
+    def update(self, x: torch.Tensor) -> None:
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"gptq {self.name}: calibration inputs contain NaN or inf (batch after {self.n} tokens); "
+                "the model produces non-finite activations on the calibration data"
+            )
+        self.H, self.n = accumulate_hessian(self.H, self.n, x)
+        if self.act_range is not None:
+            self.act_range.update(x)
+
+
+@register("gptq", GPTQConfig)
+class GPTQ(Algorithm):
+    def __init__(self, config: GPTQConfig, w_dtype: DTypeConfig, a_dtype: DTypeConfig) -> None:
+        super().__init__(config, w_dtype, a_dtype)
+        qtype = "per_group" if config.groupsize > 0 else "per_channel"
+        self.w_scheme = weight_scheme(w_dtype, qtype, config.groupsize)
+        self.a_scheme = activation_scheme(a_dtype, config.a_qtype)
+        check(
+            self.w_scheme is not None or self.a_scheme is None,
+            "algo=gptq quantizes weights; w_dtype=float16 with a quantized a_dtype is activation-only: use algo=rtn",
+        )
+        self._seen: Counter[str] = Counter()  # quantize calls per linear name: the block index in logs
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.w_scheme is not None
+
+    def make_observer(self, name: str, linear: nn.Linear) -> Observer | None:
+        return HessianObserver(name, ActRangeObserver(self.a_scheme) if self.a_static else None)
+
+    def quantize_group(
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: nn.Module | None
+    ) -> dict[str, nn.Module]:
+        return {name: self._quantize_linear(name, linear, observers.get(name)) for name, linear in linears.items()}
+
+    def _quantize_linear(self, name: str, linear: nn.Linear, observer: Observer | None) -> QuantLinear:
+        label = f"{name}[{self._seen[name]}]"  # [k]: k-th block (blocks where it is skipped shift k)
+        self._seen[name] += 1
+        if not isinstance(observer, HessianObserver) or observer.H is None:
+            raise RuntimeError(f"gptq {label}: no calibration inputs reached this layer")
+        scheme, cfg = self.w_scheme, self.config
+        if scheme.granularity == "per_group" and scheme.groupsize > linear.in_features:
+            raise ConfigError(f"algo.groupsize={scheme.groupsize} is larger than the input dim "
+                              f"{linear.in_features} of {label}")
+        t0 = time.perf_counter()
+        codes, scale, zero, stats = gptq_quantize(
+            linear.weight, observer.H, scheme, cfg.blocksize, cfg.percdamp, cfg.actorder, cfg.static_groups, label,
+        )
+        observer.H = None  # free (in, in) as soon as possible
+        weight = linear.weight
+        module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, scheme,
+                             self.a_scheme, a_static=self.a_static, device=weight.device)
+        module.set_weight(codes, scale, zero)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach())
+        if observer.act_range is not None:
+            module.act_scale.copy_(observer.act_range.scale().reshape(1, 1))
+        log.info("gptq %s: error %.4g (relative %.3g), damping %.3g (percdamp %.3g), %.2f s",
+                 label, stats.loss, stats.rel_loss, stats.damp, stats.percdamp, time.perf_counter() - t0)
+        return module
