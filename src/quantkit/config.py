@@ -95,10 +95,7 @@ def build(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     check(not missing, f"missing config key(s): {', '.join(prefix + m for m in missing)}")
-    try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    return cls(**kwargs)  # __post_init__ messages name their keys
 
 
 @dataclass(frozen=True)
@@ -179,6 +176,7 @@ class RunConfig:
     offload: str = "cpu"
     skip_layers: tuple[str, ...] = field(default_factory=lambda: ("lm_head",))
     seed: int = 0
+    name: str = "default"
     output_dir: str = "."
 
     def __post_init__(self) -> None:

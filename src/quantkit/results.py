@@ -94,3 +94,8 @@ def read_results(run_dir: Path) -> dict[str, Any] | None:
         return None
     data = json.loads(path.read_text())
     return data if data.get("status") == "complete" else None
+
+
+def write_skipped(run_dir: Path, reason: str, config: dict[str, Any] | None) -> None:
+    """Record why a sweep skipped this combination (read by the report)."""
+    write_json_atomic(Path(run_dir) / "skipped.json", {"status": "skipped", "reason": reason, "config": config})

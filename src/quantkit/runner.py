@@ -7,6 +7,7 @@ loads, so a bad override fails in seconds and leaves no results behind.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from transformers import AutoConfig
 from quantkit import data as qdata
 from quantkit import models
 from quantkit.algorithms.registry import build_algorithm
+from quantkit.cache import cached_json, cached_tensor
 from quantkit.arch import get_arch, min_input_dim, resolve_model_type
 from quantkit.config import ConfigError, RunConfig, check
 from quantkit.evaluation import perplexity
@@ -87,9 +89,11 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
     samples = None
     if algorithm.needs_calibration:
         cal_path = cfg.data.path if cfg.calibrate_name == cfg.data.name else None
-        samples = qdata.calibration_samples(
+        key = {"model": path, "name": cfg.calibrate_name, "path": cal_path, "num": cfg.num_calibrate,
+               "seq_length": cfg.calibrate_seq_length, "seed": cfg.seed}
+        samples = cached_tensor("calibration", key, lambda: qdata.calibration_samples(
             tokenizer, cfg.calibrate_name, cfg.num_calibrate, cfg.calibrate_seq_length, cfg.seed, cal_path
-        )
+        ))
 
     def evaluate() -> dict[str, Any]:
         model.to(device)
@@ -97,7 +101,11 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
         model.to(offload)
         return out
 
-    baseline = evaluate() if cfg.eval.baseline else None
+    baseline = None
+    if cfg.eval.baseline:  # the same for every run of a sweep on this model and data: cached
+        key = {"model": path, "dtype": str(dtype), "device": device.type, "data": dataclasses.asdict(cfg.data),
+               "eval": {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k != "baseline"}}
+        baseline = cached_json("baseline", key, evaluate)
     size_before = model_bytes(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -1,0 +1,219 @@
+"""Turn a sweep folder into ``report.md``, ``report.csv`` and PNG plots.
+
+Every run folder under the sweep (one with Hydra's ``.hydra/`` or any result file) becomes a
+row: complete runs with their numbers, skipped runs with their reason, failed or interrupted
+runs as such; runs that the sweep's ``multirun.yaml`` asked for but that never started are
+listed as missing. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+from quantkit.results import RESULTS_FILE
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("run", "status", "algo", "w_dtype", "a_dtype", "groupsize", "perplexity", "delta_vs_float16_pct",
+           "bits_per_weight", "size_mib", "quant_seconds", "note")
+
+
+@dataclass
+class Row:
+    run: str
+    status: str
+    values: dict[str, Any]
+
+    def cell(self, column: str) -> Any:
+        return {"run": self.run, "status": self.status}.get(column, self.values.get(column))
+
+
+def _row_from_results(name: str, r: dict[str, Any]) -> Row:
+    base = r.get("baseline_perplexity")
+    delta = 100 * (r["perplexity"] / base - 1) if base else None
+    return Row(name, "complete", {
+        "algo": r["algo"], "w_dtype": r["w_dtype"], "a_dtype": r["a_dtype"], "groupsize": r.get("groupsize"),
+        "perplexity": r["perplexity"], "baseline": base, "delta_vs_float16_pct": delta,
+        "bits_per_weight": r.get("bits_per_weight") or 16.0, "size_mib": r["model_bytes_after"] / 2**20,
+        "quant_seconds": r["quantization_seconds"], "model": r.get("model"), "note": r.get("w_scheme") or "",
+    })
+
+
+def _config_values(config: dict[str, Any] | None) -> dict[str, Any]:
+    if not config:
+        return {}
+    algo = config.get("algo", {})
+    return {"algo": algo.get("name"), "w_dtype": config.get("w_dtype", {}).get("name"),
+            "a_dtype": config.get("a_dtype", {}).get("name"), "groupsize": algo.get("groupsize")}
+
+
+def _hydra_overrides(run_dir: Path) -> list[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    return list(OmegaConf.load(path))
+
+
+def collect(sweep_dir: Path) -> list[Row]:
+    """One row per run folder under ``sweep_dir`` plus the missing ones."""
+    sweep_dir = Path(sweep_dir)
+    run_dirs = sorted({p.parent for pattern in (RESULTS_FILE, "skipped.json", ".hydra/overrides.yaml")
+                       for p in sweep_dir.rglob(pattern)} - {sweep_dir})
+    run_dirs = sorted({d.parent if d.name == ".hydra" else d for d in run_dirs})
+    rows = []
+    for d in run_dirs:
+        name = str(d.relative_to(sweep_dir))
+        results_path, skipped_path = d / RESULTS_FILE, d / "skipped.json"
+        if results_path.is_file():
+            r = json.loads(results_path.read_text())
+            if r.get("status") == "complete":
+                rows.append(_row_from_results(name, r))
+                continue
+        if skipped_path.is_file():
+            s = json.loads(skipped_path.read_text())
+            rows.append(Row(name, "skipped", {**_config_values(s.get("config")), "note": s["reason"]}))
+            continue
+        overrides = _hydra_overrides(d)
+        rows.append(Row(name, "failed or interrupted", {"note": " ".join(overrides)}))
+    rows.extend(Row(name, "missing", {"note": "never started"}) for name in _missing(sweep_dir, rows))
+    return rows
+
+
+def _missing(sweep_dir: Path, rows: list[Row]) -> list[str]:
+    """Job folders that the sweep's multirun.yaml asked for and that do not exist."""
+    spec = sweep_dir / "multirun.yaml"
+    if not spec.is_file():
+        return []
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(spec)
+    task = list(cfg.hydra.overrides.task)
+    params = cfg.hydra.sweeper.get("params") or {}  # sweeps defined in config (conf/experiment/)
+    task = [f"{key}={value}" for key, value in params.items()] + task
+    excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
+    parsed = OverridesParser.create().parse_overrides(task)
+    jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    seen = {r.run for r in rows}
+    missing = []
+    for job in jobs:
+        items = sorted(o for o in job if o.split("=", 1)[0].lstrip("+~") not in excluded)
+        name = ",".join(items)
+        if name not in seen:
+            missing.append(name)
+    return missing
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1e4 else f"{value:.3g}"
+    return str(value)
+
+
+def write_report(sweep_dir: Path, out_dir: Path | None = None) -> Path:
+    """Write report.md, report.csv and plots for ``sweep_dir``; return the markdown path."""
+    sweep_dir = Path(sweep_dir)
+    out_dir = Path(out_dir or sweep_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = collect(sweep_dir)
+    complete = sorted((r for r in rows if r.status == "complete"),
+                      key=lambda r: (r.values["algo"], -r.values["bits_per_weight"], r.values["perplexity"]))
+    others = [r for r in rows if r.status != "complete"]
+    with open(out_dir / "report.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for r in complete + others:
+            writer.writerow([r.cell(c) for c in COLUMNS])
+    plots = plot(complete, out_dir)
+    lines = [f"# Sweep report: {sweep_dir.name}", "",
+             f"{len(complete)} complete, {len(others)} not complete ({len(rows)} runs).", ""]
+    baselines = {r.values["baseline"] for r in complete if r.values.get("baseline")}
+    if baselines:
+        lines += [f"float16 baseline perplexity: {', '.join(f'{b:.3f}' for b in sorted(baselines))}", ""]
+    shown = [c for c in COLUMNS if c not in ("run", "status")]
+    lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(_fmt(r.cell(c)) for c in shown) + " |" for r in complete]
+    if others:
+        lines += ["", "## Runs without results", "", "| run | status | note |", "|---|---|---|"]
+        lines += [f"| {r.run} | {r.status} | {r.cell('note') or ''} |" for r in others]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    md = out_dir / "report.md"
+    md.write_text("\n".join(lines) + "\n")
+    log.info("report: %s (%d complete, %d not complete)", md, len(complete), len(others))
+    return md
+
+
+def plot(rows: list[Row], out_dir: Path) -> list[Path]:
+    """Perplexity vs bits per weight (a line per algorithm) and vs group size; PNG paths."""
+    if not rows:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    by_algo: dict[str, list[Row]] = {}
+    for r in rows:
+        by_algo.setdefault(f"{r.values['algo']} a={r.values['a_dtype']}", []).append(r)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, rs in sorted(by_algo.items()):
+        rs = sorted(rs, key=lambda r: r.values["bits_per_weight"])
+        ax.plot([r.values["bits_per_weight"] for r in rs], [r.values["perplexity"] for r in rs], "o-", label=label)
+    baselines = {r.values["baseline"] for r in rows if r.values.get("baseline")}
+    for b in baselines:
+        ax.axhline(b, color="gray", linestyle="--", linewidth=1, label="float16")
+    ax.set(xlabel="bits per weight", ylabel="perplexity", yscale="log", title="Perplexity vs bits per weight")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "ppl_vs_bits.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    grouped = [r for r in rows if r.values.get("groupsize") not in (None,)]
+    if grouped:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        series: dict[str, list[Row]] = {}
+        for r in grouped:
+            series.setdefault(f"{r.values['algo']} {r.values['w_dtype']}", []).append(r)
+        for label, rs in sorted(series.items()):
+            rs = sorted(rs, key=lambda r: _groupsize_x(r.values["groupsize"]))
+            ax.plot([_groupsize_x(r.values["groupsize"]) for r in rs], [r.values["perplexity"] for r in rs], "o-", label=label)
+        ax.set(xlabel="group size (rightmost: per channel)", ylabel="perplexity", xscale="log", yscale="log",
+               title="Perplexity vs group size")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out_dir / "ppl_vs_groupsize.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def _groupsize_x(groupsize: int) -> float:
+    """Per channel (-1) is drawn to the right of every group size."""
+    return 4096.0 if groupsize == -1 else float(groupsize)
+
+
+class ReportCallback(Callback):
+    """Hydra callback: write the report when a multirun ends (``hydra.callbacks.report``)."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        try:
+            write_report(Path(config.hydra.sweep.dir))
+        except Exception as exc:  # a report failure must not turn a finished sweep into a failure
+            log.warning("could not write the sweep report: %s", exc)

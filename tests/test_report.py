@@ -1,0 +1,113 @@
+"""Sweeps on the tiny model: joblib launcher, skipped combinations, resume, the report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from quantkit import report
+from quantkit.results import RESULTS_FILE
+from tests.test_run import ROOT, TINY, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _csv_rows(sweep: Path) -> list[dict[str, str]]:
+    with open(sweep / "report.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_joblib_sweep_skips_bad_combinations_resumes_and_reports(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY, "eval.baseline=true",
+            "algo=rtn,gptq", "algo.groupsize=16,4096", f"hydra.sweep.dir={sweep}"]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    complete = sorted(sweep.glob(f"*/{RESULTS_FILE}"))
+    skipped = sorted(sweep.glob("*/skipped.json"))
+    assert len(complete) == 2 and len(skipped) == 2  # groupsize 4096 > the tiny model's width 64
+    for path in skipped:
+        reason = json.loads(path.read_text())["reason"]
+        assert "algo.groupsize=4096 is larger than the model's smallest layer input (64)" in reason
+    # the report is written by the sweep's callback: every run is a row, none dropped
+    rows = _csv_rows(sweep)
+    assert sorted(r["status"] for r in rows) == ["complete", "complete", "skipped", "skipped"]
+    assert {r["algo"] for r in rows if r["status"] == "complete"} == {"rtn", "gptq"}
+    for r in rows:
+        if r["status"] == "complete":
+            assert float(r["perplexity"]) > 1 and float(r["bits_per_weight"]) > 4
+            assert r["delta_vs_float16_pct"] != ""  # eval.baseline=true: delta against float16
+    md = (sweep / "report.md").read_text()
+    assert "2 complete, 2 not complete" in md and "skipped" in md
+    assert (sweep / "ppl_vs_bits.png").stat().st_size > 0 and (sweep / "ppl_vs_groupsize.png").stat().st_size > 0
+
+    # interrupt one run (its results never written) and lose another's folder; rerun the sweep
+    kept, lost = complete
+    stamp = kept.stat().st_mtime_ns
+    shutil.rmtree(lost.parent)
+    rows = report.collect(sweep)
+    assert [r.run for r in rows if r.status == "missing"] == [lost.parent.name]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert kept.stat().st_mtime_ns == stamp, "a complete run was redone"
+    assert "complete results already in" in proc.stdout + proc.stderr
+    assert json.loads(lost.read_text())["status"] == "complete"
+    assert [r["status"] for r in _csv_rows(sweep)].count("complete") == 2
+
+
+def test_interrupted_run_is_listed_and_rerun(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY, "w_dtype=int3,int4", "algo.groupsize=32", f"hydra.sweep.dir={sweep}"]
+    assert run_cli(*args).returncode == 0
+    first, second = sorted(sweep.glob(f"*/{RESULTS_FILE}"))
+    second.unlink()  # as if killed before the atomic write: .hydra/ exists, results do not
+    rows = {r.run: r.status for r in report.collect(sweep)}
+    assert rows == {first.parent.name: "complete", second.parent.name: "failed or interrupted"}
+    report.write_report(sweep)
+    assert "failed or interrupted" in (sweep / "report.md").read_text()
+    assert run_cli(*args).returncode == 0
+    assert json.loads(second.read_text())["status"] == "complete"
+
+
+def test_report_script_on_a_sweep_dir(tmp_path):
+    sweep = tmp_path / "sweep"
+    assert run_cli("-m", *TINY, "w_dtype=int4,int8", "algo.groupsize=-1", f"hydra.sweep.dir={sweep}").returncode == 0
+    for name in ("report.md", "report.csv"):
+        (sweep / name).unlink()
+    out = tmp_path / "elsewhere"
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(sweep), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = _csv_rows(out)
+    assert sorted(r["w_dtype"] for r in rows) == ["int4", "int8"]
+    ppl = {r["w_dtype"]: float(r["perplexity"]) for r in rows}
+    assert ppl["int8"] <= ppl["int4"]
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+def test_experiment_presets_compose_and_sweep_valid_values(experiment):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
+    assert cfg.name == experiment  # each preset sweeps into its own multirun/<name>
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    assert params, "a preset must define what it sweeps"
+    for key, values in params.items():
+        group = key.split(".")[0]
+        for value in str(values).split(","):
+            if group in ("algo", "w_dtype", "a_dtype") and "." not in key:
+                assert (ROOT / "conf" / group / f"{value}.yaml").is_file(), f"{key}={value}"
