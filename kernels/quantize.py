@@ -81,7 +81,10 @@ def scale_zero_from_minmax(
 ):
     """``(scale fp32, zero int32)`` of groups with ``lo = min(x, 0)`` and ``hi = max(x, 0)``."""
     if HAS_ZERO:
-        scale = tl.div_rn(hi - lo, tl.full(lo.shape, QMAX - QMIN, tl.float32))
+        levels = tl.full(lo.shape, QMAX - QMIN, tl.float32)
+        scale = tl.div_rn(hi - lo, levels)
+        # hi - lo beyond the float32 range: the same scale without the overflow (as the reference)
+        scale = tl.where(scale == float("inf"), tl.div_rn(hi, levels) - tl.div_rn(lo, levels), scale)
     elif IS_FLOAT:
         scale = tl.div_rn(tl.maximum(-lo, hi), tl.full(lo.shape, MAX_VALUE, tl.float32))
     elif UNSIGNED:

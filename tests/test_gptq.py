@@ -298,22 +298,26 @@ def _spy_inputs(algorithm, monkeypatch):
     """Record every batch each observer sees, keyed by "block.linear" (block from call order)."""
     seen: dict[str, list[torch.Tensor]] = {}
     counts: dict[str, int] = {}
-    original = algorithm.make_observer
+    original = algorithm.make_group_observers
 
-    def make_observer(name, linear):
-        observer = original(name, linear)
-        key = f"{counts.get(name, 0)}.{name}"
-        counts[name] = counts.get(name, 0) + 1
-        update = observer.update
+    def make_group_observers(linears):
+        observers = original(linears)
+        for observer in {id(o): o for o in observers.values()}.values():  # shared: once per group
+            keys = []
+            for name in (n for n, o in observers.items() if o is observer):
+                keys.append(f"{counts.get(name, 0)}.{name}")
+                counts[name] = counts.get(name, 0) + 1
+            update = observer.update
 
-        def spy(x):
-            seen.setdefault(key, []).append(x.clone())
-            update(x)
+            def spy(x, keys=keys, update=update):
+                for key in keys:
+                    seen.setdefault(key, []).append(x.clone())
+                update(x)
 
-        observer.update = spy
-        return observer
+            observer.update = spy
+        return observers
 
-    monkeypatch.setattr(algorithm, "make_observer", make_observer)
+    monkeypatch.setattr(algorithm, "make_group_observers", make_group_observers)
     return seen
 
 

@@ -166,3 +166,53 @@ def test_nan_activations_are_rejected_during_calibration(tiny_dirs):
 def test_unsupported_architecture_names_what_to_add():
     with pytest.raises(ConfigError, match="unsupported architecture model_type='bloom'.*ARCHS"):
         get_arch("bloom")
+
+
+@pytest.mark.parametrize("block_sequential", [False, True])
+def test_layer_sequential_phases_stop_after_their_linears_and_share_group_observers(tiny_dirs, block_sequential):
+    """Counting calls: each phase's forward ends once its observed linears have run, and one
+    observer per group is fed once per batch; the results match a run without the shortcut."""
+    from quantkit import pipeline
+
+    model = load(tiny_dirs)
+    runs = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.startswith("model.layers.0."):
+            module.register_forward_hook(lambda *_a, name=name: runs.__setitem__(name, runs.get(name, 0) + 1))
+    algorithm = rtn(INT4, INT8, a_qtype="per_tensor", layer_sequential=True, block_sequential=block_sequential)
+    fed = []
+    original = algorithm.make_group_observers
+
+    def make_group_observers(linears):
+        observers = original(linears)
+        for observer in {id(o): o for o in observers.values()}.values():
+            update = observer.update
+            observer.update = lambda x, update=update: (fed.append(x.shape), update(x))
+        assert len({id(o) for o in observers.values()}) <= 1
+        return observers
+
+    algorithm.make_group_observers = make_group_observers
+    reference_model = copy.deepcopy(model)
+    batches = 2  # 4 samples, batch_size 2
+    quantize_model(model, get_arch("llama"), algorithm, samples(), "cpu", batch_size=batches)
+    # the hooks were on the original linears (replaced after their phase): calls until then
+    first_pass = 1 if not block_sequential else 0  # the pass that keeps full-precision outputs runs whole
+    assert runs["model.layers.0.self_attn.q_proj"] == batches  # phase 0 observes it
+    # phases 1-2 end before the MLP's down_proj (without the shortcut: 4 x batches), phase 3 observes it
+    assert runs["model.layers.0.mlp.down_proj"] == batches * (1 + first_pass)
+    assert len(fed) == 2 * 4 * batches  # 2 blocks x 4 groups, one shared observer each
+
+    # the same model without the early stop: identical quantized weights and activation scales
+    monkeypatch_run = pipeline._run_block
+    pipeline._run_block = lambda block, calib, device, offload, keep, stop_after=None: monkeypatch_run(
+        block, calib, device, offload, keep)
+    try:
+        full = build_algorithm(algorithm.config, INT4, INT8)
+        quantize_model(reference_model, get_arch("llama"), full, samples(), "cpu", batch_size=batches)
+    finally:
+        pipeline._run_block = monkeypatch_run
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            other = reference_model.get_submodule(name)
+            assert torch.equal(module.dequantized_weight(), other.dequantized_weight())
+            assert torch.equal(module.act_scale, other.act_scale), name

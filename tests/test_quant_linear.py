@@ -73,3 +73,20 @@ def test_static_activation_scale_is_used_and_saturates():
 def test_extra_repr_names_the_schemes():
     q = QuantLinear.from_linear(nn.Linear(64, 8), SCHEMES["int4-g32-asym"], QuantScheme("int8", "per_token"))
     assert "int4 g32 asym" in repr(q) and "act=int8 token" in repr(q)
+
+
+def test_cpu_forward_weight_cache_follows_buffer_changes():
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(64, 16)
+    scheme = QuantScheme("int4", "per_group", 32, has_zero=True, unsigned=True)
+    q = QuantLinear.from_linear(linear, scheme)
+    x = torch.randn(5, 64)
+    first = q(x)
+    assert torch.equal(q(x), first)  # served from the cache
+    other = QuantLinear.from_linear(torch.nn.Linear(64, 16), scheme)
+    q.set_weight(other.weight_codes(), other.scales.float(), other.zeros())  # in-place rewrite
+    assert torch.allclose(q(x) - q.bias, other(x) - other.bias, atol=1e-6)  # bias is not part of set_weight
+    q.scales.mul_(2)  # any buffer change invalidates
+    assert torch.allclose(q(x) - q.bias, 2 * (other(x) - other.bias), atol=1e-5)
+    q.to(torch.float32)  # a move/cast to new storage: recomputed from the new buffers
+    assert torch.allclose(q(x) - q.bias, 2 * (other(x) - other.bias), atol=1e-5)

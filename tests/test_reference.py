@@ -313,3 +313,25 @@ def test_pack_unpack_round_trip(bits: int, signed: bool, rows: int, cols: int, s
 def test_packing_layout_by_hand(bits: int, codes: list[int], packed: list[int]) -> None:
     c = torch.tensor([codes], dtype=torch.int8)
     assert packing.pack_codes(c, bits).tolist() == [packed]
+
+
+def test_zero_point_scale_of_a_range_wider_than_float32_is_finite():
+    """``hi - lo`` overflows float32: the scale is computed without the overflow, and the
+    round trip stays within half a step."""
+    scheme = QuantScheme("int8", "per_channel", -1, has_zero=True, unsigned=True)
+    x = torch.tensor([[3e38, -3e38, 1e38, 0.0]])
+    scale, zero = reference.compute_qparams(x, scheme)
+    assert torch.isfinite(scale).all()
+    torch.testing.assert_close(scale, torch.tensor([[3e38 / 255 + 3e38 / 255]]))
+    x_hat = reference.dequantize(reference.quantize(x, scale, zero, scheme), scale, zero, scheme)
+    assert ((x_hat - x).abs() <= scale / 2 + x.abs() * 2.4e-7).all()  # + 2 ulp of the product
+
+
+@pytest.mark.parametrize("packed, cols, match", [
+    (torch.zeros(3, dtype=torch.uint8), 8, "2-D"),
+    (torch.zeros(2, 3, dtype=torch.uint8), -1, "cols=-1"),
+    (torch.zeros(2, 2, dtype=torch.uint8), 8, "3 bytes per row"),
+])
+def test_unpack_rejects_bad_packed_input(packed, cols, match):
+    with pytest.raises(ValueError, match=match):
+        packing.unpack_codes(packed, 3, cols, signed=False)

@@ -50,6 +50,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_codes(packed: torch.Tensor, bits: int, cols: int, signed: bool) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: ``(rows, cols)`` int8 if ``signed`` else uint8."""
     _check_bits(bits)
+    if packed.dim() != 2:
+        raise ValueError(f"packed must be 2-D (rows, bytes); got shape {tuple(packed.shape)}")
+    if cols < 0:
+        raise ValueError(f"cols={cols} must be >= 0")
     rows, nbytes = packed.shape
     if packed.dtype != torch.uint8 or nbytes != packed_cols(cols, bits):
         raise ValueError(

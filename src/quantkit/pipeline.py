@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 class _StopForward(Exception):
-    """Raised by the block-0 hook once its inputs are captured."""
+    """Raised by a hook once a forward has produced what is needed (block-0 inputs, observed inputs)."""
 
 
 def _to(obj: Any, device: torch.device | str) -> Any:
@@ -94,21 +94,48 @@ def capture_block_inputs(
 
 @torch.inference_mode()
 def _run_block(block: nn.Module, calib: Calibration, device: torch.device | str, offload: torch.device | str,
-               keep: bool) -> list[torch.Tensor]:
-    """Run every calibration batch through ``block``; return outputs (on offload) if ``keep``."""
-    outs = []
-    for hidden, kwargs in zip(calib.hidden, calib.kwargs):
-        out = block(hidden.to(device), **_to(kwargs, device))
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        if keep:
-            outs.append(out.to(offload))
+               keep: bool, stop_after: list[nn.Module] | None = None) -> list[torch.Tensor]:
+    """Run every calibration batch through ``block``; return outputs (on offload) if ``keep``.
+
+    Without ``keep``, a batch's forward ends as soon as every module of ``stop_after`` has run
+    (their forward hooks registered earlier, the observers, still run first): a phase that
+    observes the attention projections does not pay for the MLP.
+    """
+    outs, handles = [], []
+    if stop_after and not keep:
+        pending: set[int] = set()
+
+        def stop(module: nn.Module, _args: tuple, _out: Any) -> None:
+            pending.discard(id(module))
+            if not pending:
+                raise _StopForward
+
+        handles = [m.register_forward_hook(stop) for m in stop_after]
+    try:
+        for hidden, kwargs in zip(calib.hidden, calib.kwargs):
+            if handles:
+                pending.update(id(m) for m in stop_after)
+            try:
+                out = block(hidden.to(device), **_to(kwargs, device))
+            except _StopForward:
+                continue
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            if keep:
+                outs.append(out.to(offload))
+    finally:
+        for h in handles:
+            h.remove()
     return outs
 
 
 def _observe(linears: dict[str, nn.Linear], observers: dict[str, Any]) -> list[Any]:
-    """Forward hooks that feed each linear's input, flattened to (tokens, in), to its observer."""
-    handles = []
+    """Forward hooks that feed each linear's input, flattened to (tokens, in), to its observer
+    (an observer shared by several linears of a group is fed once, from the first of them)."""
+    handles, hooked = [], set()
     for name, observer in observers.items():
+        if id(observer) in hooked:
+            continue
+        hooked.add(id(observer))
         def hook(_m: nn.Module, args: tuple, _out: Any, observer: Any = observer) -> None:
             observer.update(args[0].reshape(-1, args[0].shape[-1]))
         handles.append(linears[name].register_forward_hook(hook))
@@ -177,17 +204,20 @@ def quantize_model(
             observers = {}
             if calibrate:
                 for _, linears in phase:
-                    observers.update({n: o for n, lin in linears.items() if (o := algorithm.make_observer(n, lin))})
-                handles = _observe({n: lin for _, ls in phase for n, lin in ls.items()}, observers)
-                try:
-                    # the first pass sees the full-precision block: its outputs feed the next block
-                    # unless block_sequential asks for the quantized block's outputs
-                    keep = k == 0 and not algorithm.block_sequential
-                    outs = _run_block(block, calib, device, offload, keep)
-                    fp_outputs = outs if keep else fp_outputs
-                finally:
-                    for h in handles:
-                        h.remove()
+                    observers.update(algorithm.make_group_observers(linears))
+                phase_linears = {n: lin for _, ls in phase for n, lin in ls.items()}
+                # the first pass sees the full-precision block: its outputs feed the next block
+                # unless block_sequential asks for the quantized block's outputs
+                keep = k == 0 and not algorithm.block_sequential
+                if observers or keep:
+                    handles = _observe(phase_linears, observers)
+                    try:
+                        observed = [phase_linears[n] for n in observers]
+                        outs = _run_block(block, calib, device, offload, keep, observed)
+                        fp_outputs = outs if keep else fp_outputs
+                    finally:
+                        for h in handles:
+                            h.remove()
             prevs = [block.get_submodule(g.prev) if g.prev else None for g, _ in phase]
             for (group, linears), prev in zip(phase, prevs):
                 algorithm.prepare_group(linears, observers, prev)

@@ -134,9 +134,24 @@ class QuantLinear(nn.Module):
             return ops.dequantize(codes, self.act_scale, None, self.a_scheme, x.dtype).reshape(x.shape)
         return ops.fake_quantize(x, self.a_scheme, check_finite=False)  # hot path: no host sync
 
+    def _forward_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight for ``forward``. Off CUDA it is kept between calls (the torch
+        reference path simulates the low-bit matmul with a dense weight anyway), keyed on the
+        storage and in-place version of every buffer it comes from, so a moved or rewritten
+        buffer is never served stale."""
+        if self.qweight.device.type == "cuda":
+            return self.dequantized_weight(dtype)
+        sources = (self.qweight, self.scales, self.qzeros)
+        key = (dtype, *((t.data_ptr(), t._version) for t in sources if t is not None))
+        cached = self.__dict__.get("_weight_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.dequantized_weight(dtype))
+            self.__dict__["_weight_cache"] = cached
+        return cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantize_input(x)
-        w = self.dequantized_weight(x.dtype)
+        w = self._forward_weight(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return nn.functional.linear(x, w, bias)
 

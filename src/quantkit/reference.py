@@ -7,7 +7,7 @@ order so that a kernel can reproduce it exactly:
 * integer, symmetric:  ``s = amax / qmax`` (``s = 1`` where ``amax == 0``),
   ``q = clamp(round(x / s), qmin, qmax)``; unsigned without zero uses ``amax = max(x, 0)``.
 * integer, zero point: ``lo = min(x, 0)``, ``hi = max(x, 0)``, ``s = (hi - lo) / (qmax - qmin)``
-  (``1`` where 0), ``z = clamp(round(qmin - lo / s), qmin, qmax)``,
+  (``1`` where 0; ``hi / (qmax - qmin) - lo / (qmax - qmin)`` where ``hi - lo`` overflows float32), ``z = clamp(round(qmin - lo / s), qmin, qmax)``,
   ``q = clamp(round(x / s) + z, qmin, qmax)``; ``x_hat = (q - z) * s``.
 * float (fp8 e4m3fn/e5m2, fp4 e2m1): ``s = amax / max_value``,
   ``q = bits(round_to_grid(clamp(x / s, -max, max)))`` (round half to even, as torch's float8
@@ -65,7 +65,10 @@ def compute_qparams(
     if scheme.has_zero:
         lo = torch.clamp(_reduce_groups(x, scheme, "amin"), max=0.0)
         hi = torch.clamp(_reduce_groups(x, scheme, "amax"), min=0.0)
-        scale = (hi - lo) / float(scheme.qmax - scheme.qmin)
+        levels = torch.full_like(lo, float(scheme.qmax - scheme.qmin))  # a tensor: true division on every device
+        scale = (hi - lo) / levels
+        # hi - lo beyond the float32 range: the same scale computed without the overflow
+        scale = torch.where(torch.isinf(scale), hi / levels - lo / levels, scale)
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         zero = torch.round(float(scheme.qmin) - lo / scale)
         zero = torch.clamp(zero, scheme.qmin, scheme.qmax).to(torch.int32)
@@ -75,7 +78,7 @@ def compute_qparams(
     else:
         amax = _reduce_groups(x.abs(), scheme, "amax")
     top = dt.max_value if dt.is_float else float(scheme.qmax)
-    scale = amax / top
+    scale = amax / torch.full_like(amax, top)  # not a python float: CUDA multiplies by its reciprocal
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     return scale, None
 

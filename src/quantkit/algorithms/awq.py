@@ -340,6 +340,8 @@ class AWQ(Algorithm):
     def needs_calibration(self) -> bool:
         return self.w_scheme is not None
 
+    shares_group_observer = False  # prepare_group rescales each linear's observer on its own
+
     def make_observer(self, name: str, linear: nn.Linear) -> Observer | None:
         return AWQObserver(self.config.max_tokens)
 

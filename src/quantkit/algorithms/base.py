@@ -115,9 +115,23 @@ class Algorithm(ABC):
     def layer_sequential(self) -> bool:
         return bool(getattr(self.config, "layer_sequential", False))
 
+    #: True when an observer's statistics depend on the input only: the linears of a group read
+    #: the same input, so one observer (fed once per batch) serves them all.
+    shares_group_observer: bool = True
+
     def make_observer(self, name: str, linear: nn.Linear) -> Observer | None:
         """Observer for one linear of the group being calibrated (None: nothing to collect)."""
         return ActRangeObserver(self.a_scheme) if self.a_static else None
+
+    def make_group_observers(self, linears: dict[str, nn.Linear]) -> dict[str, Observer]:
+        """Observers of one group by linear name; with :attr:`shares_group_observer` every name
+        maps to the same object, made for the group's first linear (the pipeline feeds an
+        object once per batch however many names map to it)."""
+        if self.shares_group_observer and linears:
+            first = next(iter(linears))
+            observer = self.make_observer(first, linears[first])
+            return {} if observer is None else dict.fromkeys(linears, observer)
+        return {n: o for n, lin in linears.items() if (o := self.make_observer(n, lin)) is not None}
 
     def prepare_group(
         self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: nn.Module | None

@@ -341,7 +341,11 @@ class GPTQ(Algorithm):
     def quantize_group(
         self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: nn.Module | None
     ) -> dict[str, nn.Module]:
-        return {name: self._quantize_linear(name, linear, observers.get(name)) for name, linear in linears.items()}
+        out = {name: self._quantize_linear(name, linear, observers.get(name)) for name, linear in linears.items()}
+        for name in linears:  # free the (in, in) Hessian the group's linears shared
+            if isinstance(observers.get(name), HessianObserver):
+                observers[name].H = None
+        return out
 
     def _quantize_linear(self, name: str, linear: nn.Linear, observer: Observer | None) -> QuantLinear:
         label = f"{name}[{self._seen[name]}]"  # [k]: k-th block (blocks where it is skipped shift k)
@@ -356,7 +360,6 @@ class GPTQ(Algorithm):
         codes, scale, zero, stats = gptq_quantize(
             linear.weight, observer.H, scheme, cfg.blocksize, cfg.percdamp, cfg.actorder, cfg.static_groups, label,
         )
-        observer.H = None  # free (in, in) as soon as possible
         weight = linear.weight
         module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, scheme,
                              self.a_scheme, a_static=self.a_static, device=weight.device)
