@@ -1,9 +1,9 @@
 """Turn a sweep folder into ``report.md``, ``report.csv`` and PNG plots.
 
 Every run folder under the sweep (one with Hydra's ``.hydra/`` or any result file) becomes a
-row: complete runs with their numbers, skipped runs with their reason, failed or interrupted
-runs as such; runs that the sweep's ``multirun.yaml`` asked for but that never started are
-listed as missing. Nothing is dropped silently.
+row: complete runs with their numbers, skipped runs with their reason, the others as
+incomplete (running, failed or interrupted); runs that the sweep's ``multirun.yaml`` asked for
+but that never started are listed as missing. Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def collect(sweep_dir: Path) -> list[Row]:
             rows.append(Row(name, "skipped", {**_config_values(s.get("config")), "note": s["reason"]}))
             continue
         overrides = _hydra_overrides(d)
-        rows.append(Row(name, "failed or interrupted", {"note": " ".join(overrides)}))
+        rows.append(Row(name, "incomplete", {"note": "running, failed or interrupted: " + " ".join(overrides)}))
     rows.extend(Row(name, "missing", {"note": "never started"}) for name in _missing(sweep_dir, rows))
     return rows
 
