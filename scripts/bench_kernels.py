@@ -20,6 +20,15 @@ Usage::
 
 The finiteness check of ``ops.quantize`` (a separate reduction and a host sync) is disabled
 while timing, for both backends, so that the numbers describe the quantization itself.
+
+A second table times the fused low-bit matmuls (W4A16 dequant GEMM/GEMV, W8A8 int8, fp8 e4m3)
+against ``torch.matmul`` of fp16 operands (cuBLAS) in the same process, for M in
+{1, 16, 128, 4096} and (N, K) in the shapes above: TFLOP/s (``2 * M * N * K`` / time), achieved
+GB/s of the minimal traffic (activations, packed weights, scales, output) and its share of the
+copy bandwidth, which is the bound of the decode (small M) rows. Activation quantization is
+not part of the W8A8/fp8 timings (codes are given). ``max rel err`` is the largest error
+against the torch reference, relative to the largest output. On a CPU this table is a smoke
+run of tiny shapes through the interpreter.
 """
 
 from __future__ import annotations
@@ -47,6 +56,9 @@ SCHEMES = [
     QuantScheme("int4", "per_token"),
 ]
 PACK_BITS = (3, 4, 8)
+MATMUL_M_GPU = (1, 16, 128, 4096)
+MATMUL_M_CPU = (1, 16)
+MATMUL_NK_CPU = [(64, 256)]
 COPY_BYTES_GPU = 1 << 30
 COPY_BYTES_CPU = 1 << 24
 
@@ -174,6 +186,90 @@ def format_table(results: list[Row], copy_gbs: float) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class MatmulRow:
+    """One line of the matmul table; ``baseline_ms`` is fp16 ``torch.matmul`` of the same shape."""
+
+    kernel: str
+    m: int
+    nk: tuple[int, int]
+    triton_ms: float
+    baseline_ms: float
+    nbytes: int
+    max_rel_err: float
+
+
+def _matmul_cases(
+    m: int, n: int, k: int, device: torch.device
+) -> list[tuple[str, Callable[[str], torch.Tensor], int]]:
+    """``(label, run(backend), minimal bytes)`` of each fused matmul at one shape."""
+    x = torch.randn(m, k, dtype=torch.float16, device=device)  # (M, K)
+    w = torch.randn(n, k, dtype=torch.float16, device=device) / k**0.5  # (N, K)
+    out_bytes = m * n * 2
+    w4 = QuantScheme("int4", "per_group", groupsize=128, has_zero=True)
+    codes, scale, zero = ops.quantize(w, w4, backend="torch")
+    qweight = ops.pack_codes(codes, 4, backend="torch")  # (N, K / 2) uint8
+    scales = scale.half()  # (N, K / 128)
+    qzeros = ops.pack_codes(zero.to(torch.int8), 4, backend="torch")
+    a8 = QuantScheme("int8", "per_token")
+    xq, sx, _ = ops.quantize(x, a8, backend="torch")  # (M, K) int8, (M, 1)
+    wq, sw, _ = ops.quantize(w, QuantScheme("int8", "per_channel"), backend="torch")
+    f8 = QuantScheme("fp8", "per_token")
+    xf, sxf, _ = ops.quantize(x, f8, backend="torch")  # (M, K) uint8 e4m3 bits
+    wf, swf, _ = ops.quantize(w, QuantScheme("fp8", "per_channel"), backend="torch")
+    return [
+        ("w4a16 int4 g128 asym",
+         lambda b: ops.quant_linear_matmul(x, qweight, scales, qzeros, None, w4, backend=b),
+         _nbytes(x, qweight, scales, qzeros) + out_bytes),
+        ("w8a8 int8 token/channel",
+         lambda b: ops.int8_matmul(xq, sx, wq, sw, None, torch.float16, backend=b),
+         _nbytes(xq, sx, wq, sw) + out_bytes),
+        ("fp8 e4m3 token/channel",
+         lambda b: ops.fp8_matmul(xf, sxf, wf, swf, None, torch.float16, backend=b),
+         _nbytes(xf, sxf, wf, swf) + out_bytes),
+    ]
+
+
+def bench_matmuls(device: torch.device, quick: bool, reps: int) -> list[MatmulRow]:
+    """Every fused matmul at every (M, (N, K)) against fp16 ``torch.matmul``."""
+    on_gpu = device.type == "cuda"
+    ms_list = MATMUL_M_GPU if on_gpu else MATMUL_M_CPU
+    nks = GPU_SHAPES if on_gpu else MATMUL_NK_CPU
+    if quick:
+        nks = nks[:1]
+    rows: list[MatmulRow] = []
+    for n, k in nks:
+        for m in ms_list:
+            a = torch.randn(m, k, dtype=torch.float16, device=device)  # (M, K)
+            b = torch.randn(n, k, dtype=torch.float16, device=device)  # (N, K)
+            baseline_ms = _time_ms(lambda: torch.matmul(a, b.T), on_gpu, reps)
+            for label, run, nbytes in _matmul_cases(m, n, k, device):
+                want = run("torch").float()
+                err = (run("triton").float() - want).abs().max() / want.abs().max().clamp_min(1e-30)
+                triton_ms = _time_ms(lambda r=run: r("triton"), on_gpu, reps)
+                rows.append(MatmulRow(label, m, (n, k), triton_ms, baseline_ms, nbytes, err.item()))
+    return rows
+
+
+def format_matmul_table(rows: list[MatmulRow], copy_gbs: float) -> str:
+    """Markdown table of :func:`bench_matmuls` (times carry their unit in the cell)."""
+    lines = [
+        "| kernel | M | N x K | triton ms | fp16 torch.matmul ms | speedup | TFLOP/s | GB/s "
+        "| % of copy bw | max rel err |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        n, k = r.nk
+        tflops = 2 * r.m * n * k / r.triton_ms / 1e9
+        gbs = r.nbytes / r.triton_ms / 1e6
+        lines.append(
+            f"| {r.kernel} | {r.m} | {n}x{k} | {r.triton_ms:.4f} ms | {r.baseline_ms:.4f} ms "
+            f"| {r.baseline_ms / r.triton_ms:.2f}x | {tflops:.2f} | {gbs:.1f} "
+            f"| {100 * gbs / copy_gbs:.1f}% | {r.max_rel_err:.1e} |"
+        )
+    return "\n".join(lines)
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -210,6 +306,10 @@ def main(argv: list[str] | None = None) -> str:
 
     copy_gbs = copy_bandwidth_gbs(device, COPY_BYTES_GPU if on_gpu else COPY_BYTES_CPU, reps)
     results = [row for shape in shapes for row in bench_shape(shape, device, use_triton, reps)]
+    if use_triton:
+        matmul_table = format_matmul_table(bench_matmuls(device, args.quick, reps), copy_gbs)
+    else:
+        matmul_table = "(fused matmuls skipped: they need a GPU or TRITON_INTERPRET=1)"
     mode = "" if on_gpu else (
         " (smoke run: Triton interpreter)" if use_triton else " (smoke run: torch only)"
     )
@@ -222,6 +322,10 @@ def main(argv: list[str] | None = None) -> str:
         f"- device-to-device copy bandwidth: {copy_gbs:.1f} GB/s",
         "",
         format_table(results, copy_gbs),
+        "",
+        "## fused low-bit matmuls vs fp16 torch.matmul",
+        "",
+        matmul_table,
         "",
     ])
     print(report)

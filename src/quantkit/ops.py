@@ -7,6 +7,11 @@ kernels without a GPU); ``backend="torch"`` forces the reference. Both give the 
 scales and zeros bit for bit.
 
 Inputs are ``(..., cols)`` and are quantized as ``(rows, cols)`` with leading dims flattened.
+
+The fused low-bit matmuls (:func:`quant_linear_matmul`, :func:`int8_matmul`,
+:func:`fp8_matmul`, :func:`smooth_quantize_per_token`) dispatch the same way; their torch
+references (:mod:`quantkit.matmul_reference`) agree with the kernels bit for bit where the
+math is exact (int32 accumulators, codes, scales) and up to fp32 summation order otherwise.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from quantkit import packing, reference
+from quantkit import matmul_reference, packing, reference
 from quantkit.scheme import QuantScheme
 
 Backend = Literal["auto", "torch", "triton"]
@@ -123,3 +128,83 @@ def unpack_codes(
 
         return triton_unpack(packed, bits, cols, signed)
     return packing.unpack_codes(packed, bits, cols, signed)
+
+
+def quant_linear_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scheme: QuantScheme,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """W-only low-bit linear: ``x (..., K) @ dequant(qweight, scales, qzeros).T + bias``.
+
+    ``qweight``/``scales``/``qzeros``/``bias`` are :class:`quantkit.quant_linear.QuantLinear`
+    buffers (``K = x.shape[-1]``); returns ``(..., N)`` in ``x.dtype``.
+    """
+    check_input(x, "x", check_finite=False)
+    x2 = reference.as_rows(x)  # (M, K)
+    if use_triton(x, backend):
+        from quantkit.kernels.matmul import quant_linear_matmul as triton_matmul
+
+        y = triton_matmul(x2, qweight, scales, qzeros, bias, scheme)
+    else:
+        y = matmul_reference.quant_linear_matmul_reference(
+            x2, qweight, scales, qzeros, bias, scheme, x.shape[-1]
+        )
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def int8_matmul(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """W8A8: ``(xq (M, K) @ wq (N, K).T) * x_scale * w_scale.T + bias`` -> ``(M, N)``.
+
+    Scales: ``x_scale (M, 1)|(1, 1)``, ``w_scale (N, 1)|(1, 1)``; ``out_dtype=torch.int32``
+    returns the exact int32 accumulator.
+    """
+    if use_triton(xq, backend):
+        from quantkit.kernels.int8_matmul import int8_matmul as triton_int8_matmul
+
+        return triton_int8_matmul(xq, x_scale, wq, w_scale, bias, out_dtype)
+    return matmul_reference.int8_matmul_reference(xq, x_scale, wq, w_scale, bias, out_dtype)
+
+
+def fp8_matmul(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """fp8 e4m3fn GEMM: codes as ``torch.float8_e4m3fn`` or uint8 bit patterns; scales and
+    shapes as :func:`int8_matmul`; fp32 accumulation."""
+    if use_triton(xq, backend):
+        from quantkit.kernels.fp8_matmul import fp8_matmul as triton_fp8_matmul
+
+        return triton_fp8_matmul(xq, x_scale, wq, w_scale, bias, out_dtype)
+    return matmul_reference.fp8_matmul_reference(xq, x_scale, wq, w_scale, bias, out_dtype)
+
+
+def smooth_quantize_per_token(
+    x: torch.Tensor, smooth: torch.Tensor, scheme: QuantScheme, backend: Backend = "auto"
+) -> QParams:
+    """``quantize(x / smooth)`` with one scale per token: ``x (..., K)``, ``smooth (K,)`` ->
+    ``(codes (rows, K), scale (rows, 1) float32, zero (rows, 1) int32 | None)``."""
+    check_input(x, "x", check_finite=False)
+    x2 = reference.as_rows(x)  # (rows, K)
+    if use_triton(x, backend):
+        from quantkit.kernels.smooth_quant import smooth_quantize_per_token as triton_smooth
+
+        return triton_smooth(x2, smooth, scheme)
+    return matmul_reference.smooth_quantize_reference(x2, smooth, scheme)

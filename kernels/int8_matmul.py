@@ -1,0 +1,209 @@
+"""W8A8 int8 GEMM with per-token / per-channel scales (and the shared scaled-GEMM kernel).
+
+Math (the reference is :func:`quantkit.matmul_reference.int8_matmul_reference`)::
+
+    acc[m, n] = sum_k xq[m, k] * wq[n, k]                  int32, exact (tl.dot on int8)
+    y[m, n]   = ((float(acc) * sx[m]) * sw[n]) + bias[n]    fp32 in this order, rounded once
+
+Shapes and dtypes::
+
+    xq       (M, K)          int8 activation codes, any strides
+    x_scale  (M, 1) | (1, 1) float32 (fp16/bf16 widen exactly): per token or per tensor
+    wq       (N, K)          int8 weight codes, any strides (rows K-contiguous is fastest)
+    w_scale  (N, 1) | (1, 1) float32: per channel or per tensor
+    bias     (N,)            any float dtype, optional
+    out      (M, N)          float16 / bfloat16 / float32, or int32 = the raw accumulator
+
+No divisibility constraints. The integer accumulator is exact, so the int32 output is
+bit-exact with the reference; in the Triton interpreter the fp32 epilogue is too (on a GPU
+the last multiply-add may contract into an FMA: one rounding fewer).
+
+:func:`_scaled_mm_kernel` is also the kernel of :mod:`quantkit.kernels.fp8_matmul`
+(``ACC_INT=False``: fp8 operands, fp32 accumulator). Tiles: ``(BLOCK_M, BLOCK_N)`` outputs in
+grouped order, ``BLOCK_K = 128`` bytes of K per step (a full 128-byte line of each operand
+row); decode-sized M uses 16-row tiles and splits K over programs (atomic adds into an
+int32/fp32 workspace: integer atomics keep the int32 output exact).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from quantkit.kernels.matmul import (
+    MatmulConfig,
+    check_bias,
+    check_broadcast,
+    k_tile_range,
+    output_tile,
+    split_k_for,
+    store_tile,
+)
+from quantkit.kernels.quantize import check_matrix, on_device
+
+OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _scaled_mm_kernel(
+    # pointers
+    a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr,
+    # sizes
+    M, N, K,
+    # strides
+    stride_am, stride_ak, stride_bn, stride_bk, stride_sam, stride_sbn, stride_om, stride_on,
+    # meta
+    ACC_INT: tl.constexpr, RAW_ACC: tl.constexpr, HAS_BIAS: tl.constexpr,
+    OUT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``out = (a @ b.T) * sa * sb.T + bias`` for one output tile and this program's K-tiles.
+
+    ``ACC_INT``: int8 operands, int32 accumulator (else e4m3fn operands passed as uint8 bit
+    patterns, fp32 accumulator).
+    ``RAW_ACC``: store the accumulator itself (no scales, no bias).
+    """
+    offs_m, offs_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)  # (BLOCK_M,), (BLOCK_N,)
+    pid_k = tl.program_id(1)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    a_rows = a_ptr + offs_m.to(tl.int64) * stride_am  # (BLOCK_M,)
+    b_rows = b_ptr + offs_n.to(tl.int64) * stride_bn  # (BLOCK_N,)
+
+    first, last = k_tile_range(pid_k, K, BLOCK_K, SPLIT_K)
+    if ACC_INT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for kt in range(first, last):
+        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+        k_ok = offs_k < K
+        a = tl.load(a_rows[:, None] + offs_k[None, :] * stride_ak,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0)  # (BLOCK_M, BLOCK_K)
+        b = tl.load(b_rows[:, None] + offs_k[None, :] * stride_bk,
+                    mask=n_ok[:, None] & k_ok[None, :], other=0)  # (BLOCK_N, BLOCK_K)
+        if ACC_INT:
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        else:  # fp8 codes travel as uint8 so that masked lanes can read +0.0
+            a = a.to(tl.float8e4nv, bitcast=True)
+            b = b.to(tl.float8e4nv, bitcast=True)
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.float32)
+
+    if RAW_ACC:
+        y = acc
+    else:
+        sa = tl.load(sa_ptr + offs_m.to(tl.int64) * stride_sam, mask=m_ok, other=1.0)
+        sb = tl.load(sb_ptr + offs_n.to(tl.int64) * stride_sbn, mask=n_ok, other=1.0)
+        y = acc.to(tl.float32) * sa.to(tl.float32)[:, None]  # (BLOCK_M, BLOCK_N)
+        y = y * sb.to(tl.float32)[None, :]
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BLOCK_N,)
+            if pid_k == 0:  # split-K: exactly one program adds the bias
+                y = y + b[None, :]
+    store_tile(out_ptr, y, offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K, OUT_BF16)
+
+
+def scaled_mm_config(M: int, N: int, K: int, device: torch.device) -> MatmulConfig:
+    """Fixed tiles for 1-byte operands on H100/H200 (large single tiles in the interpreter)."""
+    if device.type != "cuda":
+        bm = max(16, min(64, triton.next_power_of_2(M)))
+        bn = max(16, min(128, triton.next_power_of_2(N)))
+        bk = max(16, min(256, triton.next_power_of_2(K)))
+        return MatmulConfig(bm, bn, bk, num_warps=4, num_stages=1)
+    if M <= 16:
+        bm, bn, warps = 16, 64, 4
+    elif M <= 64:
+        bm, bn, warps = 64, 128, 4
+    else:
+        bm, bn, warps = 128, 128, 8
+    bk = 128
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    split = split_k_for(tiles, triton.cdiv(K, bk), device)
+    return MatmulConfig(bm, bn, bk, split, num_warps=warps, num_stages=4 if bm <= 64 else 3)
+
+
+def scaled_mm(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    *,
+    code_dtype: torch.dtype,
+    out_dtypes: tuple[torch.dtype, ...],
+    config: MatmulConfig | None,
+) -> torch.Tensor:
+    """Validate and launch :func:`_scaled_mm_kernel` for ``code_dtype`` (int8 or fp8) operands."""
+    xq = check_matrix(xq, "xq", (code_dtype,))
+    wq = check_matrix(wq, "wq", (code_dtype,))
+    M, K = xq.shape
+    N = wq.shape[0]
+    if wq.shape[1] != K:
+        raise ValueError(
+            f"wq must be (N, K={K}) to match xq {tuple(xq.shape)}, got {tuple(wq.shape)}"
+        )
+    if wq.device != xq.device:
+        raise ValueError(f"wq is on {wq.device} but xq is on {xq.device}")
+    if out_dtype not in out_dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in out_dtypes)
+        raise ValueError(f"out_dtype must be one of {names}, got {out_dtype}")
+    raw = out_dtype == torch.int32
+    x_scale, (stride_sam, _) = check_broadcast(x_scale, "x_scale", (M, 1), _SCALE_DTYPES, xq.device)
+    w_scale, (stride_sbn, _) = check_broadcast(w_scale, "w_scale", (N, 1), _SCALE_DTYPES, xq.device)
+    bias = check_bias(bias, N, xq.device)
+    cfg = config or scaled_mm_config(M, N, K, xq.device)
+    if not isinstance(cfg, MatmulConfig) or cfg.block_m < 16:
+        raise ValueError(f"config must be a MatmulConfig with block_m >= 16 (tl.dot), got {cfg!r}")
+
+    if cfg.split_k > 1:  # atomics accumulate into an int32 (raw) or fp32 workspace
+        out = torch.zeros(M, N, dtype=torch.int32 if raw else torch.float32, device=xq.device)
+    else:
+        out = torch.empty(M, N, dtype=out_dtype, device=xq.device)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), cfg.split_k)
+    with on_device(xq):
+        _scaled_mm_kernel[grid](
+            *(t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in (xq, wq)),
+            x_scale, w_scale, x_scale if bias is None else bias,
+            out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
+            M, N, K,
+            xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), stride_sam, stride_sbn,
+            out.stride(0), out.stride(1),
+            ACC_INT=code_dtype == torch.int8, RAW_ACC=raw, HAS_BIAS=bias is not None,
+            OUT_BF16=out.dtype == torch.bfloat16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def int8_matmul(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16,
+    *,
+    config: MatmulConfig | None = None,
+) -> torch.Tensor:
+    """``y = (xq @ wq.T) * x_scale * w_scale.T + bias`` with an exact int32 accumulator.
+
+    Args:
+        xq: ``(M, K)`` int8 on CUDA (or CPU under ``TRITON_INTERPRET=1``).
+        x_scale: ``(M, 1)`` (per token) or ``(1, 1)`` (per tensor) float32.
+        wq: ``(N, K)`` int8; ``w_scale``: ``(N, 1)`` (per channel) or ``(1, 1)`` float32.
+        bias: ``(N,)`` float tensor or None.
+        out_dtype: float16 / bfloat16 / float32, or int32 for the raw accumulator (scales and
+            bias ignored).
+        config: tiles instead of :func:`scaled_mm_config` (``block_m >= 16``).
+
+    Returns:
+        ``(M, N)`` of ``out_dtype``; see the module docstring for exactness.
+    """
+    return scaled_mm(
+        xq, x_scale, wq, w_scale, bias, out_dtype, code_dtype=torch.int8,
+        out_dtypes=OUT_DTYPES + (torch.int32,), config=config,
+    )

@@ -1,0 +1,458 @@
+"""Weight-only dequant GEMM/GEMV (W4A16, W3A16, W2A16, W8A16, fp4/fp8 weights) of ``QuantLinear``.
+
+Math (the reference is :func:`quantkit.matmul_reference.quant_linear_matmul_reference`)::
+
+    W[n, k] = (q[n, k] - z[n, g]) * s[n, g]      int grids (no zero point: q * s)
+    W[n, k] = value(q[n, k]) * s[n, g]           float grids (fp4 e2m1, fp8 e4m3fn / e5m2)
+    y = x @ W.to(x.dtype).T + bias               float32 accumulation, rounded once to x.dtype
+
+with ``g = k // groupsize`` (per_group; the last group may be shorter) or ``g = 0``.
+
+Storage read as :class:`quantkit.quant_linear.QuantLinear` keeps it (layout of
+:mod:`quantkit.packing`: each run of 8 codes is ``bits`` bytes, a little-endian word)::
+
+    x        (M, K)                          float16 / bfloat16 / float32, any strides
+    qweight  (N, ceil(K / 8) * bits)         uint8, row stride any, bytes contiguous
+    scales   scheme.scale_shape(N, K)        float16 / bfloat16 / float32, size-1 dims broadcast
+    qzeros   (N|1, ceil(G / 8) * bits)       uint8 packed zero points of all G groups (has_zero)
+    bias     (N,)                            any float dtype, optional
+    out      (M, N)                          x.dtype
+
+No divisibility constraints on M, N, K or the group size.
+
+Two paths, one kernel (``_dequant_matmul_kernel``) specialised by constexprs:
+
+* GEMV (decode, ``M <= 8``): no tensor cores; a program owns ``BLOCK_N`` output columns and
+  streams its rows of the weight once, ``acc += sum_k x[m, k] * W[n, k]`` as a broadcast
+  product reduced along K.
+* GEMM (``M > 8``; a single 16-row tile up to ``M = 16``): ``(BLOCK_M, BLOCK_N)`` output tiles
+  in grouped launch order for L2 reuse of weight tiles, the ``(BLOCK_N, BLOCK_K)`` weight tile
+  dequantized in registers then ``tl.dot`` in x's dtype (fp16/bf16 tensor cores; fp32 x uses
+  an IEEE fp32 dot, not tf32).
+
+Both split K over ``SPLIT_K`` programs (fp32 atomics into a zeroed workspace, then one cast)
+when the output has too few tiles to give every SM two programs: decode steps, and
+``M = 128`` on 4096-wide layers.
+
+Each K-tile loads ``BLOCK_K / 8`` runs of ``bits`` bytes per weight row, rebuilds each run's
+word with shifts and extracts the 8 codes. Scales and zeros: when no K-tile straddles two
+groups (``groupsize % BLOCK_K == 0``, or a single group per row) one scale (and one zero,
+unpacked from ``qzeros`` in the kernel) per weight row and tile; otherwise they are gathered
+per element (the launcher picks ``BLOCK_K`` to avoid that where it can).
+
+In the Triton interpreter bf16 arithmetic and bf16 ``tl.dot`` are wrong, so for bf16 inputs
+on CPU the kernel dots in fp32 with the weight rounded to bf16 by integer bit arithmetic
+(the same values the GPU's bf16 path multiplies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from quantkit.kernels._triton_math import bf16_bits, minifloat_decode
+from quantkit.kernels.quantize import check_matrix, check_scheme, on_device
+from quantkit.packing import PACK_BITS, packed_cols
+from quantkit.scheme import QuantScheme
+
+X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+GEMV_MAX_M = 8  # at most this many rows: broadcast-and-reduce without tensor cores
+DOT16_MAX_M = 16  # up to this many rows: one 16-row tensor-core tile (decode batches)
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    """Tile sizes and launch parameters of one matmul launch.
+
+    ``block_m < 16`` selects the GEMV inner product (no ``tl.dot``); ``split_k > 1`` splits the
+    K-tiles over programs that accumulate into an fp32 workspace with atomics.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k", "split_k", "group_m"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1 or (name.startswith("block") and v & (v - 1)):
+                raise ValueError(
+                    f"MatmulConfig.{name} must be a positive power of two, got {v!r}"
+                )
+        if self.block_k < 8:
+            raise ValueError(
+                f"MatmulConfig.block_k must be >= 8 (one run of packed codes), got {self.block_k}"
+            )
+        if self.block_m >= 16 and (self.block_n < 16 or self.block_k < 16):
+            raise ValueError("tl.dot tiles (block_m >= 16) need block_n and block_k >= 16")
+
+
+@triton.jit
+def output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Row and column offsets ``(BLOCK_M,), (BLOCK_N,)`` of this program's output tile, in
+    grouped order: ``GROUP_M`` row-tiles share each weight column-tile while it is in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def k_tile_range(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """``[first, last)`` K-tiles of split ``pid_k`` (contiguous, about equal shares; the last
+    splits may get none)."""
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    first = pid_k * per_split
+    return first, tl.minimum(first + per_split, k_tiles)
+
+
+@triton.jit
+def store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K: tl.constexpr,
+               OUT_BF16: tl.constexpr):
+    """Store an fp32 (or int32) ``(BLOCK_M, BLOCK_N)`` tile: atomically added into a workspace
+    of its dtype when split over K, else rounded once to the output dtype (bf16 through its
+    int16 bits)."""
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    if SPLIT_K > 1:
+        tl.atomic_add(o_ptrs, acc, mask=mask, sem="relaxed")
+    elif OUT_BF16:
+        tl.store(o_ptrs, bf16_bits(acc).to(tl.int16), mask=mask)
+    else:
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def packed_code_at(row_ptrs, idx, mask, BITS: tl.constexpr, SIGNED: tl.constexpr):
+    """Code number ``idx`` of packed rows starting at ``row_ptrs`` (same shapes), as int32.
+
+    Code ``idx`` occupies bits ``[b, b + BITS)`` of its run's little-endian word with
+    ``b = (idx % 8) * BITS``, i.e. at most two consecutive bytes of the row.
+    """
+    bit = (idx % 8) * BITS
+    byte = (idx // 8) * BITS + bit // 8
+    v = tl.load(row_ptrs + byte, mask=mask, other=0).to(tl.int32)
+    if BITS < 8:
+        straddles = (bit % 8) + BITS > 8  # int3 codes 2 and 5 cross a byte boundary
+        hi = tl.load(row_ptrs + byte + 1, mask=mask & straddles, other=0).to(tl.int32)
+        v = ((v | (hi << 8)) >> (bit % 8)) & ((1 << BITS) - 1)
+    if SIGNED:
+        v = (v << (32 - BITS)) >> (32 - BITS)  # sign-extend the field
+    return v
+
+
+@triton.jit
+def load_code_tile(q_rows, n_ok, k0, K, BITS: tl.constexpr, BYTES_P2: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Raw ``(BLOCK_N, BLOCK_K)`` int32 codes of columns ``k0 .. k0 + BLOCK_K`` (``k0 % 8 == 0``)
+    of the packed rows ``q_rows`` (zero past ``K``)."""
+    if BITS == 8:  # one byte per code
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = n_ok[:, None] & (offs_k < K)[None, :]
+        return tl.load(q_rows[:, None] + offs_k[None, :], mask=mask, other=0).to(tl.int32)
+    offs_r = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # (R,) runs of 8 codes
+    offs_b = tl.arange(0, BYTES_P2)  # byte within a run (BYTES_P2 >= BITS)
+    run_ok = offs_r < tl.cdiv(K, 8)
+    b_ptrs = q_rows[:, None, None] + (offs_r[:, None] * BITS + offs_b[None, :])[None, :, :]
+    b_mask = n_ok[:, None, None] & (run_ok[:, None] & (offs_b < BITS)[None, :])[None, :, :]
+    byte = tl.load(b_ptrs, mask=b_mask, other=0).to(tl.int32)  # (BLOCK_N, R, BYTES_P2)
+    word = tl.sum(byte << (offs_b * 8)[None, None, :], axis=2)  # (BLOCK_N, R), 8*BITS <= 24 bits
+    offs_j = tl.arange(0, 8)
+    c = (word[:, :, None] >> (offs_j * BITS)[None, None, :]) & ((1 << BITS) - 1)  # (N, R, 8)
+    return tl.reshape(c, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _dequant_matmul_kernel(
+    # pointers
+    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_ptr,
+    # sizes
+    M, N, K, group_size,
+    # strides
+    stride_xm, stride_xk, stride_qn, stride_sn, stride_sg, stride_zn, stride_om, stride_on,
+    # quantization
+    BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, IS_FLOAT: tl.constexpr,
+    EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr, EXP_BIAS: tl.constexpr,
+    TILE_GROUPS: tl.constexpr,
+    # meta
+    HAS_BIAS: tl.constexpr, DOT: tl.constexpr, OUT_BF16: tl.constexpr, BYTES_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One ``(BLOCK_M, BLOCK_N)`` output tile over this program's share of the K-tiles.
+
+    ``DOT``: ``"fp16"`` / ``"bf16"`` (tensor cores in that dtype), ``"fp32"`` (IEEE fp32 dot),
+    ``"bf16_emulated"`` (fp32 dot of bf16-rounded values: the interpreter's bf16 path).
+    ``TILE_GROUPS``: no K-tile straddles two groups (one scale per weight row and tile).
+    """
+    offs_m, offs_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)  # (BLOCK_M,), (BLOCK_N,)
+    pid_k = tl.program_id(1)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    rows64 = offs_n.to(tl.int64)  # N * row stride can exceed 2**31
+    q_rows = qweight_ptr + rows64 * stride_qn  # (BLOCK_N,) first byte of each weight row
+    s_rows = scales_ptr + rows64 * stride_sn  # (BLOCK_N,) stride_sn == 0 for per_tensor
+    z_rows = qzeros_ptr + rows64 * stride_zn
+    x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm  # (BLOCK_M,)
+
+    first, last = k_tile_range(pid_k, K, BLOCK_K, SPLIT_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for kt in range(first, last):
+        k0 = kt * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+        k_ok = offs_k < K
+        x = tl.load(x_rows[:, None] + offs_k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+
+        c = load_code_tile(q_rows, n_ok, k0, K, BITS, BYTES_P2, BLOCK_N, BLOCK_K)  # (N, K) int32
+        if IS_FLOAT:
+            q = minifloat_decode(c, EXP_BITS, MANT_BITS, EXP_BIAS)  # (BLOCK_N, BLOCK_K) fp32
+        else:
+            if SIGNED:
+                c = (c << (32 - BITS)) >> (32 - BITS)
+            q = c.to(tl.float32)
+        if TILE_GROUPS:  # one group per tile: a (BLOCK_N, 1) scale
+            g = k0 // group_size
+            s = tl.load(s_rows + g * stride_sg, mask=n_ok, other=1.0).to(tl.float32)[:, None]
+            if HAS_ZERO:
+                z = packed_code_at(z_rows, g + tl.zeros_like(offs_n), n_ok, BITS, SIGNED)
+                q = q - z.to(tl.float32)[:, None]
+        else:  # groups change inside the tile: gather per element
+            g = offs_k // group_size  # (BLOCK_K,)
+            wmask = n_ok[:, None] & k_ok[None, :]
+            s = tl.load(s_rows[:, None] + g[None, :] * stride_sg, mask=wmask, other=1.0)
+            s = s.to(tl.float32)  # (BLOCK_N, BLOCK_K)
+            if HAS_ZERO:
+                z = packed_code_at(z_rows[:, None], g[None, :], wmask, BITS, SIGNED)
+                q = q - z.to(tl.float32)
+        w = q * s  # (BLOCK_N, BLOCK_K) fp32, as reference.dequantize
+
+        if DOT == "fp16":
+            w_op = w.to(tl.float16)
+            x_op = x.to(tl.float16)
+        elif DOT == "bf16":
+            w_op = w.to(tl.bfloat16)
+            x_op = x.to(tl.bfloat16)
+        elif DOT == "bf16_emulated":  # bf16 rounding (ties to even) carried out in fp32
+            w_op = (bf16_bits(w) << 16).to(tl.float32, bitcast=True)
+            x_op = x.to(tl.float32)
+        else:
+            w_op = w
+            x_op = x.to(tl.float32)
+        if BLOCK_M >= 16:
+            if DOT == "fp16" or DOT == "bf16":
+                acc = tl.dot(x_op, tl.trans(w_op), acc)
+            else:
+                acc = tl.dot(x_op, tl.trans(w_op), acc, input_precision="ieee")
+        else:  # GEMV: (BLOCK_M, 1, BLOCK_K) * (1, BLOCK_N, BLOCK_K) reduced along K
+            prod = x_op.to(tl.float32)[:, None, :] * w_op.to(tl.float32)[None, :, :]
+            acc += tl.sum(prod, axis=2)
+
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BLOCK_N,)
+        if pid_k == 0:  # split-K: exactly one program adds the bias
+            acc += b[None, :]
+    store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K, OUT_BF16)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the split-K and grid heuristics' target)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_k_for(tiles: int, k_tiles: int, device: torch.device) -> int:
+    """K-splits that give about two programs per SM when the output has too few tiles,
+    keeping at least 4 K-tiles per program."""
+    target = 2 * sm_count(device)
+    if tiles >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, tiles), k_tiles // 4, 32))
+
+
+def _fit_groups(block_k: int, group_size: int, K: int, min_block_k: int) -> int:
+    """Lower ``block_k`` to a power-of-two divisor of the group size (one scale per weight row
+    and K-tile) unless that would go below ``min_block_k``: then scales are gathered."""
+    divisor = group_size & -group_size  # largest power of two dividing group_size
+    if group_size < K and divisor >= min_block_k:
+        return min(block_k, divisor)
+    return block_k
+
+
+def default_config(M: int, N: int, K: int, group_size: int, device: torch.device) -> MatmulConfig:
+    """Fixed tiles for H100/H200 (and large single tiles for the interpreter).
+
+    GPU: ``M <= 8`` GEMV, ``BLOCK_M * BLOCK_N * BLOCK_K = 8192`` products per step (64 or 32
+    weight rows, 32..128 columns); ``M <= 16`` a 16 x 64 x 128 tensor-core tile; larger ``M``
+    64/128 x 128 x 64 (8 warps for 128 x 128), 3 pipeline stages. ``BLOCK_K`` drops to the
+    group size (>= 32) so that a K-tile has one scale per row. Small grids are split over K.
+    """
+    if device.type != "cuda":  # interpreter: few, large block operations
+        block_m = triton.next_power_of_2(M)
+        if M > GEMV_MAX_M:
+            block_m = max(16, min(64, block_m))
+        block_n = max(16, min(128, triton.next_power_of_2(N)))
+        block_k = _fit_groups(max(16, min(256, triton.next_power_of_2(K))), group_size, K, 16)
+        return MatmulConfig(block_m, block_n, block_k, num_warps=4, num_stages=1)
+    if M <= GEMV_MAX_M:
+        block_m = triton.next_power_of_2(M)
+        block_n = 64 if block_m <= 2 else 32
+        block_k, warps = max(32, 8192 // (block_m * block_n)), 4
+    elif M <= DOT16_MAX_M:
+        block_m, block_n, block_k, warps = 16, 64, 128, 4
+    else:
+        block_m = 64 if M <= 64 else 128
+        block_n, block_k, warps = 128, 64, 8 if block_m == 128 else 4
+    block_k = _fit_groups(block_k, group_size, K, 32)
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    split = split_k_for(tiles, triton.cdiv(K, block_k), device)
+    return MatmulConfig(block_m, block_n, block_k, split, num_warps=warps, num_stages=3)
+
+
+def dot_kind(dtype: torch.dtype, on_gpu: bool) -> str:
+    """The ``DOT`` constexpr for activations of ``dtype``."""
+    if dtype == torch.float16:
+        return "fp16"
+    if dtype == torch.bfloat16:
+        return "bf16" if on_gpu else "bf16_emulated"
+    return "fp32"
+
+
+def check_bias(bias: object, n: int, device: torch.device) -> torch.Tensor | None:
+    """``bias`` must be None or a floating-point ``(n,)`` tensor on ``device``."""
+    if bias is None:
+        return None
+    if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+        got = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise TypeError(f"bias must be a floating-point tensor or None, got {got}")
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if bias.device != device:
+        raise ValueError(f"bias is on {bias.device} but x is on {device}")
+    return bias.contiguous()
+
+
+def check_broadcast(
+    t: object, name: str, expected: tuple[int, int], dtypes: tuple[torch.dtype, ...],
+    device: torch.device,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``t`` 2-D with each dim 1 or that of ``expected``; returns it and its strides (0 on
+    size-1 dims, which broadcast)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2 or any(n not in (1, e) for n, e in zip(t.shape, expected)):
+        raise ValueError(
+            f"{name} must have shape {expected} (size-1 dims broadcast), got {tuple(t.shape)}"
+        )
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must be {names}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
+    return t, tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))
+
+
+def quant_linear_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scheme: QuantScheme,
+    *,
+    config: MatmulConfig | None = None,
+) -> torch.Tensor:
+    """``y = x @ dequant(qweight, scales, qzeros).T + bias`` in one fused kernel.
+
+    See the module docstring for the math, shapes and dtypes; the reference is
+    :func:`quantkit.matmul_reference.quant_linear_matmul_reference` (same values up to fp32
+    summation order).
+
+    Args:
+        x: ``(M, K)`` float16 / bfloat16 / float32 on CUDA (or CPU under ``TRITON_INTERPRET=1``).
+        qweight: ``(N, ceil(K / 8) * bits)`` uint8 packed weight codes.
+        scales: ``scheme.scale_shape(N, K)`` float16/bfloat16/float32 (size-1 dims broadcast).
+        qzeros: ``(N|1, ceil(G / 8) * bits)`` uint8 when ``scheme.has_zero``, else None.
+        bias: ``(N,)`` float tensor or None.
+        scheme: the weight's :class:`QuantScheme` (bits in 2/3/4/8, int or float grid).
+        config: tiles to use instead of :func:`default_config` (tests, tuning).
+
+    Returns:
+        ``(M, N)`` tensor of ``x.dtype``.
+    """
+    scheme = check_scheme(scheme)
+    if scheme.bits not in PACK_BITS:
+        raise ValueError(f"{scheme.describe()}: packed weights need bits in {PACK_BITS}")
+    x = check_matrix(x, "x", X_DTYPES)
+    qweight = check_matrix(qweight, "qweight", (torch.uint8,))
+    M, K = x.shape
+    N = qweight.shape[0]
+    bits = scheme.bits
+    if qweight.shape[1] != packed_cols(K, bits) or qweight.stride(1) != 1:
+        raise ValueError(
+            f"qweight must be (N, {packed_cols(K, bits)}) uint8 with contiguous rows for K={K} "
+            f"(x.shape[1]) at {bits} bits, got {tuple(qweight.shape)} strides {qweight.stride()}"
+        )
+    expected = scheme.scale_shape(N, K)  # validates groupsize against K
+    scales, (stride_sn, stride_sg) = check_broadcast(
+        scales, "scales", expected, _SCALE_DTYPES, x.device
+    )
+    signed = scheme.dtype.is_int and not scheme.unsigned
+    stride_zn = 0
+    if scheme.has_zero:
+        if qzeros is None:
+            raise ValueError(f"qzeros is required: {scheme.describe()} has a zero point")
+        zbytes = packed_cols(expected[1], bits)  # every group's zero point, never broadcast
+        qzeros, (stride_zn, _) = check_broadcast(
+            qzeros, "qzeros", (expected[0], zbytes), (torch.uint8,), x.device
+        )
+        if qzeros.shape[1] != zbytes or qzeros.stride(1) != 1:
+            raise ValueError(
+                f"qzeros must have {zbytes} contiguous bytes per row (all {expected[1]} "
+                f"groups), got {tuple(qzeros.shape)}"
+            )
+    elif qzeros is not None:
+        raise ValueError(f"qzeros must be None: {scheme.describe()} has no zero point")
+    bias = check_bias(bias, N, x.device)
+    group_size = scheme.group_cols(K)
+    cfg = config or default_config(M, N, K, group_size, x.device)
+    if not isinstance(cfg, MatmulConfig):
+        raise TypeError(f"config must be a MatmulConfig or None, got {type(cfg).__name__}")
+
+    if cfg.split_k > 1:
+        out = torch.zeros(M, N, dtype=torch.float32, device=x.device)  # atomics accumulate here
+    else:
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    dt = scheme.dtype
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), cfg.split_k)
+    with on_device(x):
+        _dequant_matmul_kernel[grid](
+            x, qweight, scales, qweight if qzeros is None else qzeros,
+            qweight if bias is None else bias,
+            out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
+            M, N, K, group_size,
+            x.stride(0), x.stride(1), qweight.stride(0), stride_sn, stride_sg, stride_zn,
+            out.stride(0), out.stride(1),
+            BITS=bits, SIGNED=signed, HAS_ZERO=scheme.has_zero, IS_FLOAT=dt.is_float,
+            EXP_BITS=dt.exponent_bits, MANT_BITS=dt.mantissa_bits, EXP_BIAS=dt.exponent_bias,
+            TILE_GROUPS=group_size % cfg.block_k == 0 or group_size >= K,
+            HAS_BIAS=bias is not None, DOT=dot_kind(x.dtype, x.is_cuda),
+            OUT_BF16=out.dtype == torch.bfloat16, BYTES_P2=triton.next_power_of_2(bits),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return out if cfg.split_k == 1 else out.to(x.dtype)
