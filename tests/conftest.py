@@ -19,3 +19,21 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Loader of fresh float32 copies of a tiny Llama or OPT (``tiny_model("opt")``), each
+    built once per session: ``quantkit.models.build_tiny_llama``/``build_tiny_opt``."""
+    from quantkit import models
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    builders = {"llama": models.build_tiny_llama, "opt": models.build_tiny_opt}
+    paths: dict[str, object] = {}
+
+    def load(kind: str = "llama") -> torch.nn.Module:
+        if kind not in paths:
+            paths[kind] = builders[kind](root / kind)
+        return models.load_model(str(paths[kind]), torch.float32)[0]
+
+    return load

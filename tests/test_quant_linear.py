@@ -90,3 +90,33 @@ def test_cpu_forward_weight_cache_follows_buffer_changes():
     assert torch.allclose(q(x) - q.bias, 2 * (other(x) - other.bias), atol=1e-5)
     q.to(torch.float32)  # a move/cast to new storage: recomputed from the new buffers
     assert torch.allclose(q(x) - q.bias, 2 * (other(x) - other.bias), atol=1e-5)
+
+
+_FUSED_CASES = {  # (w_scheme, a_scheme, static activations): which kernel QuantLinear picks
+    "w4a16-g32-asym": (QuantScheme("int4", "per_group", 32, has_zero=True, unsigned=True), None, False),
+    "w3a16-channel": (QuantScheme("int3", "per_channel", -1, has_zero=True, unsigned=True), None, False),
+    "w8a8-dynamic": (QuantScheme("int8", "per_channel", -1), QuantScheme("int8", "per_token", -1), False),
+    "w8a8-static": (QuantScheme("int8", "per_channel", -1), QuantScheme("int8", "per_tensor", -1), True),
+    "fp8-dynamic": (QuantScheme("fp8", "per_channel", -1), QuantScheme("fp8", "per_token", -1), False),
+    "w4a8-fallback": (QuantScheme("int4", "per_group", 32, has_zero=True, unsigned=True),
+                      QuantScheme("int8", "per_token", -1), False),
+}
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name", list(_FUSED_CASES))
+@pytest.mark.parametrize("tokens", [1, 19])  # GEMV and GEMM paths of the W-only kernel
+def test_triton_forward_matches_the_torch_forward(name, tokens):
+    w_scheme, a_scheme, static = _FUSED_CASES[name]
+    torch.manual_seed(5)
+    linear = nn.Linear(96, 40)
+    act_scale = torch.tensor([[0.03]]) if static else None
+    q = QuantLinear.from_linear(linear, w_scheme, a_scheme, act_scale=act_scale)
+    x = torch.randn(2, tokens, 96)
+    want = q(x)  # torch reference path on a CPU tensor
+    q.backend = "triton"
+    got = q(x)
+    assert got.shape == want.shape == (2, tokens, 40) and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    picked = q._code_matmul()
+    assert (picked is not None) == name.startswith(("w8a8", "fp8"))

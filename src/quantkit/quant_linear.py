@@ -7,10 +7,13 @@ Buffers (weight ``W (out, in)`` quantized under a :class:`QuantScheme` with ``G`
 * ``qzeros   (out|1, ceil(G / 8) * bits)`` uint8: packed zero points (asymmetric grids only)
 * ``bias     (out,)`` float16, optional
 * ``act_scale (1, 1)`` float32, optional: a statically calibrated activation scale
+* ``act_zero (1, 1)`` int32, optional: its zero point (static asymmetric activation grids)
 
 Activations are quantized on the way in when an activation scheme is set: dynamically (scale
-computed per call from the input, e.g. per token) or statically (``act_scale``). On CPU the
-forward dequantizes through the torch reference; the fused Triton matmuls replace this on CUDA.
+computed per call from the input, e.g. per token) or statically (``act_scale``/``act_zero``).
+An output scheme (``o_scheme``, SmoothQuant's ``quant_out``) also quantizes the layer's
+output, dynamically per token. On CPU the forward dequantizes through the torch reference;
+the fused Triton matmuls replace this on CUDA.
 """
 
 from __future__ import annotations
@@ -44,7 +47,17 @@ def weight_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, 
 
 
 class QuantLinear(nn.Module):
-    """``y = act_quant(x) @ dequant(qweight, scales, qzeros).T + bias``."""
+    """``y = out_quant(act_quant(x) @ dequant(qweight, scales, qzeros).T + bias)``.
+
+    ``backend`` (an attribute, not saved): ``auto`` runs the fused Triton matmuls on CUDA
+    inputs and the torch reference elsewhere; ``triton`` forces the kernels (on a CPU only
+    under ``TRITON_INTERPRET=1``, for tests); ``torch`` forces the reference.
+
+    ``out_quant`` is the identity unless ``o_scheme`` is set (a ``per_token`` scheme: the
+    output is fake-quantized with one scale per token, computed per call).
+    """
+
+    backend: ops.Backend = "auto"
 
     def __init__(
         self,
@@ -55,10 +68,14 @@ class QuantLinear(nn.Module):
         a_scheme: QuantScheme | None = None,
         a_static: bool = False,
         device: torch.device | str | None = None,
+        o_scheme: QuantScheme | None = None,
     ) -> None:
         super().__init__()
+        if o_scheme is not None and o_scheme.granularity != "per_token":
+            raise ValueError(f"an output scheme is dynamic per token; got {o_scheme.describe()}")
         self.in_features, self.out_features = in_features, out_features
         self.w_scheme, self.a_scheme, self.a_static = w_scheme, a_scheme, a_static
+        self.o_scheme = o_scheme
         rows, groups = w_scheme.scale_shape(out_features, in_features)
         bits = w_scheme.bits
         self.register_buffer("qweight", torch.zeros(out_features, packed_cols(in_features, bits), dtype=torch.uint8, device=device))
@@ -67,7 +84,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("qzeros", zeros if w_scheme.has_zero else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=SCALE_DTYPE, device=device) if bias else None)
         act_scale = torch.ones(1, 1, dtype=torch.float32, device=device)
-        self.register_buffer("act_scale", act_scale if a_scheme is not None and a_static else None)
+        static = a_scheme is not None and a_static
+        self.register_buffer("act_scale", act_scale if static else None)
+        act_zero = torch.zeros(1, 1, dtype=torch.int32, device=device)
+        self.register_buffer("act_zero", act_zero if static and a_scheme.has_zero else None)
 
     @classmethod
     def from_linear(
@@ -77,25 +97,35 @@ class QuantLinear(nn.Module):
         a_scheme: QuantScheme | None = None,
         act_scale: torch.Tensor | None = None,
         qparams: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        act_zero: torch.Tensor | None = None,
+        o_scheme: QuantScheme | None = None,
     ) -> "QuantLinear":
         """Quantize ``linear.weight`` round-to-nearest on the grid given by ``qparams``.
 
         ``qparams`` (scale, zero) default to :func:`weight_qparams` of the weight itself;
         data-aware algorithms pass their own (e.g. clipped) ones or already-quantized weights.
-        ``act_scale`` makes activation quantization static.
+        ``act_scale`` makes activation quantization static; an ``a_scheme`` with a zero point
+        then needs ``act_zero`` too. ``o_scheme`` quantizes the output (see the class doc).
         """
+        if act_scale is not None and a_scheme is not None and a_scheme.has_zero and act_zero is None:
+            raise ValueError(f"static activations on {a_scheme.describe()} need act_zero (the calibrated zero point)")
+        if act_zero is not None and (act_scale is None or a_scheme is None or not a_scheme.has_zero):
+            raise ValueError("act_zero is the zero point of a static asymmetric activation grid: "
+                             "it needs act_scale and an a_scheme with has_zero")
         w = linear.weight.detach()
         scale, zero = qparams if qparams is not None else weight_qparams(w, w_scheme)
         codes = ops.quantize_with_qparams(w, scale, zero, w_scheme)  # (out, in)
         module = cls(
             linear.in_features, linear.out_features, linear.bias is not None, w_scheme, a_scheme,
-            a_static=act_scale is not None, device=w.device,
+            a_static=act_scale is not None, device=w.device, o_scheme=o_scheme,
         )
         module.set_weight(codes, scale, zero)
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach())
         if act_scale is not None:
             module.act_scale.copy_(act_scale.reshape(1, 1))
+        if act_zero is not None:
+            module.act_zero.copy_(act_zero.reshape(1, 1))
         return module
 
     def set_weight(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
@@ -130,9 +160,15 @@ class QuantLinear(nn.Module):
         if self.a_scheme is None:
             return x
         if self.a_static:
-            codes = ops.quantize_with_qparams(x, self.act_scale, None, self.a_scheme)
-            return ops.dequantize(codes, self.act_scale, None, self.a_scheme, x.dtype).reshape(x.shape)
+            codes = ops.quantize_with_qparams(x, self.act_scale, self.act_zero, self.a_scheme)
+            return ops.dequantize(codes, self.act_scale, self.act_zero, self.a_scheme, x.dtype).reshape(x.shape)
         return ops.fake_quantize(x, self.a_scheme, check_finite=False)  # hot path: no host sync
+
+    def quantize_output(self, y: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize outputs ``y (..., out)`` per token under ``o_scheme`` (identity if none)."""
+        if self.o_scheme is None:
+            return y
+        return ops.fake_quantize(y, self.o_scheme, check_finite=False)
 
     def _forward_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight for ``forward``. Off CUDA it is kept between calls (the torch
@@ -150,10 +186,44 @@ class QuantLinear(nn.Module):
         return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if ops.use_triton(x, self.backend):
+            return self.quantize_output(self._fused_forward(x))
         x = self.quantize_input(x)
         w = self._forward_weight(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return nn.functional.linear(x, w, bias)
+        return self.quantize_output(nn.functional.linear(x, w, bias))
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The Triton path: W8A8 int8 / fp8 GEMMs on the codes of both operands where the
+        schemes allow (symmetric, per-channel/tensor weights, per-token/tensor activations),
+        else activations fake-quantized and the fused dequant-GEMM (GEMV for small M) on the
+        packed weight codes. Same numbers as the torch path up to float accumulation order."""
+        kernel = self._code_matmul()
+        if kernel is None:
+            x = self.quantize_input(x)
+            return ops.quant_linear_matmul(x, self.qweight, self.scales, self.qzeros, self.bias, self.w_scheme,
+                                           backend=self.backend)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.a_static:
+            x_scale = self.act_scale
+            codes = ops.quantize_with_qparams(x2, x_scale, None, self.a_scheme, backend=self.backend)
+        else:
+            codes, x_scale, _ = ops.quantize(x2, self.a_scheme, backend=self.backend, check_finite=False)
+        w_codes = self.qweight.view(torch.int8) if self.w_scheme.dtype.is_int else self.qweight
+        y = kernel(codes, x_scale, w_codes, self.scales, self.bias, out_dtype=x.dtype, backend=self.backend)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _code_matmul(self):
+        """``ops.int8_matmul`` / ``ops.fp8_matmul`` when both operands' codes can be multiplied
+        directly, else None."""
+        w, a = self.w_scheme, self.a_scheme
+        if a is None or w.has_zero or a.has_zero or w.granularity == "per_group" or self.act_zero is not None:
+            return None
+        if w.dtype.name == a.dtype.name == "int8" and w.qmin < 0 and a.qmin < 0:
+            return ops.int8_matmul
+        if w.dtype.name == a.dtype.name == "fp8":
+            return ops.fp8_matmul
+        return None
 
     def weight_storage_bits(self) -> int:
         """Bits that store the weight: packed codes, scales and packed zero points."""
@@ -162,4 +232,5 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         act = f", act={self.a_scheme.describe()}{' static' if self.a_static else ''}" if self.a_scheme else ""
-        return f"in={self.in_features}, out={self.out_features}, w={self.w_scheme.describe()}{act}"
+        out = f", out_act={self.o_scheme.describe()}" if self.o_scheme else ""
+        return f"in={self.in_features}, out={self.out_features}, w={self.w_scheme.describe()}{act}{out}"

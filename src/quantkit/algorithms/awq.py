@@ -34,9 +34,11 @@ import torch
 from torch import nn
 
 from quantkit import reference
-from quantkit.algorithms.base import A_QTYPES, W_QTYPES, Algorithm, Observer, activation_scheme, weight_scheme
+from quantkit.algorithms.base import (
+    Algorithm, Observer, activation_scheme, check_weight_activation_keys, weight_scheme,
+)
 from quantkit.algorithms.registry import register
-from quantkit.config import ConfigError, DTypeConfig, check, check_choice, check_groupsize
+from quantkit.config import ConfigError, DTypeConfig, check
 from quantkit.quant_linear import QuantLinear, storage_scale, weight_qparams
 from quantkit.scheme import QuantScheme
 
@@ -68,12 +70,7 @@ class AWQConfig:
     layer_sequential: bool = False
 
     def __post_init__(self) -> None:
-        if self.w_groupsize is not None:
-            check_groupsize("algo.w_groupsize", self.w_groupsize)
-            object.__setattr__(self, "groupsize", self.w_groupsize)
-        check_groupsize("algo.groupsize", self.groupsize)
-        check_choice("algo.w_qtype", self.w_qtype, W_QTYPES)
-        check_choice("algo.a_qtype", self.a_qtype, A_QTYPES)
+        check_weight_activation_keys(self)
         check(self.n_grid >= 1, f"algo.n_grid={self.n_grid} must be >= 1")
         check(0.0 <= self.max_shrink < 1.0, f"algo.max_shrink={self.max_shrink} must be in [0, 1)")
         check(self.max_tokens >= 1, f"algo.max_tokens={self.max_tokens} must be >= 1")
@@ -142,10 +139,10 @@ class AWQObserver(Observer):
         self.lo, self.hi = self.lo / s, self.hi / s  # s > 0 keeps min below max
         self._rows = [self.rows / s]
 
-    def act_scale(self, scheme: QuantScheme) -> torch.Tensor:
-        """Static per-tensor activation scale ``(1, 1)`` from the observed range."""
+    def act_qparams(self, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Static per-tensor activation ``(scale (1, 1), zero (1, 1) | None)`` from the observed range."""
         extremes = torch.stack([self.lo.min(), self.hi.max()]).reshape(1, 2)
-        return reference.compute_qparams(extremes, scheme)[0]
+        return reference.compute_qparams(extremes, scheme)
 
 
 def _group_rows(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, QuantScheme]:
@@ -378,8 +375,9 @@ class AWQ(Algorithm):
                 qparams = search_clip(w, obs.rows, self.w_scheme, self.config.n_grid, self.config.max_shrink)
             else:
                 qparams = weight_qparams(w, self.w_scheme)
-            act_scale = obs.act_scale(self.a_scheme) if self.a_static else None
-            out[name] = QuantLinear.from_linear(lin, self.w_scheme, self.a_scheme, act_scale=act_scale, qparams=qparams)
+            act_scale, act_zero = obs.act_qparams(self.a_scheme) if self.a_static else (None, None)
+            out[name] = QuantLinear.from_linear(lin, self.w_scheme, self.a_scheme, act_scale=act_scale,
+                                                act_zero=act_zero, qparams=qparams)
         return out
 
     def quantize_outside_block(self, name: str, linear: nn.Linear) -> nn.Module:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.config import ConfigError, DTypeConfig, check, check_choice
+from quantkit.config import ConfigError, DTypeConfig, check, check_choice, check_groupsize
 from quantkit.quant_linear import QuantLinear
 from quantkit.scheme import QuantScheme
 
@@ -38,6 +38,18 @@ def weight_scheme(w_dtype: DTypeConfig, w_qtype: str, groupsize: int) -> QuantSc
                            has_zero=w_dtype.has_zero, unsigned=w_dtype.unsigned)
     except ValueError as exc:
         raise ConfigError(f"w_dtype/algo: {exc}") from None
+
+
+def check_weight_activation_keys(config: Any) -> None:
+    """Validate ``config.groupsize``/``w_qtype``/``a_qtype``, and apply the seed's
+    ``w_groupsize`` alias: when set (not None) it replaces ``groupsize`` on the frozen
+    ``config``, so that ``groupsize`` always holds the effective value afterwards."""
+    if config.w_groupsize is not None:
+        check_groupsize("algo.w_groupsize", config.w_groupsize)
+        object.__setattr__(config, "groupsize", config.w_groupsize)
+    check_groupsize("algo.groupsize", config.groupsize)
+    check_choice("algo.w_qtype", config.w_qtype, W_QTYPES)
+    check_choice("algo.a_qtype", config.a_qtype, A_QTYPES)
 
 
 def activation_scheme(a_dtype: DTypeConfig, a_qtype: str) -> QuantScheme | None:
@@ -75,12 +87,43 @@ class ActRangeObserver(Observer):
 
     def scale(self) -> torch.Tensor:
         """Static per-tensor scale ``(1, 1)`` float32 (same rule as dynamic quantization)."""
+        return self.qparams()[0]
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Static per-tensor ``(scale (1, 1) float32, zero (1, 1) int32 | None)``."""
         from quantkit.reference import compute_qparams
 
         if self.lo is None:
             raise RuntimeError("observer saw no calibration data")
-        extremes = torch.stack([self.lo, self.hi]).reshape(1, 2)
-        return compute_qparams(extremes, self.scheme)[0]
+        extremes = torch.stack([self.lo.min(), self.hi.max()]).reshape(1, 2)
+        return compute_qparams(extremes, self.scheme)
+
+
+class ChannelRangeObserver(ActRangeObserver):
+    """Per-input-channel range ``lo, hi (in,)`` of the inputs: SmoothQuant's ``max|X_j|``, and
+    a static per-tensor activation scale that stays exact when the inputs are later divided
+    by a positive per-channel smoothing vector (:meth:`rescale`). ``scheme`` may be None when
+    only the statistics are wanted."""
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("calibration activations contain NaN or inf; cannot calibrate them")
+        lo, hi = x.amin(0).float(), x.amax(0).float()  # (in,)
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        """``max |x_j|`` per input channel ``(in,)`` float32."""
+        if self.lo is None:
+            raise RuntimeError("observer saw no calibration data")
+        return torch.maximum(self.lo.abs(), self.hi.abs())
+
+    def rescale(self, s: torch.Tensor) -> None:
+        """The linears now read ``x / s`` (``s > 0``, folded upstream): divide the ranges."""
+        s = s.to(self.lo.device, torch.float32)
+        self.lo, self.hi = self.lo / s, self.hi / s
 
 
 class Algorithm(ABC):
@@ -92,6 +135,7 @@ class Algorithm(ABC):
         self.config = config
         self.w_scheme: QuantScheme | None = None
         self.a_scheme: QuantScheme | None = None
+        self.o_scheme: QuantScheme | None = None  # layer outputs (SmoothQuant's quant_out)
 
     @property
     def a_static(self) -> bool:
@@ -156,5 +200,7 @@ class Algorithm(ABC):
         """QuantLinear with this algorithm's schemes (the linear itself if nothing quantizes)."""
         if not self.quantizes:
             return linear
-        act_scale = observer.scale() if isinstance(observer, ActRangeObserver) else None
-        return QuantLinear.from_linear(linear, self.w_scheme, self.a_scheme, act_scale=act_scale, **kwargs)
+        static = self.a_static and isinstance(observer, ActRangeObserver)
+        act_scale, act_zero = observer.qparams() if static else (None, None)
+        return QuantLinear.from_linear(linear, self.w_scheme, self.a_scheme, act_scale=act_scale,
+                                       act_zero=act_zero, o_scheme=self.o_scheme, **kwargs)

@@ -18,6 +18,14 @@ block, so the result does not depend on ``blocksize``). With ``actorder`` the co
 processed by descending ``diag(H)``; the group parameters are then fixed up front from the
 original weights in the original column order ("static groups"), so group ``k // groupsize``
 of column ``k`` stays contiguous and the packed layout needs no ``g_idx``.
+
+Compositions (``pre``): ``pre=smoothquant`` (SmoothQuant+GPTQ, with ``alpha``) or ``pre=awq``
+(AWQ+GPTQ: AWQ's scale search with ``awq.yaml``'s defaults, no clip search, GPTQ does the
+rounding) transform each linear group in :meth:`GPTQ.prepare_group`: per-input-channel scales
+``s`` are searched and folded into the producing norm/linear, so the linears now read
+``x / s``. The Hessian collected on ``x`` becomes exactly the one of ``x / s``,
+``H -> diag(1/s) H diag(1/s)`` (no second calibration pass), and GPTQ quantizes the
+transformed weights with it.
 """
 
 from __future__ import annotations
@@ -33,9 +41,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantkit.algorithms.awq import AWQConfig, AWQObserver, search_scales
 from quantkit.algorithms.base import (
-    A_QTYPES, ActRangeObserver, Algorithm, Observer, activation_scheme, weight_scheme,
+    A_QTYPES, ActRangeObserver, Algorithm, ChannelRangeObserver, Observer, activation_scheme, weight_scheme,
 )
+from quantkit.algorithms.smoothquant import check_alpha, search_and_fold, smooth_scales
 from quantkit.algorithms.registry import register
 from quantkit.config import ConfigError, DTypeConfig, check, check_choice, check_groupsize
 from quantkit.quant_linear import QuantLinear, weight_qparams
@@ -46,6 +56,8 @@ log = logging.getLogger(__name__)
 
 DAMP_GROWTH = 10.0  # damping multiplier after a failed factorization
 MAX_DAMP_RAISES = 6  # 0.01 * 10**6: far past any Hessian with finite entries
+PRE_ALGORITHMS = ("smoothquant", "awq")  # algo.pre: transforms run before GPTQ's rounding
+DEFAULT_ALPHA = 0.5  # algo.alpha when pre=smoothquant leaves it null
 
 
 @dataclass(frozen=True)
@@ -61,8 +73,16 @@ class GPTQConfig:
     a_qtype: str = "per_token"
     block_sequential: bool = True
     layer_sequential: bool = True
+    pre: str | None = None
+    alpha: float | None = None
 
     def __post_init__(self) -> None:
+        check(self.pre is None or self.pre in PRE_ALGORITHMS,
+              f"algo.pre={self.pre!r} is not valid; choose one of: null, {', '.join(PRE_ALGORITHMS)}")
+        if self.alpha is not None:
+            check(self.pre == "smoothquant",
+                  f"algo.alpha={self.alpha} acts only with algo.pre=smoothquant (algo.pre={self.pre}); set it to null")
+            check_alpha("algo.alpha", self.alpha)
         check_groupsize("algo.groupsize", self.groupsize)
         check(self.blocksize >= 1, f"algo.blocksize={self.blocksize} must be >= 1 (columns updated at once)")
         check(0.0 < self.percdamp <= 1.0,
@@ -318,6 +338,27 @@ class HessianObserver(Observer):
             self.act_range.update(x)
 
 
+class PreHessianObserver(HessianObserver):
+    """A :class:`HessianObserver` that also feeds a pre-algorithm's statistics (``stats``:
+    an ``AWQObserver`` or a ``ChannelRangeObserver``); :meth:`rescale` turns every statistic
+    into that of the folded inputs ``x / s``."""
+
+    def __init__(self, name: str, stats: Observer, act_range: ChannelRangeObserver | None) -> None:
+        super().__init__(name, act_range)
+        self.stats = stats
+
+    def update(self, x: torch.Tensor) -> None:
+        super().update(x)
+        self.stats.update(x)
+
+    def rescale(self, s: torch.Tensor) -> None:
+        inv = 1.0 / s.to(self.H.device, torch.float32)  # (in,)
+        self.H = self.H * inv[:, None] * inv[None, :]  # (in, in) diag(1/s) H diag(1/s); H is an inference tensor
+        self.stats.rescale(s)
+        if self.act_range is not None:
+            self.act_range.rescale(s)
+
+
 @register("gptq", GPTQConfig)
 class GPTQ(Algorithm):
     def __init__(self, config: GPTQConfig, w_dtype: DTypeConfig, a_dtype: DTypeConfig) -> None:
@@ -329,6 +370,9 @@ class GPTQ(Algorithm):
             self.w_scheme is not None or self.a_scheme is None,
             "algo=gptq quantizes weights; w_dtype=float16 with a quantized a_dtype is activation-only: use algo=rtn",
         )
+        check(config.pre != "smoothquant" or self.a_scheme is not None,
+              "algo.pre=smoothquant migrates activation outliers into the weights for quantized activations; "
+              f"a_dtype={a_dtype.name} is not quantized: set a_dtype (e.g. int8) or use algo.pre=awq or null")
         self._seen: Counter[str] = Counter()  # quantize calls per linear name: the block index in logs
 
     @property
@@ -336,7 +380,28 @@ class GPTQ(Algorithm):
         return self.w_scheme is not None
 
     def make_observer(self, name: str, linear: nn.Linear) -> Observer | None:
-        return HessianObserver(name, ActRangeObserver(self.a_scheme) if self.a_static else None)
+        if self.config.pre is None:
+            return HessianObserver(name, ActRangeObserver(self.a_scheme) if self.a_static else None)
+        stats = AWQObserver(AWQConfig().max_tokens) if self.config.pre == "awq" else ChannelRangeObserver(None)
+        return PreHessianObserver(name, stats, ChannelRangeObserver(self.a_scheme) if self.a_static else None)
+
+    def prepare_group(
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: nn.Module | None
+    ) -> None:
+        """``pre``: search and fold the pre-algorithm's scales, and rescale the group's Hessian."""
+        if self.config.pre is None or self.w_scheme is None or not linears:
+            return
+        obs = observers[next(iter(linears))]  # one observer per group: the linears share the input
+        st = obs.stats
+        if self.config.pre == "smoothquant":
+            alpha = DEFAULT_ALPHA if self.config.alpha is None else self.config.alpha
+            s = search_and_fold(prev, linears, lambda w, _: smooth_scales(st.absmax, w.abs().amax(0), alpha),
+                                "gptq+smoothquant")
+        else:
+            s = search_and_fold(prev, linears, lambda w, splits: search_scales(
+                w, st.rows, st.mean_abs, self.w_scheme, AWQConfig().n_grid, splits), "gptq+awq")
+        if s is not None:
+            obs.rescale(s)
 
     def quantize_group(
         self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: nn.Module | None
@@ -367,7 +432,10 @@ class GPTQ(Algorithm):
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach())
         if observer.act_range is not None:
-            module.act_scale.copy_(observer.act_range.scale().reshape(1, 1))
+            act_scale, act_zero = observer.act_range.qparams()
+            module.act_scale.copy_(act_scale.reshape(1, 1))
+            if act_zero is not None:
+                module.act_zero.copy_(act_zero.reshape(1, 1))
         log.info("gptq %s: error %.4g (relative %.3g), damping %.3g (percdamp %.3g), %.2f s",
                  label, stats.loss, stats.rel_loss, stats.damp, stats.percdamp, time.perf_counter() - t0)
         return module

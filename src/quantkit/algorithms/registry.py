@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_MODULES = ("rtn", "gptq", "awq")  # modules under quantkit.algorithms that register themselves
+_MODULES = ("rtn", "gptq", "awq", "smoothquant", "zeroquant")  # modules under quantkit.algorithms that register themselves
 _REGISTRY: dict[str, tuple[type, type]] = {}
 
 
