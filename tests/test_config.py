@@ -30,6 +30,7 @@ def test_default_config_builds():
     assert run.a_dtype.is_identity
     assert run.skip_layers == ("lm_head",)
     assert run.calibrate_name == run.data.name == "pydoc"
+    assert not run.save.enabled and run.save.format == "quantkit"
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "dtype").glob("*.yaml")))
@@ -91,6 +92,8 @@ def test_unknown_key_fails_at_compose_time():
         (["model.dtype=int8"], "model.dtype"),
         (["num_calibrate=many"], "num_calibrate must be an integer"),
         (["skip_layers=['(unclosed']"], "skip_layers"),
+        (["save.format=gguf"], "save.format='gguf' is not valid; choose one of: quantkit, compressed-tensors"),
+        (["save.dtype=int8"], "save.dtype='int8' is not valid"),
     ],
 )
 def test_invalid_values_are_config_errors(overrides, message):

@@ -155,6 +155,22 @@ class EvalConfig:
         check(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1")
 
 
+SAVE_FORMATS = ("quantkit", "compressed-tensors")
+
+
+@dataclass(frozen=True)
+class SaveConfig:
+    """Whether and how the quantized model is saved into ``<output_dir>/model``."""
+
+    enabled: bool = False
+    format: str = "quantkit"
+    dtype: str = "float16"  # of the unquantized tensors
+
+    def __post_init__(self) -> None:
+        check_choice("save.format", self.format, SAVE_FORMATS)
+        check_choice("save.dtype", self.dtype, ("float16", "bfloat16", "float32"))
+
+
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -168,6 +184,7 @@ class RunConfig:
     a_dtype: DTypeConfig
     data: DataConfig
     eval: EvalConfig
+    save: SaveConfig = field(default_factory=SaveConfig)
     model_type: str = "auto"
     num_calibrate: int = 128
     calibrate_seq_length: int = 512

@@ -23,11 +23,13 @@ from quantkit.cache import cached_json, cached_tensor
 from quantkit.arch import get_arch, min_input_dim, resolve_model_type
 from quantkit.config import ConfigError, RunConfig, check
 from quantkit.evaluation import perplexity
+from quantkit.export import ExportError, export_format
 from quantkit.pipeline import quantize_model
 from quantkit.results import (
     RESULTS_FILE, SCHEMA_VERSION, bits_per_weight, device_name, model_bytes, peak_memory, versions,
     write_json_atomic,
 )
+from quantkit.serialization import save_for_run
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,16 @@ def _check_groupsize(algorithm: Any, hf_config: Any, arch: Any) -> None:
         )
 
 
+def _check_save(cfg: RunConfig, algorithm: Any, hf_config: Any, arch: Any) -> None:
+    if cfg.save.enabled and cfg.save.format == "compressed-tensors":
+        dims = [d for d in (getattr(hf_config, a, None) for a in arch.input_dims) if isinstance(d, int)]
+        try:
+            export_format(algorithm.w_scheme, algorithm.a_scheme, algorithm.a_static, dims,
+                          getattr(algorithm, "o_scheme", None))
+        except ExportError as exc:
+            raise ConfigError(f"save.format=compressed-tensors: {exc}") from None
+
+
 def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run ``cfg``; write and return the results (``resolved`` is the config as composed)."""
     t_start = time.perf_counter()
@@ -80,6 +92,7 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
     model_type = resolve_model_type(cfg.model_type, hf_config.model_type)
     arch = get_arch(model_type)
     _check_groupsize(algorithm, hf_config, arch)
+    _check_save(cfg, algorithm, hf_config, arch)
 
     dtype = compute_dtype(cfg.model.dtype, device)
     t0 = time.perf_counter()
@@ -113,6 +126,10 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
     report = quantize_model(model, arch, algorithm, samples, device, offload, cfg.skip_layers) if algorithm.quantizes else None
     quant_seconds = time.perf_counter() - t0
     evaluation = evaluate()
+    saved = {}
+    if cfg.save.enabled:
+        saved = save_for_run(model, tokenizer, Path(cfg.output_dir) / "model", cfg.save.format, cfg.save.dtype, resolved)
+        saved["saved_size_ratio"] = saved["saved_bytes"] / size_before  # vs the float16 checkpoint
 
     results: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -131,6 +148,7 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
         "bits_per_weight": bits_per_weight(model),
         "model_bytes_before": size_before,
         "model_bytes_after": model_bytes(model),
+        **saved,
         "quantized_layers": len(report.quantized) if report else 0,
         "skipped_layers": report.skipped if report else [],
         "quantization_seconds": quant_seconds,

@@ -1,0 +1,233 @@
+"""Export to the compressed-tensors format (written by llm-compressor, read by vLLM and by
+transformers through the ``compressed-tensors`` package).
+
+What each quantkit scheme becomes (``W`` the weight ``(out, in)``, ``b`` its bits):
+
+==========================  ================  ==============================================
+quantkit                    format            tensors of a layer ``<name>.``
+==========================  ================  ==============================================
+int4/int8 weights only,     pack-quantized    ``weight_packed`` int32 ``(out, ceil(in*b/32))``,
+per_channel or per_group                      ``weight_scale (out, G)``, ``weight_shape``
+(groupsize divides ``in``)                    int64 ``[out, in]``, asymmetric grids also
+                                              ``weight_zero_point`` int32 ``(ceil(out*b/32), G)``
+int8 weights (symmetric,    int-quantized     ``weight`` int8 ``(out, in)``, ``weight_scale
+per_channel) + int8                           (out, 1)``, static: ``input_scale (1,)``
+activations (symmetric)
+fp8 weights (per_channel),  float-quantized   ``weight`` float8_e4m3fn, ``weight_scale (out, 1)``,
+optionally fp8 activations                    static: ``input_scale (1,)``
+==========================  ================  ==============================================
+
+compressed-tensors integer grids are always the signed ``[-2^(b-1), 2^(b-1) - 1]`` with
+``x = (q - z) * s``; packed values carry a ``+2^(b-1)`` offset. quantkit's unsigned codes
+``u`` (with zero ``z_u``, or none) become ``q = u - 2^(b-1)`` and ``z = z_u - 2^(b-1)`` (or
+``-2^(b-1)``), so ``q - z`` and the dequantized weight are unchanged: writing unsigned codes
+as if they were signed is the "corrupted signed weights" bug this module exists to avoid.
+Schemes without an equivalent (int2/int3, fp4, fp8_e5m2, a short last group, per_tensor
+weights, asymmetric or unsigned activations, output quantization, any QuantLinear buffer or
+argument this module does not know) raise :class:`ExportError` naming the scheme.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit.quant_linear import QuantLinear
+from quantkit.scheme import QuantScheme
+from quantkit.serialization import atomic_dir, layer_to_dict, state_tensors
+
+PACK_BITS = (4, 8)
+_WORD_BITS = 32
+# QuantLinear buffers and constructor arguments this exporter translates; any other buffer, or
+# argument with a value (e.g. an output scheme), has no equivalent here and is an error
+_KNOWN_BUFFERS = {"qweight", "scales", "qzeros", "bias", "act_scale"}
+_KNOWN_ARGS = {"in_features", "out_features", "bias", "w_scheme", "a_scheme", "a_static"}
+
+
+class ExportError(ValueError):
+    """A model or scheme that the compressed-tensors format cannot express."""
+
+
+def export_format(w: QuantScheme | None, a: QuantScheme | None, a_static: bool = False,
+                  in_features: Iterable[int] = (), o: QuantScheme | None = None) -> str:
+    """The compressed-tensors format for these schemes; raise :class:`ExportError` if none.
+
+    ``in_features`` are the input widths of the layers (a group must divide each of them);
+    ``o`` is an output scheme (none can be exported).
+    """
+    def fail(why: str) -> ExportError:
+        act = f" / act {a.describe()}{' static' if a_static else ''}" if a else ""
+        return ExportError(f"compressed-tensors cannot express weights {w.describe() if w else 'float16'}{act}: {why}")
+
+    if w is None:
+        raise fail("nothing is quantized")
+    if o is not None:
+        raise fail(f"output quantization ({o.describe()}) is not exported")
+    if w.granularity not in ("per_channel", "per_group"):
+        raise fail("weights must be per_channel or per_group")
+    for cols in in_features:
+        if w.granularity == "per_group" and cols % w.groupsize:
+            raise fail(f"groupsize {w.groupsize} does not divide the input dim {cols} "
+                       "(no short last group in this format)")
+    if w.dtype.name == "fp8":
+        if w.granularity != "per_channel":
+            raise fail("fp8 weights must be per_channel")
+        if a is not None and a.dtype.name != "fp8":
+            raise fail("fp8 weights export with fp8 activations or none")
+        return "float-quantized" + _check_activation(a, a_static, fail)
+    if not w.dtype.is_int or w.bits not in PACK_BITS:
+        raise fail(f"weights must be int4, int8 or fp8 (e4m3); {w.dtype.name} has no equivalent")
+    if a is None:
+        return "pack-quantized"
+    if a.dtype.name != "int8" or w.bits != 8 or w.has_zero or w.unsigned or w.granularity != "per_channel":
+        raise fail("activation quantization exports as W8A8 only: symmetric signed int8 per_channel "
+                   "weights, int8 activations")
+    return "int-quantized" + _check_activation(a, a_static, fail)
+
+
+def _check_activation(a: QuantScheme | None, a_static: bool, fail: Any) -> str:
+    if a is not None and (a.has_zero or a.unsigned):
+        raise fail("activations must be symmetric and signed")
+    if a is not None and a.granularity != ("per_tensor" if a_static else "per_token"):
+        raise fail("activations must be static per_tensor or dynamic per_token")
+    return ""
+
+
+def _args(scheme: QuantScheme, symmetric: bool, **extra: Any) -> dict[str, Any]:
+    """QuantizationArgs of compressed-tensors as JSON."""
+    strategy = {"per_channel": "channel", "per_group": "group", "per_token": "token", "per_tensor": "tensor"}
+    return {
+        "num_bits": scheme.bits, "type": "int" if scheme.dtype.is_int else "float", "symmetric": symmetric,
+        "group_size": scheme.groupsize if scheme.granularity == "per_group" else None,
+        "strategy": strategy[scheme.granularity], "block_structure": None, "dynamic": False,
+        "actorder": None, "observer": "minmax", "observer_kwargs": {}, **extra,
+    }
+
+
+def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes ``q (rows, cols)`` -> int32 ``(rows, ceil(cols*bits/32))``: value ``j`` of a row
+    (offset by ``+2^(bits-1)``) at bits ``[j*bits, (j+1)*bits)`` of the row's little-endian bit stream."""
+    per_word = _WORD_BITS // bits
+    rows, cols = q.shape
+    words = -(-cols // per_word)
+    u = (q.to(torch.int64) + (1 << (bits - 1))) & ((1 << bits) - 1)
+    u = torch.nn.functional.pad(u, (0, words * per_word - cols)).reshape(rows, words, per_word)
+    shifts = torch.arange(per_word, device=q.device) * bits
+    word = (u << shifts).sum(dim=-1)  # (rows, words) int64 in [0, 2^32)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def _signed(
+    codes: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """quantkit codes/zeros -> compressed-tensors signed codes/zeros with the same ``q - z``."""
+    shift = -(1 << (scheme.bits - 1)) - scheme.qmin  # 0 for signed grids, -2^(b-1) for unsigned
+    q = codes.to(torch.int32) + shift
+    if zero is None and shift == 0:
+        return q, None
+    z = (zero if zero is not None else torch.zeros_like(q[:, :1])) + shift
+    return q, z
+
+
+def _layer_tensors(module: QuantLinear, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The compressed-tensors tensors of one layer (local names) and its scheme as JSON."""
+    w, a = module.w_scheme, module.a_scheme
+    codes, zero = module.weight_codes(), module.zeros()  # (out, in), (out, G) | None
+    out: dict[str, torch.Tensor] = {"weight_scale": module.scales.clone()}
+    if fmt == "pack-quantized":
+        q, z = _signed(codes, zero, w)
+        out["weight_packed"] = pack_int32(q, w.bits)
+        out["weight_shape"] = torch.tensor([module.out_features, module.in_features], dtype=torch.int64)
+        if z is not None:
+            z = z.expand(module.out_features, module.scales.shape[1])
+            out["weight_zero_point"] = pack_int32(z.t(), w.bits).t().contiguous()
+        weights = _args(w, symmetric=z is None)
+    elif w.dtype.is_int:
+        out["weight"] = codes.to(torch.int8)
+        weights = _args(w, symmetric=True)
+    else:
+        out["weight"] = codes.view(w.dtype.torch_dtype)
+        weights = _args(w, symmetric=True)
+    if module.act_scale is not None:
+        out["input_scale"] = module.act_scale.reshape(1).float().clone()
+    inputs = None
+    if a is not None:  # dynamic scales need no observer
+        inputs = _args(a, symmetric=True, dynamic=not module.a_static, observer="minmax" if module.a_static else None)
+    return out, {"weights": weights, "input_activations": inputs, "output_activations": None}
+
+
+def _quant_layers(model: nn.Module) -> dict[str, tuple[QuantLinear, str]]:
+    layers = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantLinear):
+            continue
+        extra = sorted(set(m.state_dict()) - _KNOWN_BUFFERS)
+        extra += sorted(k for k, v in layer_to_dict(m).items() if k not in _KNOWN_ARGS and v not in (None, False))
+        try:
+            if extra:
+                raise ExportError(f"no compressed-tensors equivalent for {', '.join(extra)}")
+            fmt = export_format(m.w_scheme, m.a_scheme, m.a_static, (m.in_features,))
+        except ExportError as exc:
+            raise ExportError(f"layer {name}: {exc}") from None
+        layers[name] = (m, fmt)
+    if not layers:
+        raise ExportError("the model has no quantized layers to export")
+    return layers
+
+
+def compressed_tensors_state(
+    model: nn.Module, float_dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """All tensors in compressed-tensors layout and the ``quantization_config`` for config.json."""
+    layers = _quant_layers(model)
+    formats = {fmt for _, fmt in layers.values()}
+    if len(formats) > 1:
+        raise ExportError(f"layers need different compressed-tensors formats {sorted(formats)}; export one at a time")
+    tensors, _aliases = state_tensors(model, float_dtype)  # tied aliases are re-tied by the loader
+    groups: dict[str, dict[str, Any]] = {}
+    for name, (module, fmt) in layers.items():
+        for key in module.state_dict():
+            tensors.pop(f"{name}.{key}", None)
+        layer, scheme = _layer_tensors(module, fmt)
+        tensors.update({f"{name}.{k}": v.contiguous() for k, v in layer.items()})
+        if module.bias is not None:
+            tensors[f"{name}.bias"] = module.bias.to(float_dtype or module.bias.dtype).clone()
+        key = json.dumps(scheme, sort_keys=True)
+        groups.setdefault(key, {**scheme, "targets": []})["targets"].append(name)
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if len(groups) == 1:  # the usual case: one scheme for all linears, the rest listed as ignored
+        next(iter(groups.values()))["targets"] = ["Linear"]
+    config = {
+        "quant_method": "compressed-tensors", "format": formats.pop(), "quantization_status": "compressed",
+        "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
+        "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None,
+    }
+    return tensors, config
+
+
+def export_compressed_tensors(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike,
+                              float_dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` as a compressed-tensors checkpoint (``model.safetensors``, ``config.json``
+    with ``quantization_config``, tokenizer) into ``out_dir``, atomically. Unquantized tensors are
+    cast to ``float_dtype`` (None: as in memory). Returns ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    tensors, qconfig = compressed_tensors_state(model, float_dtype)
+    with atomic_dir(out_dir, "config.json") as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        config["quantization_config"] = qconfig
+        if float_dtype is not None:
+            config["dtype"] = str(float_dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out_dir

@@ -1,0 +1,348 @@
+"""Save and reload quantized models: safetensors (never pickle) plus a versioned JSON manifest.
+
+A saved folder holds:
+
+* ``quantkit_weights.safetensors``: every tensor of the model's ``state_dict``. A
+  :class:`~quantkit.quant_linear.QuantLinear` contributes its buffers exactly as stored
+  (``qweight`` packed codes, float16 ``scales``, packed ``qzeros``, ``bias``, ``act_scale``
+  and whatever buffers it gains later: they are read generically from its ``state_dict``);
+  the unquantized parameters are stored in ``float_dtype`` (default: as in memory). A tensor
+  tied to an earlier one (e.g. OPT's ``lm_head`` and embeddings) is stored once. The name
+  differs from ``model.safetensors`` on purpose: ``from_pretrained`` on this folder fails
+  instead of building a model with random weights.
+* ``quantkit_config.json``: the format version, quantkit version, float dtype, the tied
+  aliases, the run config and, per quantized linear, its constructor arguments with the
+  schemes (``dtype``, ``granularity``, ``groupsize``, ``has_zero``, ``unsigned``).
+* ``config.json`` (the HF model config) and the tokenizer files.
+
+:func:`load` rebuilds the HF skeleton from ``config.json`` (no download, no weights),
+replaces the listed linears by ``QuantLinear`` with the stored schemes, checks every tensor's
+name, shape and dtype against the skeleton and loads them strictly: the result computes
+exactly what the saved model computed. Anything inconsistent raises :class:`CheckpointError`
+naming the file or tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit.quant_linear import QuantLinear
+from quantkit.scheme import QuantScheme
+
+FORMAT_NAME = "quantkit"
+FORMAT_VERSION = 1  # bump when a reader of the old version would misread the new layout
+CONFIG_FILE = "quantkit_config.json"
+WEIGHTS_FILE = "quantkit_weights.safetensors"
+_SCHEME_FIELDS = tuple(f.name for f in dataclasses.fields(QuantScheme))
+# QuantLinear constructor arguments that are not stored (placement is chosen at load time)
+_NOT_STORED = ("self", "device")
+
+
+class CheckpointError(ValueError):
+    """A saved quantized model that cannot be loaded faithfully (names the file or tensor)."""
+
+
+def scheme_to_dict(scheme: QuantScheme) -> dict[str, Any]:
+    """JSON form of a scheme: its dataclass fields, the dtype by registry name."""
+    out = {name: getattr(scheme, name) for name in _SCHEME_FIELDS}
+    out["dtype"] = scheme.dtype.name
+    return out
+
+
+def scheme_from_dict(data: dict[str, Any]) -> QuantScheme:
+    """Inverse of :func:`scheme_to_dict`; unknown or missing fields are a ValueError."""
+    if not isinstance(data, dict) or set(data) != set(_SCHEME_FIELDS):
+        raise ValueError(f"a scheme needs exactly the fields {', '.join(_SCHEME_FIELDS)}; got {data!r}")
+    return QuantScheme(**data)
+
+
+def _encode(value: Any) -> Any:
+    return scheme_to_dict(value) if isinstance(value, QuantScheme) else value
+
+
+def _decode(value: Any) -> Any:
+    return scheme_from_dict(value) if isinstance(value, dict) else value
+
+
+def layer_to_dict(module: QuantLinear) -> dict[str, Any]:
+    """The constructor arguments that rebuild ``module``'s buffer layout.
+
+    Read from the signature of ``QuantLinear.__init__`` so that arguments added later (e.g. an
+    output scheme) are stored as long as the module keeps them as same-named attributes.
+    """
+    out = {}
+    for name, param in inspect.signature(QuantLinear.__init__).parameters.items():
+        if name in _NOT_STORED:
+            continue
+        if name == "bias":  # the argument is a flag, the attribute the tensor
+            out[name] = module.bias is not None
+        elif hasattr(module, name):
+            out[name] = _encode(getattr(module, name))
+        elif param.default is inspect.Parameter.empty:
+            raise TypeError(f"QuantLinear.__init__ argument {name!r} has no attribute to save it from")
+    return out
+
+
+def layer_from_dict(data: dict[str, Any], device: torch.device | str | None = None) -> QuantLinear:
+    """An empty ``QuantLinear`` with the layout described by :func:`layer_to_dict`."""
+    return QuantLinear(**{k: _decode(v) for k, v in data.items()}, device=device)
+
+
+def tied_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``name -> earlier name`` for every entry of ``state`` that is the same tensor as an earlier one."""
+    aliases, seen = {}, {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+    return aliases
+
+
+def state_tensors(model: nn.Module, float_dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Contiguous CPU tensors to store, and ``alias -> stored name`` for tied tensors."""
+    quant_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, QuantLinear))
+    state = model.state_dict()
+    aliases = tied_aliases(state)
+    tensors = {}
+    for name, t in state.items():
+        if name in aliases:
+            continue
+        if float_dtype is not None and t.is_floating_point() and not name.startswith(quant_prefixes):
+            t = t.to(float_dtype)  # QuantLinear buffers keep the dtypes they compute with
+        tensors[name] = t.detach().to("cpu").contiguous()
+    return tensors, aliases
+
+
+@contextmanager
+def atomic_dir(out_dir: Path, marker: str) -> Iterator[Path]:
+    """Yield a temp dir beside ``out_dir`` that replaces ``out_dir`` when the block succeeds.
+
+    ``out_dir`` is always absent, the previous result or the complete new one. An existing
+    non-empty ``out_dir`` without ``marker`` (not an earlier result) is never replaced.
+    """
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / marker).is_file():
+        raise FileExistsError(f"{out_dir} exists and holds no {marker}; refusing to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a saved model is an ordinary folder
+        yield tmp
+        old = None
+        if out_dir.exists():  # a directory cannot be os.replace'd onto a non-empty one
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_quantized(
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | os.PathLike,
+    run_config: dict[str, Any] | None = None,
+    float_dtype: torch.dtype | None = None,
+) -> Path:
+    """Save ``model`` (with its QuantLinear layers) and ``tokenizer`` into ``out_dir``.
+
+    ``float_dtype`` casts the unquantized floating tensors (e.g. float16 for a small
+    checkpoint); None keeps them as in memory, so :func:`load` reproduces the logits exactly.
+    The folder is written beside ``out_dir`` and renamed into place, so ``out_dir`` is either
+    absent, the previous save, or complete. Returns ``out_dir``.
+    """
+    from safetensors.torch import save_file
+
+    import quantkit
+
+    out_dir = Path(out_dir)
+    tensors, aliases = state_tensors(model, float_dtype)
+    layers = {n: layer_to_dict(m) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    stored_dtype = float_dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "quantkit_version": quantkit.__version__,
+        "weights_file": WEIGHTS_FILE,
+        "float_dtype": str(stored_dtype).replace("torch.", ""),
+        "layers": layers,
+        "tied": aliases,
+        "run_config": run_config,
+    }
+    with atomic_dir(out_dir, CONFIG_FILE) as tmp:
+        metadata = {"format": "pt", "quantkit_format_version": str(FORMAT_VERSION)}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / CONFIG_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return out_dir
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The checked ``quantkit_config.json`` of a saved folder."""
+    path = Path(path)
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{file} not found: {path} is not a quantkit checkpoint (see quantkit.save_quantized)")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME or not isinstance(
+            manifest.get("format_version"), int):
+        raise CheckpointError(f"{file} has no quantkit format name and integer format_version")
+    version = manifest["format_version"]
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{file} was written in quantkit format version {version} (by quantkit "
+            f"{manifest.get('quantkit_version')}); this quantkit reads versions up to {FORMAT_VERSION}: "
+            "upgrade quantkit"
+        )
+    return manifest
+
+
+def _read_tensors(file: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise CheckpointError(f"{file} not found: the checkpoint is incomplete")
+    try:
+        return load_file(str(file), device=str(device))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+
+
+def _skeleton(path: Path, manifest: dict[str, Any]) -> nn.Module:
+    """The HF model built from ``config.json`` without initializing or downloading weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights
+
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path / 'config.json'} not found: the checkpoint is incomplete")
+    config = AutoConfig.from_pretrained(path)
+    dtype, layers = getattr(torch, str(manifest.get("float_dtype")), None), manifest.get("layers")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or not isinstance(layers, dict):
+        raise CheckpointError(
+            f"{path / CONFIG_FILE}: float_dtype must name a torch float dtype and layers be a mapping"
+        )
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, layer in layers.items():
+        try:
+            original = model.get_submodule(name)
+            module = layer_from_dict(layer)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path / CONFIG_FILE}: layer {name!r} cannot be rebuilt: {exc}") from None
+        shape = (getattr(original, "in_features", None), getattr(original, "out_features", None))
+        if shape != (module.in_features, module.out_features):
+            raise CheckpointError(
+                f"{path / CONFIG_FILE}: layer {name!r} is {module.in_features} -> {module.out_features} but "
+                f"config.json builds {type(original).__name__} {shape[0]} -> {shape[1]} there"
+            )
+        model.set_submodule(name, module)
+    return model
+
+
+def _tie(model: nn.Module, aliases: dict[str, str], manifest_file: Path) -> None:
+    """Make the skeleton share exactly the tensors the saved model shared (a tensor shared in
+    the skeleton but not in the saved model would load one of the two values into both)."""
+    for alias, stored in aliases.items():
+        owner, _, attr = alias.rpartition(".")
+        try:
+            module, source = model.get_submodule(owner), model.get_parameter(stored)
+        except AttributeError as exc:
+            raise CheckpointError(f"{manifest_file}: tied tensor {alias!r} -> {stored!r}: {exc}") from None
+        setattr(module, attr, source)
+    shared = tied_aliases(model.state_dict())
+    if shared != aliases:
+        raise CheckpointError(
+            f"{manifest_file}: the model built from config.json ties {shared}, the saved model tied {aliases}"
+        )
+
+
+def _check_tensors(file: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{file} does not match {CONFIG_FILE}: missing tensors {missing}, unexpected {unexpected}"
+        )
+    for name, want in expected.items():
+        got = tensors[name]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} is {got.dtype} {tuple(got.shape)} but the config "
+                f"describes {want.dtype} {tuple(want.shape)}"
+            )
+
+
+def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
+    """Load a folder written by :func:`save_quantized`, in eval mode on ``device``.
+
+    The tokenizer loads separately: ``AutoTokenizer.from_pretrained(path)``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory holding a saved quantkit model")
+    manifest = read_manifest(path)
+    file = path / Path(str(manifest.get("weights_file", WEIGHTS_FILE))).name  # never outside the folder
+    model = _skeleton(path, manifest)
+    tensors = _read_tensors(file, "cpu")
+    aliases = manifest.get("tied", {})
+    for alias, stored in aliases.items():
+        if stored not in tensors:
+            raise CheckpointError(f"{file}: tied tensor {alias!r} refers to {stored!r}, which is not stored")
+        tensors[alias] = tensors[stored]
+    _tie(model, aliases, path / CONFIG_FILE)
+    _check_tensors(file, tensors, model.state_dict())
+    model.load_state_dict(tensors, strict=True)
+    model.to(device)
+    model.eval()
+    return model
+
+
+def num_weights(model: nn.Module) -> int:
+    """Parameters of the model as if unquantized (a QuantLinear counts ``in * out`` + bias)."""
+    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    dense = sum(p.numel() for p in model.parameters())  # parameters() counts tied tensors once
+    return dense + sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0) for m in quant)
+
+
+def save_for_run(model: nn.Module, tokenizer: Any, out_dir: Path, fmt: str, dtype: str,
+                 run_config: dict[str, Any] | None) -> dict[str, Any]:
+    """Save as the run's ``save`` config asks; return what ``results.json`` records.
+
+    ``saved_bytes`` counts the safetensors files (the weights; config and tokenizer files are
+    left out), ``saved_bits_per_weight`` is ``8 * saved_bytes`` over :func:`num_weights`.
+    """
+    float_dtype = getattr(torch, dtype)
+    if fmt == "compressed-tensors":
+        from quantkit.export import export_compressed_tensors
+
+        export_compressed_tensors(model, tokenizer, out_dir, float_dtype)
+    else:
+        save_quantized(model, tokenizer, out_dir, run_config, float_dtype)
+    size = sum(f.stat().st_size for f in Path(out_dir).glob("*.safetensors"))
+    return {"saved_model_dir": str(out_dir), "saved_format": fmt, "saved_bytes": size,
+            "saved_bits_per_weight": 8 * size / num_weights(model)}
