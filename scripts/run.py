@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from quantkit.config import ConfigError, build_run_config
-from quantkit.results import read_results, write_skipped
+from quantkit.results import SKIPPED_FILE, read_results, write_skipped
 from quantkit.runner import run
 
 log = logging.getLogger("quantkit")
@@ -31,6 +31,7 @@ def main(cfg: DictConfig) -> float | None:
     if done is not None:
         log.info("complete results already in %s: skipping (perplexity %.3f)", resolved["output_dir"], done["perplexity"])
         return done["perplexity"]
+    (Path(resolved["output_dir"]) / SKIPPED_FILE).unlink(missing_ok=True)  # an earlier skip no longer holds
     try:
         run_cfg = build_run_config(resolved)
         return run(run_cfg, resolved)["perplexity"]

@@ -77,8 +77,11 @@ def test_interrupted_run_is_listed_and_rerun(tmp_path):
     assert rows == {first.parent.name: "complete", second.parent.name: "incomplete"}
     report.write_report(sweep)
     assert "running, failed or interrupted" in (sweep / "report.md").read_text()
+    stale = second.parent / "skipped.json"  # e.g. skipped by an older version that rejected it
+    stale.write_text(json.dumps({"status": "skipped", "reason": "no longer true", "config": None}))
     assert run_cli(*args).returncode == 0
     assert json.loads(second.read_text())["status"] == "complete"
+    assert not stale.exists()
 
 
 def test_report_script_on_a_sweep_dir(tmp_path):

@@ -17,7 +17,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from quantkit.results import RESULTS_FILE
+from quantkit.results import RESULTS_FILE, SKIPPED_FILE
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +66,13 @@ def _hydra_overrides(run_dir: Path) -> list[str]:
 def collect(sweep_dir: Path) -> list[Row]:
     """One row per run folder under ``sweep_dir`` plus the missing ones."""
     sweep_dir = Path(sweep_dir)
-    run_dirs = sorted({p.parent for pattern in (RESULTS_FILE, "skipped.json", ".hydra/overrides.yaml")
+    run_dirs = sorted({p.parent for pattern in (RESULTS_FILE, SKIPPED_FILE, ".hydra/overrides.yaml")
                        for p in sweep_dir.rglob(pattern)} - {sweep_dir})
     run_dirs = sorted({d.parent if d.name == ".hydra" else d for d in run_dirs})
     rows = []
     for d in run_dirs:
         name = str(d.relative_to(sweep_dir))
-        results_path, skipped_path = d / RESULTS_FILE, d / "skipped.json"
+        results_path, skipped_path = d / RESULTS_FILE, d / SKIPPED_FILE
         if results_path.is_file():
             r = json.loads(results_path.read_text())
             if r.get("status") == "complete":

@@ -17,6 +17,7 @@ from torch import nn
 from quantkit.quant_linear import QuantLinear
 
 RESULTS_FILE = "results.json"
+SKIPPED_FILE = "skipped.json"  # why a sweep skipped a combination
 SCHEMA_VERSION = 1
 
 
@@ -98,4 +99,4 @@ def read_results(run_dir: Path) -> dict[str, Any] | None:
 
 def write_skipped(run_dir: Path, reason: str, config: dict[str, Any] | None) -> None:
     """Record why a sweep skipped this combination (read by the report)."""
-    write_json_atomic(Path(run_dir) / "skipped.json", {"status": "skipped", "reason": reason, "config": config})
+    write_json_atomic(Path(run_dir) / SKIPPED_FILE, {"status": "skipped", "reason": reason, "config": config})
