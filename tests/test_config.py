@@ -94,6 +94,7 @@ def test_unknown_key_fails_at_compose_time():
         (["skip_layers=['(unclosed']"], "skip_layers"),
         (["save.format=gguf"], "save.format='gguf' is not valid; choose one of: quantkit, compressed-tensors"),
         (["save.dtype=int8"], "save.dtype='int8' is not valid"),
+        (["calibrate_dtype=int8"], "calibrate_dtype='int8' is not valid"),
     ],
 )
 def test_invalid_values_are_config_errors(overrides, message):

@@ -204,7 +204,7 @@ def test_layer_sequential_phases_stop_after_their_linears_and_share_group_observ
 
     # the same model without the early stop: identical quantized weights and activation scales
     monkeypatch_run = pipeline._run_block
-    pipeline._run_block = lambda block, calib, device, offload, keep, stop_after=None: monkeypatch_run(
+    pipeline._run_block = lambda block, calib, device, offload, keep, *_args, **_kwargs: monkeypatch_run(
         block, calib, device, offload, keep)
     try:
         full = build_algorithm(algorithm.config, INT4, INT8)
@@ -216,3 +216,31 @@ def test_layer_sequential_phases_stop_after_their_linears_and_share_group_observ
             other = reference_model.get_submodule(name)
             assert torch.equal(module.dequantized_weight(), other.dequantized_weight())
             assert torch.equal(module.act_scale, other.act_scale), name
+
+
+def test_calibrate_dtype_autocasts_the_calibration_matmuls_only(tiny_dirs):
+    """Under ``calibrate_dtype=bfloat16`` the linears compute in bfloat16 during calibration
+    (an MLP input produced by them arrives rounded to bfloat16) while the residual stream, the
+    weights and the quantized result stay float32; the scales move, but only a little."""
+    ids = samples()
+    seen = {}
+    model = load(tiny_dirs)
+    down = model.model.layers[1].mlp.down_proj
+
+    def record(key):
+        def hook(_module, args):
+            seen.setdefault(key, args[0].dtype)  # returns None: the input stays as it is
+        return hook
+
+    down.register_forward_pre_hook(record("down"))
+    model.model.layers[1].register_forward_pre_hook(record("block"))
+    algorithm = rtn(INT2, INT8, a_qtype="per_tensor")
+    quantize_model(model, get_arch("llama"), algorithm, ids, "cpu", batch_size=2, calibrate_dtype=torch.bfloat16)
+    assert seen == {"down": torch.bfloat16, "block": torch.float32}
+    got = _act_scales(model)
+    assert all(m.act_scale.dtype == torch.float32 for m in model.modules() if isinstance(m, QuantLinear))
+    fp32 = _act_scales(_quantized(tiny_dirs, ids))
+    assert got.keys() == fp32.keys()
+    assert any(got[n] != fp32[n] for n in got)
+    for name in got:
+        assert got[name] == pytest.approx(fp32[name], rel=0.05), name

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from quantkit import models, runner
 from quantkit.config import ConfigError, build_run_config
@@ -102,3 +103,24 @@ def test_cli_sweep_runs_every_combination(tmp_path):
     assert sorted((r["w_dtype"], r["groupsize"]) for r in results) == [
         ("int3", 16), ("int3", 32), ("int4", 16), ("int4", 32)
     ]
+
+
+@pytest.mark.parametrize(
+    ("name", "device", "dtype", "expected"),
+    [
+        ("model", "cpu", torch.float32, None),
+        ("float32", "cpu", torch.float32, None),  # already the model's dtype: no autocast
+        ("bfloat16", "cpu", torch.float32, torch.bfloat16),
+        ("float16", "cuda", torch.bfloat16, torch.float16),
+        ("model", "cuda", torch.float16, None),
+    ],
+)
+def test_calibration_autocast(name, device, dtype, expected):
+    assert runner.calibration_autocast(name, torch.device(device), dtype) == expected
+
+
+def test_calibration_autocast_warns_on_cpus_without_native_bfloat16(monkeypatch, caplog):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with caplog.at_level("WARNING", logger="quantkit.runner"):
+        assert runner.calibration_autocast("bfloat16", torch.device("cpu"), torch.float32) == torch.bfloat16
+    assert "no native bfloat16" in caplog.text

@@ -119,6 +119,9 @@ class DTypeConfig:
         return get_dtype(self.name).is_identity
 
 
+CALIBRATE_DTYPES = ("model", "float32", "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which causal LM to load: an embedded name, a local directory or a hub id."""
@@ -189,6 +192,7 @@ class RunConfig:
     num_calibrate: int = 128
     calibrate_seq_length: int = 512
     calibrate_name: str = "pydoc"
+    calibrate_dtype: str = "model"
     device: str = "auto"
     offload: str = "cpu"
     skip_layers: tuple[str, ...] = field(default_factory=lambda: ("lm_head",))
@@ -199,6 +203,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         check(self.num_calibrate >= 1, f"num_calibrate={self.num_calibrate} must be >= 1")
         check(self.calibrate_seq_length >= 1, f"calibrate_seq_length={self.calibrate_seq_length} must be >= 1")
+        check_choice("calibrate_dtype", self.calibrate_dtype, CALIBRATE_DTYPES)
         for key in ("device", "offload"):
             value = getattr(self, key)
             check(bool(DEVICE_RE.match(value)), f"{key}={value!r} is not valid; use auto, cpu, cuda or cuda:N")

@@ -55,6 +55,21 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def calibration_autocast(name: str, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """The autocast dtype of the calibration forwards for ``calibrate_dtype=name`` (None: none).
+
+    ``model`` (the default) and the model's own dtype mean no autocast. bfloat16 on a CPU pays
+    off only with native bfloat16 matmuls (AVX512-BF16/AMX); elsewhere it is slower, said once.
+    """
+    if name == "model" or _DTYPES[name] == dtype:
+        return None
+    if device.type == "cpu" and not (torch.backends.mkldnn.is_available()
+                                     and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())):
+        log.warning("calibrate_dtype=%s: this CPU has no native bfloat16/float16 matmuls; "
+                    "calibration will be slower than with calibrate_dtype=model", name)
+    return _DTYPES[name]
+
+
 def _check_groupsize(algorithm: Any, hf_config: Any, arch: Any) -> None:
     scheme = algorithm.w_scheme
     if scheme is not None and scheme.granularity == "per_group":
@@ -123,7 +138,9 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    report = quantize_model(model, arch, algorithm, samples, device, offload, cfg.skip_layers) if algorithm.quantizes else None
+    autocast = calibration_autocast(cfg.calibrate_dtype, device, dtype)
+    report = quantize_model(model, arch, algorithm, samples, device, offload, cfg.skip_layers,
+                            calibrate_dtype=autocast) if algorithm.quantizes else None
     quant_seconds = time.perf_counter() - t0
     evaluation = evaluate()
     saved = {}
@@ -158,6 +175,7 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
         "device": str(device),
         "device_name": device_name(device),
         "compute_dtype": str(dtype).replace("torch.", ""),
+        "calibrate_dtype": str(autocast or dtype).replace("torch.", ""),
         "versions": versions(),
         "config": resolved,
     }
