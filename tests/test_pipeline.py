@@ -244,3 +244,67 @@ def test_calibrate_dtype_autocasts_the_calibration_matmuls_only(tiny_dirs):
     assert any(got[n] != fp32[n] for n in got)
     for name in got:
         assert got[name] == pytest.approx(fp32[name], rel=0.05), name
+
+
+def _gptq(**kwargs):
+    from quantkit.algorithms.gptq import GPTQConfig
+
+    return build_algorithm(GPTQConfig(**{"groupsize": 32, **kwargs}), INT4, INT8)
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+@pytest.mark.parametrize("block_sequential", [True, False])
+def test_reuse_outputs_gives_identical_results_with_fewer_forwards(tiny_dirs, kind, block_sequential, monkeypatch):
+    """Reusing the stored outputs of already quantized parts changes nothing in the result
+    (GPTQ weights, static activation scales) and computes fewer quantized linears (the
+    attention in the MLP phases and the final pass, gate/up in the final pass)."""
+    ids = samples()
+    calls = {}
+    results = {}
+    forward = QuantLinear.forward
+    for reuse in (False, True):
+        def counting(self, x, reuse=reuse):
+            calls[reuse] = calls.get(reuse, 0) + 1
+            return forward(self, x)
+
+        monkeypatch.setattr(QuantLinear, "forward", counting)
+        model = load(tiny_dirs, kind)
+        arch = get_arch(kind)
+        algorithm = _gptq(a_qtype="per_tensor", layer_sequential=True, block_sequential=block_sequential)
+        quantize_model(model, arch, algorithm, ids, "cpu", batch_size=2, reuse_outputs=reuse)
+        results[reuse] = {n: (m.dequantized_weight(), m.act_scale) for n, m in model.named_modules()
+                          if isinstance(m, QuantLinear)}
+    assert results[True].keys() == results[False].keys()
+    for name, (weight, act_scale) in results[True].items():
+        assert torch.equal(weight, results[False][name][0]), name
+        assert torch.equal(act_scale, results[False][name][1]), name
+    assert calls[True] < 0.8 * calls[False], calls
+
+
+def test_replay_store_is_safe_against_in_place_changes_and_changed_inputs():
+    from quantkit.pipeline import _Replay
+
+    block = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    replay = _Replay(block)
+    x = torch.randn(3, 4)
+    with replay.active({"2"}, store=True):  # layer 0 is final, layer 2 pending
+        assert replay.parts({"2"}) == ["0"]
+        first = block(x)
+    with replay.active(set(), store=False):
+        out = block[0](x)
+        out.add_(100.0)  # a caller changing the output in place must not reach the store
+        again = block(x)
+        assert replay.hits == 2
+        assert torch.equal(again, first)
+        block(x + 1.0)  # other inputs: recomputed, not a hit
+        assert replay.hits == 2
+    y = torch.randn(3, 4)
+    with replay.active({"2"}, store=True):
+        stored = block(y)  # a miss, stored over the entry of x
+    y_before = y.clone()
+    y.mul_(2.0)  # the stored input changed in place afterwards: only a miss can follow
+    with replay.active(set(), store=False):
+        assert torch.equal(block(y_before), stored)
+        assert replay.hits == 2
+    replay.invalidate([block[0]])
+    assert "0" not in replay.entries

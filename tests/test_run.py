@@ -124,3 +124,21 @@ def test_calibration_autocast_warns_on_cpus_without_native_bfloat16(monkeypatch,
     with caplog.at_level("WARNING", logger="quantkit.runner"):
         assert runner.calibration_autocast("bfloat16", torch.device("cpu"), torch.float32) == torch.bfloat16
     assert "no native bfloat16" in caplog.text
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_calibrate_keys_reach_the_pipeline(tmp_path, monkeypatch, reuse):
+    seen = {}
+    real = runner.quantize_model
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "quantize_model", spy)
+    result = runner.run(build_run_config(compose_dict(
+        *TINY, "algo=gptq", "algo.groupsize=32", f"calibrate_reuse={str(reuse).lower()}",
+        "calibrate_dtype=bfloat16", f"output_dir={tmp_path}")))
+    assert seen["reuse_outputs"] is reuse
+    assert seen["calibrate_dtype"] == torch.bfloat16
+    assert result["calibrate_dtype"] == "bfloat16"

@@ -193,6 +193,7 @@ class RunConfig:
     calibrate_seq_length: int = 512
     calibrate_name: str = "pydoc"
     calibrate_dtype: str = "model"
+    calibrate_reuse: bool = False
     device: str = "auto"
     offload: str = "cpu"
     skip_layers: tuple[str, ...] = field(default_factory=lambda: ("lm_head",))

@@ -140,7 +140,7 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
     t0 = time.perf_counter()
     autocast = calibration_autocast(cfg.calibrate_dtype, device, dtype)
     report = quantize_model(model, arch, algorithm, samples, device, offload, cfg.skip_layers,
-                            calibrate_dtype=autocast) if algorithm.quantizes else None
+                            calibrate_dtype=autocast, reuse_outputs=cfg.calibrate_reuse) if algorithm.quantizes else None
     quant_seconds = time.perf_counter() - t0
     evaluation = evaluate()
     saved = {}
