@@ -35,7 +35,7 @@ from torch import nn
 
 from quantkit import reference
 from quantkit.algorithms.base import (
-    Algorithm, Observer, activation_scheme, check_weight_activation_keys, weight_scheme,
+    Algorithm, ChannelRangeObserver, Observer, activation_scheme, check_weight_activation_keys, weight_scheme,
 )
 from quantkit.algorithms.registry import register
 from quantkit.config import ConfigError, DTypeConfig, check
@@ -76,37 +76,31 @@ class AWQConfig:
         check(self.max_tokens >= 1, f"algo.max_tokens={self.max_tokens} must be >= 1")
 
 
-class AWQObserver(Observer):
+class AWQObserver(ChannelRangeObserver):
     """Input statistics of one linear: per-channel mean |x| and range over every calibration
     token, plus at most ``max_tokens`` rows kept at an even stride for the searches.
 
     The stride doubles (and every other kept row is dropped) whenever the kept rows would
     exceed ``max_tokens``, so the subsample is evenly spread over all tokens seen without
     knowing their number in advance; it ends with between ``max_tokens / 2`` and ``max_tokens``
-    rows.
+    rows. The per-channel range (``lo``, ``hi``) and the static activation ``qparams()``
+    under ``scheme`` come from :class:`ChannelRangeObserver`.
     """
 
-    def __init__(self, max_tokens: int) -> None:
+    def __init__(self, max_tokens: int, scheme: QuantScheme | None = None) -> None:
+        super().__init__(scheme)
         self.max_tokens = max_tokens
         self.count = 0
         self.stride = 1
         self.abs_sum: torch.Tensor | None = None  # (in,) float64
-        self.lo: torch.Tensor | None = None  # (in,) float32 per-channel minimum
-        self.hi: torch.Tensor | None = None  # (in,) float32 per-channel maximum
         self._rows: list[torch.Tensor] = []  # chunks of (k, in) float32
         self._kept = 0
 
     def update(self, x: torch.Tensor) -> None:
+        super().update(x)  # rejects NaN/inf, keeps the range
         x = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("calibration activations contain NaN or inf; cannot search AWQ scales")
         abs_sum = x.abs().sum(0, dtype=torch.float64)
-        lo, hi = x.amin(0).float(), x.amax(0).float()
-        if self.abs_sum is None:
-            self.abs_sum, self.lo, self.hi = abs_sum, lo, hi
-        else:
-            self.abs_sum = self.abs_sum + abs_sum
-            self.lo, self.hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
+        self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
         first = (-self.count) % self.stride  # keep global token indices 0, stride, 2*stride, ...
         picked = x[first::self.stride].to(torch.float32, copy=True)  # copy: do not pin the batch
         self.count += x.shape[0]
@@ -134,15 +128,10 @@ class AWQObserver(Observer):
 
     def rescale(self, s: torch.Tensor) -> None:
         """The linear now reads ``x / s`` (scales folded): update every statistic to match."""
+        super().rescale(s)  # s > 0 keeps min below max
         s = s.to(self.lo.device, torch.float32)
         self.abs_sum = self.abs_sum / s.double()
-        self.lo, self.hi = self.lo / s, self.hi / s  # s > 0 keeps min below max
         self._rows = [self.rows / s]
-
-    def act_qparams(self, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Static per-tensor activation ``(scale (1, 1), zero (1, 1) | None)`` from the observed range."""
-        extremes = torch.stack([self.lo.min(), self.hi.max()]).reshape(1, 2)
-        return reference.compute_qparams(extremes, scheme)
 
 
 def _group_rows(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, QuantScheme]:
@@ -340,7 +329,7 @@ class AWQ(Algorithm):
     shares_group_observer = False  # prepare_group rescales each linear's observer on its own
 
     def make_observer(self, name: str, linear: nn.Linear) -> Observer | None:
-        return AWQObserver(self.config.max_tokens)
+        return AWQObserver(self.config.max_tokens, self.a_scheme if self.a_static else None)
 
     def prepare_group(
         self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: nn.Module | None
@@ -375,7 +364,7 @@ class AWQ(Algorithm):
                 qparams = search_clip(w, obs.rows, self.w_scheme, self.config.n_grid, self.config.max_shrink)
             else:
                 qparams = weight_qparams(w, self.w_scheme)
-            act_scale, act_zero = obs.act_qparams(self.a_scheme) if self.a_static else (None, None)
+            act_scale, act_zero = obs.qparams() if self.a_static else (None, None)
             out[name] = QuantLinear.from_linear(lin, self.w_scheme, self.a_scheme, act_scale=act_scale,
                                                 act_zero=act_zero, qparams=qparams)
         return out

@@ -73,17 +73,21 @@ class Observer(ABC):
 class ActRangeObserver(Observer):
     """Running range of the inputs, for a static activation scale under ``scheme``."""
 
-    def __init__(self, scheme: QuantScheme) -> None:
-        self.scheme = scheme
+    def __init__(self, scheme: QuantScheme | None) -> None:
+        self.scheme = scheme  # None: only the range is wanted, no static scale
         self.lo: torch.Tensor | None = None
         self.hi: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
         if not bool(torch.isfinite(x).all()):
-            raise ValueError("calibration activations contain NaN or inf; cannot calibrate a static scale")
-        lo, hi = x.min().float(), x.max().float()
+            raise ValueError("calibration activations contain NaN or inf; cannot calibrate them")
+        lo, hi = self._extremes(x)
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+
+    def _extremes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(min, max)`` of one batch, float32 scalars."""
+        return x.min().float(), x.max().float()
 
     def scale(self) -> torch.Tensor:
         """Static per-tensor scale ``(1, 1)`` float32 (same rule as dynamic quantization)."""
@@ -105,13 +109,10 @@ class ChannelRangeObserver(ActRangeObserver):
     by a positive per-channel smoothing vector (:meth:`rescale`). ``scheme`` may be None when
     only the statistics are wanted."""
 
-    def update(self, x: torch.Tensor) -> None:
+    def _extremes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel ``(min, max)`` ``(in,)`` float32 of one batch ``x (..., in)``."""
         x = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("calibration activations contain NaN or inf; cannot calibrate them")
-        lo, hi = x.amin(0).float(), x.amax(0).float()  # (in,)
-        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
-        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+        return x.amin(0).float(), x.amax(0).float()
 
     @property
     def absmax(self) -> torch.Tensor:

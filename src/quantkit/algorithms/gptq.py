@@ -340,23 +340,23 @@ class HessianObserver(Observer):
 
 class PreHessianObserver(HessianObserver):
     """A :class:`HessianObserver` that also feeds a pre-algorithm's statistics (``stats``:
-    an ``AWQObserver`` or a ``ChannelRangeObserver``); :meth:`rescale` turns every statistic
-    into that of the folded inputs ``x / s``."""
+    an ``AWQObserver`` or a ``ChannelRangeObserver``, whose per-channel range also gives the
+    static activation scale when ``static``); :meth:`rescale` turns every statistic into that
+    of the folded inputs ``x / s``."""
 
-    def __init__(self, name: str, stats: Observer, act_range: ChannelRangeObserver | None) -> None:
-        super().__init__(name, act_range)
+    def __init__(self, name: str, stats: ChannelRangeObserver, static: bool) -> None:
+        super().__init__(name, stats if static else None)
         self.stats = stats
 
     def update(self, x: torch.Tensor) -> None:
-        super().update(x)
-        self.stats.update(x)
+        super().update(x)  # feeds the stats too when they are the activation range
+        if self.act_range is None:
+            self.stats.update(x)
 
     def rescale(self, s: torch.Tensor) -> None:
         inv = 1.0 / s.to(self.H.device, torch.float32)  # (in,)
         self.H = self.H * inv[:, None] * inv[None, :]  # (in, in) diag(1/s) H diag(1/s); H is an inference tensor
         self.stats.rescale(s)
-        if self.act_range is not None:
-            self.act_range.rescale(s)
 
 
 @register("gptq", GPTQConfig)
@@ -382,8 +382,9 @@ class GPTQ(Algorithm):
     def make_observer(self, name: str, linear: nn.Linear) -> Observer | None:
         if self.config.pre is None:
             return HessianObserver(name, ActRangeObserver(self.a_scheme) if self.a_static else None)
-        stats = AWQObserver(AWQConfig().max_tokens) if self.config.pre == "awq" else ChannelRangeObserver(None)
-        return PreHessianObserver(name, stats, ChannelRangeObserver(self.a_scheme) if self.a_static else None)
+        scheme = self.a_scheme if self.a_static else None  # the stats' range gives static activation scales
+        stats = AWQObserver(AWQConfig().max_tokens, scheme) if self.config.pre == "awq" else ChannelRangeObserver(scheme)
+        return PreHessianObserver(name, stats, self.a_static)
 
     def prepare_group(
         self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: nn.Module | None
