@@ -40,6 +40,7 @@ from quantkit.kernels.matmul import (
     split_k_for,
     store_tile,
 )
+from quantkit.kernels._launch import Target
 from quantkit.kernels.quantize import check_matrix, on_device
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -105,9 +106,9 @@ def _scaled_mm_kernel(
     store_tile(out_ptr, y, offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K, OUT_BF16)
 
 
-def scaled_mm_config(M: int, N: int, K: int, device: torch.device) -> MatmulConfig:
+def scaled_mm_config(M: int, N: int, K: int, target: Target) -> MatmulConfig:
     """Fixed tiles for 1-byte operands on H100/H200 (large single tiles in the interpreter)."""
-    if device.type != "cuda":
+    if not target.gpu:
         bm = max(16, min(64, triton.next_power_of_2(M)))
         bn = max(16, min(128, triton.next_power_of_2(N)))
         bk = max(16, min(256, triton.next_power_of_2(K)))
@@ -120,7 +121,7 @@ def scaled_mm_config(M: int, N: int, K: int, device: torch.device) -> MatmulConf
         bm, bn, warps = 128, 128, 8
     bk = 128
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    split = split_k_for(tiles, triton.cdiv(K, bk), device)
+    split = split_k_for(tiles, triton.cdiv(K, bk), target)
     return MatmulConfig(bm, bn, bk, split, num_warps=warps, num_stages=4 if bm <= 64 else 3)
 
 
@@ -154,7 +155,7 @@ def scaled_mm(
     x_scale, (stride_sam, _) = check_broadcast(x_scale, "x_scale", (M, 1), _SCALE_DTYPES, xq.device)
     w_scale, (stride_sbn, _) = check_broadcast(w_scale, "w_scale", (N, 1), _SCALE_DTYPES, xq.device)
     bias = check_bias(bias, N, xq.device)
-    cfg = config or scaled_mm_config(M, N, K, xq.device)
+    cfg = config or scaled_mm_config(M, N, K, Target.of(xq.device))
     if not isinstance(cfg, MatmulConfig) or cfg.block_m < 16:
         raise ValueError(f"config must be a MatmulConfig with block_m >= 16 (tl.dot), got {cfg!r}")
 

@@ -53,8 +53,9 @@ import torch
 import triton
 import triton.language as tl
 
+from quantkit.kernels._launch import Launch, Target, run_all
 from quantkit.kernels._triton_math import bf16_bits, minifloat_decode
-from quantkit.kernels.quantize import check_matrix, check_scheme, on_device
+from quantkit.kernels.quantize import check_matrix, check_scheme
 from quantkit.packing import PACK_BITS, packed_cols
 from quantkit.scheme import QuantScheme
 
@@ -269,18 +270,13 @@ def _dequant_matmul_kernel(
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K, OUT_BF16)
 
 
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (the split-K and grid heuristics' target)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def split_k_for(tiles: int, k_tiles: int, device: torch.device) -> int:
+def split_k_for(tiles: int, k_tiles: int, target: Target) -> int:
     """K-splits that give about two programs per SM when the output has too few tiles,
     keeping at least 4 K-tiles per program."""
-    target = 2 * sm_count(device)
-    if tiles >= target:
+    want = 2 * target.sm_count
+    if tiles >= want:
         return 1
-    return max(1, min(triton.cdiv(target, tiles), k_tiles // 4, 32))
+    return max(1, min(triton.cdiv(want, tiles), k_tiles // 4, 32))
 
 
 def _fit_groups(block_k: int, group_size: int, K: int, min_block_k: int) -> int:
@@ -292,7 +288,7 @@ def _fit_groups(block_k: int, group_size: int, K: int, min_block_k: int) -> int:
     return block_k
 
 
-def default_config(M: int, N: int, K: int, group_size: int, device: torch.device) -> MatmulConfig:
+def default_config(M: int, N: int, K: int, group_size: int, target: Target) -> MatmulConfig:
     """Fixed tiles for H100/H200 (and large single tiles for the interpreter).
 
     GPU: ``M <= 8`` GEMV, ``BLOCK_M * BLOCK_N * BLOCK_K = 8192`` products per step (64 or 32
@@ -300,7 +296,7 @@ def default_config(M: int, N: int, K: int, group_size: int, device: torch.device
     64/128 x 128 x 64 (8 warps for 128 x 128), 3 pipeline stages. ``BLOCK_K`` drops to the
     group size (>= 32) so that a K-tile has one scale per row. Small grids are split over K.
     """
-    if device.type != "cuda":  # interpreter: few, large block operations
+    if not target.gpu:  # interpreter: few, large block operations
         block_m = triton.next_power_of_2(M)
         if M > GEMV_MAX_M:
             block_m = max(16, min(64, block_m))
@@ -318,7 +314,7 @@ def default_config(M: int, N: int, K: int, group_size: int, device: torch.device
         block_n, block_k, warps = 128, 64, 8 if block_m == 128 else 4
     block_k = _fit_groups(block_k, group_size, K, 32)
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    split = split_k_for(tiles, triton.cdiv(K, block_k), device)
+    split = split_k_for(tiles, triton.cdiv(K, block_k), target)
     return MatmulConfig(block_m, block_n, block_k, split, num_warps=warps, num_stages=3)
 
 
@@ -407,16 +403,13 @@ def quant_linear_matmul(
             f"(x.shape[1]) at {bits} bits, got {tuple(qweight.shape)} strides {qweight.stride()}"
         )
     expected = scheme.scale_shape(N, K)  # validates groupsize against K
-    scales, (stride_sn, stride_sg) = check_broadcast(
-        scales, "scales", expected, _SCALE_DTYPES, x.device
-    )
+    scales, _ = check_broadcast(scales, "scales", expected, _SCALE_DTYPES, x.device)
     signed = scheme.dtype.is_int and not scheme.unsigned
-    stride_zn = 0
     if scheme.has_zero:
         if qzeros is None:
             raise ValueError(f"qzeros is required: {scheme.describe()} has a zero point")
         zbytes = packed_cols(expected[1], bits)  # every group's zero point, never broadcast
-        qzeros, (stride_zn, _) = check_broadcast(
+        qzeros, _ = check_broadcast(
             qzeros, "qzeros", (expected[0], zbytes), (torch.uint8,), x.device
         )
         if qzeros.shape[1] != zbytes or qzeros.stride(1) != 1:
@@ -427,32 +420,61 @@ def quant_linear_matmul(
     elif qzeros is not None:
         raise ValueError(f"qzeros must be None: {scheme.describe()} has no zero point")
     bias = check_bias(bias, N, x.device)
-    group_size = scheme.group_cols(K)
-    cfg = config or default_config(M, N, K, group_size, x.device)
-    if not isinstance(cfg, MatmulConfig):
-        raise TypeError(f"config must be a MatmulConfig or None, got {type(cfg).__name__}")
+    if config is not None and not isinstance(config, MatmulConfig):
+        raise TypeError(f"config must be a MatmulConfig or None, got {type(config).__name__}")
+    out, launches = plan_quant_linear_matmul(
+        x, qweight, scales, qzeros, bias, scheme, Target.of(x.device), config=config,
+    )
+    run_all(launches, x.device)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
+
+def plan_quant_linear_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scheme: QuantScheme,
+    target: Target,
+    *,
+    config: MatmulConfig | None = None,
+) -> tuple[torch.Tensor, list[Launch]]:
+    """The output buffer and launches of :func:`quant_linear_matmul` on ``target`` (arguments
+    already validated; tensors may live on the ``meta`` device for the static inspection).
+
+    The buffer is fp32 when the launches accumulate over K splits into it (the caller casts).
+    """
+    M, K = x.shape
+    N = qweight.shape[0]
+    group_size = scheme.group_cols(K)
+    cfg = config or default_config(M, N, K, group_size, target)
+    stride_sn, stride_sg = (0 if n == 1 else st for n, st in zip(scales.shape, scales.stride()))
+    stride_zn = 0 if qzeros is None or qzeros.shape[0] == 1 else qzeros.stride(0)
     if cfg.split_k > 1:
         out = torch.zeros(M, N, dtype=torch.float32, device=x.device)  # atomics accumulate here
     else:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     dt = scheme.dtype
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), cfg.split_k)
-    with on_device(x):
-        _dequant_matmul_kernel[grid](
-            x, qweight, scales, qweight if qzeros is None else qzeros,
-            qweight if bias is None else bias,
-            out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
-            M, N, K, group_size,
-            x.stride(0), x.stride(1), qweight.stride(0), stride_sn, stride_sg, stride_zn,
-            out.stride(0), out.stride(1),
-            BITS=bits, SIGNED=signed, HAS_ZERO=scheme.has_zero, IS_FLOAT=dt.is_float,
-            EXP_BITS=dt.exponent_bits, MANT_BITS=dt.mantissa_bits, EXP_BIAS=dt.exponent_bias,
-            TILE_GROUPS=group_size % cfg.block_k == 0 or group_size >= K,
-            HAS_BIAS=bias is not None, DOT=dot_kind(x.dtype, x.is_cuda),
-            OUT_BF16=out.dtype == torch.bfloat16, BYTES_P2=triton.next_power_of_2(bits),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    return out if cfg.split_k == 1 else out.to(x.dtype)
+    args = (
+        x, qweight, scales, qweight if qzeros is None else qzeros,
+        qweight if bias is None else bias,
+        out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
+        M, N, K, group_size,
+        x.stride(0), x.stride(1), qweight.stride(0), stride_sn, stride_sg, stride_zn,
+        out.stride(0), out.stride(1),
+    )
+    constexprs = dict(
+        BITS=scheme.bits, SIGNED=dt.is_int and not scheme.unsigned, HAS_ZERO=scheme.has_zero,
+        IS_FLOAT=dt.is_float, EXP_BITS=dt.exponent_bits, MANT_BITS=dt.mantissa_bits,
+        EXP_BIAS=dt.exponent_bias, TILE_GROUPS=group_size % cfg.block_k == 0 or group_size >= K,
+        HAS_BIAS=bias is not None, DOT=dot_kind(x.dtype, target.gpu),
+        OUT_BF16=out.dtype == torch.bfloat16, BYTES_P2=triton.next_power_of_2(scheme.bits),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
+    )
+    info = dict(config=cfg, weights_per_iter=cfg.block_n * cfg.block_k, weight_bits=scheme.bits)
+    launch = Launch(_dequant_matmul_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages,
+                    info)
+    return out, [launch]

@@ -21,7 +21,7 @@ import torch
 from quantkit import ops, reference
 from quantkit.kernels.fp8_matmul import fp8_matmul
 from quantkit.kernels.int8_matmul import int8_matmul
-from quantkit.kernels import matmul as matmul_module
+from quantkit.kernels._launch import H200
 from quantkit.kernels.int8_matmul import scaled_mm_config
 from quantkit.kernels.matmul import MatmulConfig, default_config, quant_linear_matmul
 from quantkit.kernels.smooth_quant import smooth_quantize_per_token
@@ -133,35 +133,31 @@ def test_dequant_matmul_configs(m: int, config: MatmulConfig, x_dtype: torch.dty
     _check_dequant_matmul(scheme, m, x_dtype, config)
 
 
-_H200_SMS = 132
-_CUDA = torch.device("cuda")  # only its type is read: no GPU needed
 
 
 @pytest.mark.parametrize("m", [1, 5, 12, 40])
-def test_gpu_configs_run_in_the_interpreter(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpu_configs_run_in_the_interpreter(m: int) -> None:
     """The tiles chosen for an H200 compute the right result (run here in the interpreter)."""
-    monkeypatch.setattr(matmul_module, "sm_count", lambda device: _H200_SMS)
     scheme = QuantScheme("int4", "per_group", 64, has_zero=True)
-    config = default_config(m, N, K, 64, _CUDA)
+    config = default_config(m, N, K, 64, H200)
     assert (config.block_m < 16) == (m <= 8)  # GEMV below 9 rows, tensor cores above
     _check_dequant_matmul(scheme, m, torch.float16, config)
     xq, sx, wq, sw = _int8_operands(m, False)
-    config = scaled_mm_config(m, N, K, _CUDA)
+    config = scaled_mm_config(m, N, K, H200)
     assert torch.equal(int8_matmul(xq, sx, wq, sw, None, torch.int32, config=config),
                        int8_matmul_reference(xq, sx, wq, sw, None, torch.int32))
 
 
 @pytest.mark.parametrize("m", [1, 16, 128, 4096])
 @pytest.mark.parametrize("n, k", [(4096, 4096), (14336, 4096), (4096, 14336)])
-def test_gpu_configs_fill_an_h200(m: int, n: int, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpu_configs_fill_an_h200(m: int, n: int, k: int) -> None:
     """Benchmark shapes launch at least one program per SM (split-K where tiles are few) and
     keep one scale per K-tile for g128."""
-    monkeypatch.setattr(matmul_module, "sm_count", lambda device: _H200_SMS)
-    dequant = default_config(m, n, k, 128, _CUDA)
+    dequant = default_config(m, n, k, 128, H200)
     assert 128 % dequant.block_k == 0, dequant  # K-tiles never straddle a group
-    for config in (dequant, scaled_mm_config(m, n, k, _CUDA)):
+    for config in (dequant, scaled_mm_config(m, n, k, H200)):
         programs = -(-m // config.block_m) * -(-n // config.block_n) * config.split_k
-        assert programs >= _H200_SMS, config
+        assert programs >= H200.sm_count, config
 
 
 def test_dequant_matmul_no_bias_and_strided_x() -> None:
