@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from quantkit.data import CORPORA, calibration_samples, eval_tokens, load_text
+from quantkit.config import ConfigError
+from quantkit.data import CORPORA, CorpusKeys, DataError, calibration_samples, eval_tokens, load_text
 from quantkit.models import build_tiny_llama
 
 
@@ -54,13 +55,33 @@ def test_pydoc_split_is_deterministic_and_disjoint() -> None:
 
 
 def test_unknown_name_and_split() -> None:
-    with pytest.raises(ValueError, match="local") as info:
+    with pytest.raises(DataError, match="local") as info:
         load_text("wikitext-103", "test")
     assert all(name in str(info.value) for name in CORPORA)
-    with pytest.raises(ValueError, match="split='validation'.*train or test"):
+    with pytest.raises(DataError, match="split='validation'.*train or test"):
         load_text("pydoc", "validation")
-    with pytest.raises(ValueError, match="split='dev'"):
+    with pytest.raises(DataError, match="split='dev'"):
         load_text("wikitext2", "dev", path="unused")
+    assert issubclass(DataError, ConfigError)  # a run reports it as a configuration error
+
+
+KEYS = CorpusKeys(name="data.name", split="data.split", path="data.path")
+
+
+@pytest.mark.parametrize(
+    ("name", "split", "path", "message"),
+    [
+        ("wikitext-103", "test", None, "data.name='wikitext-103' is neither a corpus"),
+        ("pydoc", "dev", None, "data.split='dev' is not a split of corpus 'pydoc'"),
+        ("ptb", "dev", None, "data.split='dev' is not a split of corpus 'ptb'"),
+        ("pydoc", "test", "x.txt", "data.path='x.txt' is set, but corpus 'pydoc' is built in"),
+        ("ptb", "test", "/no/such/dir", "data.path='/no/such/dir' does not exist"),
+    ],
+)
+def test_errors_name_the_keys_they_are_given(name: str, split: str, path: str | None, message: str) -> None:
+    with pytest.raises(DataError) as info:
+        load_text(name, split, path, KEYS)
+    assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_wikitext2_hub_snapshot_dir(tmp_path: Path) -> None:
@@ -69,7 +90,7 @@ def test_wikitext2_hub_snapshot_dir(tmp_path: Path) -> None:
     _write(snap / "wikitext-2-raw-v1" / "test-00000-of-00001.parquet", {"text": _rows("te", 4)})
     assert load_text("wikitext2", "test", path=str(snap)) == "\n\n".join(_rows("te", 4))
     assert load_text("wikitext2", "train", path=str(snap)) == "\n\n".join(_rows("tr", 5))
-    with pytest.raises(FileNotFoundError, match="'validation'"):
+    with pytest.raises(DataError, match="path=.*holds no 'validation' data file"):
         load_text("wikitext2", "validation", path=str(snap))
 
 
@@ -95,8 +116,26 @@ def test_c4_validation_keeps_first_1100_documents(tmp_path: Path) -> None:
 
 def test_missing_column_is_named(tmp_path: Path) -> None:
     path = _write(tmp_path / "test.jsonl", {"content": ["a"]})
-    with pytest.raises(ValueError, match="'sentence' column"):
+    with pytest.raises(DataError, match="has columns \\['content'\\], expected a 'sentence' column"):
         load_text("ptb", "test", path=str(path))
+
+
+@pytest.mark.parametrize(
+    ("suffix", "content", "message"),
+    [
+        (".txt", bytes(range(256)), "is not UTF-8 text"),
+        (".txt", b"text with a \0 byte", "is not UTF-8 text"),
+        (".jsonl", bytes(range(256)), "could not be read as json"),
+        (".jsonl", b'{"text": 3}\n', "column 'text' must hold text, found 3"),
+        (".bin", b"abc", "expected files of one format"),
+    ],
+)
+def test_unreadable_local_files_are_named(tmp_path: Path, suffix: str, content: bytes, message: str) -> None:
+    path = tmp_path / f"corpus{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        load_text(str(path), "test", keys=KEYS)
+    assert str(info.value).startswith(f"data.name={str(path)!r}") and message in str(info.value)
 
 
 def test_hub_unreachable_error_suggests_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,13 +144,16 @@ def test_hub_unreachable_error_suggests_path(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     for name in ("wikitext2", "ptb", "c4"):
-        with pytest.raises(OSError, match="path="):
-            load_text(name, "test")
+        with pytest.raises(DataError, match=f"data.name='{name}'.*point data.path at a local copy"):
+            load_text(name, "test", keys=KEYS)
+    calibration = CorpusKeys("calibrate_name", "calibrate_name", None)  # no key points it at files
+    with pytest.raises(DataError, match="calibrate_name='c4'.*set calibrate_name to a local file"):
+        load_text("c4", "train", keys=calibration)
 
 
 @pytest.mark.skipif(not datasets.config.HF_HUB_OFFLINE, reason="needs HF_DATASETS_OFFLINE=1")
 def test_real_hub_call_offline_error() -> None:
-    with pytest.raises(OSError, match="Pass a local copy via path="):
+    with pytest.raises(DataError, match="could not be loaded from the Hugging Face hub.*point path at a local copy"):
         load_text("wikitext2", "test")
 
 
@@ -161,7 +203,7 @@ def test_calibration_corpus_boundary(tokenizer: PreTrainedTokenizerBase, tmp_pat
     path.write_text("0123456789A")  # 11 byte tokens
     samples = calibration_samples(tokenizer, str(path), num_samples=3, seq_length=10, seed=0)
     assert (samples == eval_tokens(tokenizer, str(path))[0, :10]).all()  # only offset 0 fits
-    with pytest.raises(ValueError, match=r"calibrate_seq_length=11.*only 11"):
+    with pytest.raises(DataError, match=r"calibrate_seq_length=11.*calibrate_name=.*only 11"):
         calibration_samples(tokenizer, str(path), num_samples=1, seq_length=11, seed=0)
 
 

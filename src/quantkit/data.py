@@ -17,6 +17,10 @@ the rest `test`. Each hub corpus also reads a local copy with the same schema th
 split, as in a hub snapshot). A local path is itself a valid corpus name: a .txt file verbatim,
 or the "text" column of a json/jsonl/parquet file; a file serves every split, a dir is searched
 for the split's files.
+
+Every failure to read a corpus is a :class:`DataError` (a ``ConfigError``) whose message names
+the config key the bad value came from (see :class:`CorpusKeys`), so that a run can read and
+tokenize its text before any weights load and stop with one clear line.
 """
 
 from __future__ import annotations
@@ -28,11 +32,29 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from quantkit.config import ConfigError
 from quantkit.models import cache_dir
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 _COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".lz4"}
 _PYDOC_TRAIN_FRACTION = 0.8
+
+
+class DataError(ConfigError):
+    """A corpus that cannot be read as asked; the message names the config key to change."""
+
+
+@dataclass(frozen=True)
+class CorpusKeys:
+    """The config keys a corpus request came from, so that an error names what the user set.
+
+    `path` is None where no key can point the corpus at local files (e.g. a calibration corpus
+    other than the evaluation one).
+    """
+
+    name: str = "name"
+    split: str = "split"
+    path: str | None = "path"
 
 
 @dataclass(frozen=True)
@@ -86,55 +108,59 @@ CORPORA: tuple[str, ...] = ("pydoc", *HUB_CORPORA)
 """Every corpus name `load_text` accepts besides local paths."""
 
 
-def load_text(name: str, split: str, path: str | None = None) -> str:
+def load_text(name: str, split: str, path: str | None = None, keys: CorpusKeys = CorpusKeys()) -> str:
     """Return split `split` of corpus `name` as one string.
 
     `name` is one of `CORPORA` or a local json/jsonl/parquet/txt file (or dir of them);
-    `path` points a hub corpus at a local copy of the same schema.
+    `path` points a hub corpus at a local copy of the same schema. Errors are
+    :class:`DataError` naming the keys of `keys`.
     """
     if name == "pydoc":
         if path is not None:
-            raise ValueError("path is not used by the 'pydoc' corpus; pass path=None")
-        return _pydoc_text(split)
+            raise DataError(
+                f"{keys.path}={path!r} is set, but corpus 'pydoc' is built in and reads no file: "
+                f"unset {keys.path}, or evaluate on the file itself with data=text data.path=FILE"
+            )
+        return _pydoc_text(split, keys)
     if name in HUB_CORPORA:
-        return _hub_text(name, HUB_CORPORA[name], split, path)
+        return _hub_text(name, HUB_CORPORA[name], split, path, keys)
     if Path(name).expanduser().exists():
-        return _local_text(Path(name).expanduser(), split)
-    raise ValueError(
-        f"Unknown corpus {name!r}: expected one of {', '.join(CORPORA)}, "
-        "or a path to a local .txt / .json / .jsonl / .parquet file (json/parquet need a "
-        "'text' column)"
+        return _local_text(Path(name).expanduser(), split, keys.name)
+    raise DataError(
+        f"{keys.name}={name!r} is neither a corpus ({', '.join(CORPORA)}) nor an existing local "
+        ".txt / .json / .jsonl / .parquet file or dir (json/parquet need a 'text' column)"
     )
 
 
-def _pydoc_text(split: str) -> str:
+def _pydoc_text(split: str, keys: CorpusKeys) -> str:
     from pydoc_data.topics import topics
 
-    keys = sorted(topics)
-    n_train = int(len(keys) * _PYDOC_TRAIN_FRACTION)
-    chosen = {"train": keys[:n_train], "test": keys[n_train:]}
+    names = sorted(topics)
+    n_train = int(len(names) * _PYDOC_TRAIN_FRACTION)
+    chosen = {"train": names[:n_train], "test": names[n_train:]}
     if split not in chosen:
-        raise ValueError(f"split={split!r} is not a split of 'pydoc': expected train or test")
-    return "\n\n".join(topics[key] for key in chosen[split])
+        raise DataError(f"{keys.split}={split!r} is not a split of corpus 'pydoc': expected train or test")
+    return "\n\n".join(topics[name] for name in chosen[split])
 
 
-def _hub_text(name: str, spec: HubCorpus, split: str, path: str | None) -> str:
+def _hub_text(name: str, spec: HubCorpus, split: str, path: str | None, keys: CorpusKeys) -> str:
     if split not in spec.splits:
-        raise ValueError(
-            f"split={split!r} is not a split of {name!r}: expected one of {', '.join(spec.splits)}"
+        raise DataError(
+            f"{keys.split}={split!r} is not a split of corpus {name!r}: expected one of "
+            f"{', '.join(spec.splits)}"
         )
     hub_split = spec.splits[split]
     if path is not None:
-        documents = _local_documents(Path(path).expanduser(), hub_split, spec.column)
+        documents = _local_documents(Path(path).expanduser(), hub_split, spec.column, keys.path or keys.name)
     else:
-        documents = _hub_documents(name, spec, hub_split)
+        documents = _hub_documents(name, spec, hub_split, keys)
     limit = spec.max_documents.get(hub_split)
     if limit is not None:
         documents = documents[:limit]
     return spec.separators.get(hub_split, spec.default_separator).join(documents)
 
 
-def _hub_documents(name: str, spec: HubCorpus, hub_split: str) -> list[str]:
+def _hub_documents(name: str, spec: HubCorpus, hub_split: str, keys: CorpusKeys) -> list[str]:
     from datasets import load_dataset
 
     kwargs = {}
@@ -142,13 +168,29 @@ def _hub_documents(name: str, spec: HubCorpus, hub_split: str) -> list[str]:
         kwargs["data_files"] = {hub_split: spec.data_files[hub_split]}
     try:
         dataset = load_dataset(*spec.hub_args, split=hub_split, **kwargs)
-    except OSError as err:  # ConnectionError / offline mode / not cached
-        raise OSError(
-            f"Could not load corpus {name!r} ({'/'.join(spec.hub_args)}) from the Hugging Face "
-            f"hub or its local cache. Pass a local copy via path=... (a json/jsonl/parquet/txt "
-            f"file or a dir of them, column {spec.column!r}), or use the offline corpus 'pydoc'."
-        ) from err
-    return list(dataset[spec.column])
+    except Exception as err:  # offline, not cached, unreachable, renamed: all "cannot load"
+        local = (f"point {keys.path} at a local copy (a json/jsonl/parquet/txt file or a dir of "
+                 f"them, column {spec.column!r})" if keys.path else f"set {keys.name} to a local file")
+        raise DataError(
+            f"{keys.name}={name!r}: corpus {'/'.join(spec.hub_args)} could not be loaded from the "
+            f"Hugging Face hub or its local cache ({_first_line(err)}); {local}, or use the "
+            "offline corpus 'pydoc'"
+        ) from None
+    return _strings(list(dataset[spec.column]), keys.name, name, spec.column)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _strings(documents: list, key: str, value: object, column: str) -> list[str]:
+    """`documents` unchanged if they are all strings (json/parquet columns may hold anything)."""
+    bad = next((d for d in documents if not isinstance(d, str)), None)
+    if bad is not None or any(isinstance(d, str) and "\x00" in d for d in documents):
+        raise DataError(f"{key}={str(value)!r}: column {column!r} must hold text, found {bad!r}"
+                        if bad is not None else f"{key}={str(value)!r}: column {column!r} holds binary data")
+    return documents
 
 
 def _builder(file: Path) -> str | None:
@@ -167,10 +209,11 @@ def _split_files(directory: Path, split: str) -> list[Path]:
     )
 
 
-def _local_documents(path: Path, split: str, column: str) -> list[str]:
+def _local_documents(path: Path, split: str, column: str, key: str) -> list[str]:
     """Read `column` of a local file, or of the `split` files of a dir, as a list of strings.
 
-    Plain text files give one document per line, whatever `column` is.
+    Plain text files give one document per line, whatever `column` is. `key` is the config key
+    that holds `path`.
     """
     from datasets import load_dataset
 
@@ -179,40 +222,53 @@ def _local_documents(path: Path, split: str, column: str) -> list[str]:
     elif path.is_dir():
         files = _split_files(path, split)
     else:
-        raise FileNotFoundError(f"path={str(path)!r} does not exist")
+        raise DataError(f"{key}={str(path)!r} does not exist")
     if not files:
-        raise FileNotFoundError(
-            f"No {split!r} data file (.json/.jsonl/.parquet/.txt, optionally compressed, with "
-            f"{split!r} in its name) under path={str(path)!r}"
+        raise DataError(
+            f"{key}={str(path)!r} holds no {split!r} data file (.json/.jsonl/.parquet/.txt, "
+            f"optionally compressed, with {split!r} in its name)"
         )
     builders = {_builder(f) for f in files}
     if len(builders) != 1 or None in builders:
-        raise ValueError(
-            f"Cannot read {[f.name for f in files]}: expected files of one format among "
-            f"{', '.join(_BUILDERS)} (optionally compressed)"
+        raise DataError(
+            f"{key}={str(path)!r}: cannot read {[f.name for f in files]}: expected files of one "
+            f"format among {', '.join(_BUILDERS)} (optionally compressed)"
         )
     builder = builders.pop()
-    # Local files are converted to Arrow once and cached under the quantkit cache dir.
-    dataset = load_dataset(
-        builder,
-        data_files=[str(f) for f in files],
-        split="train",
-        cache_dir=str(cache_dir() / "datasets"),
-    )
+    try:  # local files are converted to Arrow once and cached under the quantkit cache dir
+        dataset = load_dataset(
+            builder,
+            data_files=[str(f) for f in files],
+            split="train",
+            cache_dir=str(cache_dir() / "datasets"),
+        )
+    except Exception as err:  # datasets wraps parse errors of binary or malformed files variously
+        cause = err.__cause__ or err
+        raise DataError(
+            f"{key}={str(path)!r} could not be read as {builder} ({_first_line(cause)}): is it a "
+            "binary or malformed file?"
+        ) from None
     if builder == "text":
         column = "text"
     if column not in dataset.column_names:
-        raise ValueError(
-            f"{str(path)!r} has columns {dataset.column_names}, expected a {column!r} column"
+        raise DataError(
+            f"{key}={str(path)!r} has columns {dataset.column_names}, expected a {column!r} column"
         )
-    return list(dataset[column])
+    return _strings(list(dataset[column]), key, path, column)
 
 
-def _local_text(path: Path, split: str) -> str:
+def _local_text(path: Path, split: str, key: str) -> str:
     """A local corpus: a raw .txt file verbatim, else its "text" column joined with blank lines."""
     if path.is_file() and _builder(path) == "text" and path.suffix.lower() == ".txt":
-        return path.read_text(encoding="utf-8")
-    return "\n\n".join(_local_documents(path, split, "text"))
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or "\x00" in text:
+            raise DataError(f"{key}={str(path)!r} is not UTF-8 text (a binary file?)")
+        return text
+    return "\n\n".join(_local_documents(path, split, "text", key))
 
 
 def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
@@ -224,7 +280,7 @@ def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
 
 def _check_positive(value: int, name: str) -> None:
     if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise DataError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def calibration_samples(
@@ -234,6 +290,7 @@ def calibration_samples(
     seq_length: int,
     seed: int,
     path: str | None = None,
+    keys: CorpusKeys = CorpusKeys("calibrate_name", "calibrate_name", None),
 ) -> torch.Tensor:
     """Draw `num_samples` random windows of `seq_length` tokens from the train split.
 
@@ -246,12 +303,12 @@ def calibration_samples(
     """
     _check_positive(num_samples, "num_calibrate")
     _check_positive(seq_length, "calibrate_seq_length")
-    ids = _tokenize(tokenizer, load_text(name, "train", path))[0]  # (T,)
+    ids = _tokenize(tokenizer, load_text(name, "train", path, keys))[0]  # (T,)
     if ids.numel() < seq_length + 1:
-        raise ValueError(
+        raise DataError(
             f"calibrate_seq_length={seq_length} needs at least {seq_length + 1} tokens, but the "
-            f"train split of corpus {name!r} has only {ids.numel()}: lower calibrate_seq_length "
-            "or use a longer corpus"
+            f"train split of {keys.name}={name!r} has only {ids.numel()}: lower "
+            "calibrate_seq_length or use a longer corpus"
         )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_length, (num_samples,), generator=generator)
@@ -264,7 +321,8 @@ def eval_tokens(
     name: str,
     split: str = "test",
     path: str | None = None,
+    keys: CorpusKeys = CorpusKeys(),
 ) -> torch.Tensor:
     """Tokenize split `split` of corpus `name` as one sequence: (1, T) int64."""
-    return _tokenize(tokenizer, load_text(name, split, path))
+    return _tokenize(tokenizer, load_text(name, split, path, keys))
 
