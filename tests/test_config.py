@@ -31,6 +31,7 @@ def test_default_config_builds():
     assert run.skip_layers == ("lm_head",)
     assert run.calibrate_name == run.data.name == "pydoc"
     assert not run.save.enabled and run.save.format == "quantkit"
+    assert run.overwrite is False  # complete results of another config are an error, not replaced
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "dtype").glob("*.yaml")))
@@ -65,6 +66,14 @@ def test_local_text_dataset_and_hf_model_take_paths():
     run = build_run_config(compose_dict("data=text", "data.path=corpus.txt", "model=hf", "model.path=some/dir"))
     assert run.data.name == run.data.path == "corpus.txt"
     assert run.model.name == "some/dir"
+
+
+def test_unset_paths_still_name_the_run_and_are_reported_missing():
+    """Hydra names the run dir after model.name, so an unset model.path must not break it."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["output_dir=out", "model=hf", "data=text"])
+    assert cfg.model.name == "hf" and cfg.data.name == "text"
+    assert OmegaConf.missing_keys(cfg) == {"model.path", "data.path"}
 
 
 def test_unknown_dtype_fails_at_compose_time_listing_options():

@@ -142,3 +142,32 @@ def test_calibrate_keys_reach_the_pipeline(tmp_path, monkeypatch, reuse):
     assert seen["reuse_outputs"] is reuse
     assert seen["calibrate_dtype"] == torch.bfloat16
     assert result["calibrate_dtype"] == "bfloat16"
+
+
+@pytest.mark.slow
+def test_rerun_reuses_only_the_results_of_the_same_config(tmp_path):
+    args = [*TINY, f"hydra.run.dir={tmp_path}"]
+    assert run_cli(*args, "algo.groupsize=32").returncode == 0
+    path = tmp_path / "results.json"
+    stamp, first = path.stat().st_mtime_ns, json.loads(path.read_text())
+
+    same = run_cli(*args, "algo.groupsize=32")
+    assert same.returncode == 0 and "complete results already in" in same.stdout + same.stderr
+    assert path.stat().st_mtime_ns == stamp
+
+    other = run_cli(*args, "algo.groupsize=16")  # not the run whose results are there
+    assert other.returncode != 0 and "Traceback" not in other.stderr
+    assert "algo.groupsize: 32 there, 16 now" in other.stderr and "overwrite=true" in other.stderr
+    assert path.stat().st_mtime_ns == stamp
+
+    again = run_cli(*args, "algo.groupsize=16", "overwrite=true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    replaced = json.loads(path.read_text())
+    assert replaced["groupsize"] == 16 and replaced["w_scheme"] != first["w_scheme"]
+
+
+def test_composition_is_labelled_with_both_steps(tmp_path):
+    results = runner.run(build_run_config(compose_dict(
+        *TINY, "algo=awq_gptq", "algo.groupsize=32", f"output_dir={tmp_path}")))
+    assert results["algo"] == "awq+gptq"
+    assert runner.summary_line(results).startswith("awq+gptq int4 g32")

@@ -200,6 +200,7 @@ class RunConfig:
     seed: int = 0
     name: str = "default"
     output_dir: str = "."
+    overwrite: bool = False  # rerun and replace complete results already in output_dir
 
     def __post_init__(self) -> None:
         check(self.num_calibrate >= 1, f"num_calibrate={self.num_calibrate} must be >= 1")

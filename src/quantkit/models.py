@@ -4,6 +4,8 @@ Named models (see `KNOWN_MODELS`) are built once into the cache dir (`$QUANTKIT_
 `~/.cache/quantkit`) and reused. Every build writes into a temporary sibling directory that is
 `os.replace`d into place at the end, so an interrupted build never looks finished and two
 processes building the same model at once both end up with one complete copy.
+
+A run checks its model before the weights load (:mod:`quantkit.inputs`).
 """
 
 from __future__ import annotations
@@ -261,24 +263,32 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE is set: hub ids load only from the local Hugging Face cache."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_kwargs() -> dict[str, bool]:
+    """The `from_pretrained` keywords that honour HF_HUB_OFFLINE."""
+    return {"local_files_only": True} if hub_offline() else {}
 
 
 def load_model(
     name_or_path: str,
     dtype: torch.dtype,
     device: str | torch.device = "cpu",
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer in eval mode, with `use_cache` off.
 
     `name_or_path` is resolved by `resolve_model_path`. Hub ids only load from the local
-    Hugging Face cache when `HF_HUB_OFFLINE` is set.
+    Hugging Face cache when `HF_HUB_OFFLINE` is set. A `tokenizer` already loaded (by the
+    checks before the weights) is returned instead of loading it again.
     """
     path = resolve_model_path(name_or_path)
-    kwargs = {"local_files_only": True} if _hub_offline() else {}
+    kwargs = hub_kwargs()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except OSError as err:
         if Path(path).is_dir():
@@ -286,7 +296,7 @@ def load_model(
         raise OSError(
             f"model={name_or_path!r} is not a known name ({', '.join(KNOWN_MODELS)}), "
             "not an existing local dir, and could not be loaded from the Hugging Face hub"
-            + (" or the local HF cache (HF_HUB_OFFLINE is set)" if _hub_offline() else "")
+            + (" or the local HF cache (HF_HUB_OFFLINE is set)" if hub_offline() else "")
             + f": {err}"
         ) from err
     model.config.use_cache = False

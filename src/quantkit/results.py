@@ -1,4 +1,9 @@
-"""Measurements of a run and the atomic ``results.json`` writer."""
+"""Measurements of a run, the atomic ``results.json`` writer, and what a run dir records.
+
+A run dir holds at most one outcome of its latest attempt besides complete results:
+``skipped.json`` (an invalid combination in a sweep) or ``failed.json`` (the run crashed).
+Complete results are reused by a rerun only when their recorded config equals the new one.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,20 @@ from quantkit.quant_linear import QuantLinear
 
 RESULTS_FILE = "results.json"
 SKIPPED_FILE = "skipped.json"  # why a sweep skipped a combination
+FAILED_FILE = "failed.json"  # why the latest attempt crashed
 SCHEMA_VERSION = 1
+# Config keys that do not change what a run computes: results recorded under other values of
+# these are still the results of the same run.
+REUSE_IGNORED_KEYS = ("output_dir", "overwrite", "name")
+
+
+class StaleResultsError(RuntimeError):
+    """A run dir holds complete results of a different config than the one asked for."""
+
+
+def algorithm_label(name: str, pre: str | None = None) -> str:
+    """The algorithm as reports show it: a composition names both steps (``awq+gptq``)."""
+    return f"{pre}+{name}" if pre else name
 
 
 def model_bytes(model: nn.Module, float_bits: int = 16) -> int:
@@ -95,6 +113,61 @@ def read_results(run_dir: Path) -> dict[str, Any] | None:
         return None
     data = json.loads(path.read_text())
     return data if data.get("status") == "complete" else None
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and empty dicts are leaves."""
+    if not (isinstance(tree, dict) and tree):
+        return {prefix[:-1]: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+_ABSENT = object()
+
+
+def _show(value: Any) -> str:
+    return "(absent)" if value is _ABSENT else json.dumps(value)
+
+
+def config_differences(recorded: dict[str, Any], current: dict[str, Any],
+                       ignored: tuple[str, ...] = REUSE_IGNORED_KEYS) -> list[str]:
+    """``key: recorded -> current`` for every dotted key whose value differs (absent counts)."""
+    current = json.loads(json.dumps(current, default=str))  # as results.json records it
+    old, new = _flatten(recorded), _flatten(current)
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key.split(".")[0] in ignored:
+            continue
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if a != b:
+            out.append(f"{key}: {_show(a)} there, {_show(b)} now")
+    return out
+
+
+def reusable_results(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The complete results in ``run_dir`` if they were computed with ``config``, else None when
+    there are none or ``config`` asks to ``overwrite`` them; results of another config are a
+    :class:`StaleResultsError` naming the differing keys."""
+    done = read_results(run_dir)
+    if done is None or config.get("overwrite"):
+        return None
+    diffs = config_differences(done.get("config") or {}, config)
+    if diffs:
+        shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+        raise StaleResultsError(
+            f"{Path(run_dir) / RESULTS_FILE} holds the complete results of a different config ({shown}): "
+            "run into another dir (hydra.run.dir=...) or set overwrite=true to replace them"
+        )
+    return done
+
+
+def write_failed(run_dir: Path, error: BaseException, config: dict[str, Any] | None) -> None:
+    """Record that the latest attempt of this run crashed, and with what (read by the report)."""
+    message = f"{type(error).__name__}: {error}".strip()
+    write_json_atomic(Path(run_dir) / FAILED_FILE, {"status": "failed", "error": message, "config": config})
 
 
 def write_skipped(run_dir: Path, reason: str, config: dict[str, Any] | None) -> None:

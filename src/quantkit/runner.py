@@ -1,8 +1,13 @@
-"""One run, end to end: validate -> load -> calibration data -> quantize -> evaluate -> results.
+"""One run, end to end, in this order:
 
-Everything that can be checked without weights (algorithm and dtype schemes, devices, the
-architecture and the group size against the model's config) is checked before the model
-loads, so a bad override fails in seconds and leaves no results behind.
+1. validate the config: devices, the algorithm and its dtype schemes (the typed config was
+   checked when it was built);
+2. validate and read the inputs without weights (:mod:`quantkit.inputs`): the model's files,
+   config, layout and tokenizer, ``skip_layers``, sequence lengths, group size, the evaluation
+   text and the calibration tokens;
+3. load the weights; 4. quantize; 5. evaluate; 6. write ``results.json`` atomically.
+
+A bad override or input fails in steps 1-2, in seconds, and leaves no results behind.
 """
 
 from __future__ import annotations
@@ -14,20 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig
 
-from quantkit import data as qdata
 from quantkit import models
 from quantkit.algorithms.registry import build_algorithm
-from quantkit.cache import cached_json, cached_tensor
-from quantkit.arch import get_arch, min_input_dim, resolve_model_type
+from quantkit.cache import cached_json
 from quantkit.config import ConfigError, RunConfig, check
 from quantkit.evaluation import perplexity
-from quantkit.export import ExportError, export_format
+from quantkit.inputs import prepare_inputs
 from quantkit.pipeline import quantize_model
 from quantkit.results import (
-    RESULTS_FILE, SCHEMA_VERSION, bits_per_weight, device_name, model_bytes, peak_memory, versions,
-    write_json_atomic,
+    RESULTS_FILE, SCHEMA_VERSION, algorithm_label, bits_per_weight, device_name, model_bytes, peak_memory,
+    versions, write_json_atomic,
 )
 from quantkit.serialization import save_for_run
 
@@ -70,78 +72,46 @@ def calibration_autocast(name: str, device: torch.device, dtype: torch.dtype) ->
     return _DTYPES[name]
 
 
-def _check_groupsize(algorithm: Any, hf_config: Any, arch: Any) -> None:
-    scheme = algorithm.w_scheme
-    if scheme is not None and scheme.granularity == "per_group":
-        width = min_input_dim(arch, hf_config)
-        check(
-            scheme.groupsize <= width,
-            f"algo.groupsize={scheme.groupsize} is larger than the model's smallest layer input ({width})",
-        )
-
-
-def _check_save(cfg: RunConfig, algorithm: Any, hf_config: Any, arch: Any) -> None:
-    if cfg.save.enabled and cfg.save.format == "compressed-tensors":
-        dims = [d for d in (getattr(hf_config, a, None) for a in arch.input_dims) if isinstance(d, int)]
-        try:
-            export_format(algorithm.w_scheme, algorithm.a_scheme, algorithm.a_static, dims,
-                          getattr(algorithm, "o_scheme", None))
-        except ExportError as exc:
-            raise ConfigError(f"save.format=compressed-tensors: {exc}") from None
-
-
 def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run ``cfg``; write and return the results (``resolved`` is the config as composed)."""
     t_start = time.perf_counter()
+    # 1. the config
     device = resolve_device(cfg.device, "device")
     offload = resolve_device(cfg.offload, "offload")
     algorithm = build_algorithm(cfg.algo, cfg.w_dtype, cfg.a_dtype)
     if not algorithm.needs_calibration and algorithm.quantizes and (algorithm.block_sequential or algorithm.layer_sequential):
         log.info("block_sequential/layer_sequential have no effect: algo=%s with these dtypes needs no calibration data", algorithm.name)
-
-    path = models.resolve_model_path(cfg.model.path)
-    try:  # config.json only: everything below is checked before any weight loads
-        hf_config = AutoConfig.from_pretrained(path)
-    except OSError as exc:
-        raise ConfigError(f"model.path={cfg.model.path!r}: no model config found ({exc})") from None
-    model_type = resolve_model_type(cfg.model_type, hf_config.model_type)
-    arch = get_arch(model_type)
-    _check_groupsize(algorithm, hf_config, arch)
-    _check_save(cfg, algorithm, hf_config, arch)
-
     dtype = compute_dtype(cfg.model.dtype, device)
+    autocast = calibration_autocast(cfg.calibrate_dtype, device, dtype)
+
+    # 2. the inputs, without weights
+    inputs = prepare_inputs(cfg, algorithm)
+
+    # 3. the weights
     t0 = time.perf_counter()
-    model, tokenizer = models.load_model(path, dtype, offload)
+    model, tokenizer = models.load_model(inputs.path, dtype, offload, inputs.tokenizer)
     load_seconds = time.perf_counter() - t0
-    eval_ids = qdata.eval_tokens(tokenizer, cfg.data.name, cfg.data.split, cfg.data.path)
-    samples = None
-    if algorithm.needs_calibration:
-        cal_path = cfg.data.path if cfg.calibrate_name == cfg.data.name else None
-        key = {"model": path, "name": cfg.calibrate_name, "path": cal_path, "num": cfg.num_calibrate,
-               "seq_length": cfg.calibrate_seq_length, "seed": cfg.seed}
-        samples = cached_tensor("calibration", key, lambda: qdata.calibration_samples(
-            tokenizer, cfg.calibrate_name, cfg.num_calibrate, cfg.calibrate_seq_length, cfg.seed, cal_path
-        ))
 
     def evaluate() -> dict[str, Any]:
         model.to(device)
-        out = perplexity(model, eval_ids, cfg.eval.seq_length, cfg.eval.batch_size, cfg.eval.max_windows, device)
+        out = perplexity(model, inputs.eval_ids, cfg.eval.seq_length, cfg.eval.batch_size, cfg.eval.max_windows, device)
         model.to(offload)
         return out
 
     baseline = None
     if cfg.eval.baseline:  # the same for every run of a sweep on this model and data: cached
-        key = {"model": path, "dtype": str(dtype), "device": device.type, "data": dataclasses.asdict(cfg.data),
+        key = {"model": inputs.path, "dtype": str(dtype), "device": device.type, "data": dataclasses.asdict(cfg.data),
                "eval": {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k != "baseline"}}
         baseline = cached_json("baseline", key, evaluate)
     size_before = model_bytes(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    # 4. quantize
     t0 = time.perf_counter()
-    autocast = calibration_autocast(cfg.calibrate_dtype, device, dtype)
-    report = quantize_model(model, arch, algorithm, samples, device, offload, cfg.skip_layers,
+    report = quantize_model(model, inputs.arch, algorithm, inputs.samples, device, offload, cfg.skip_layers,
                             calibrate_dtype=autocast, reuse_outputs=cfg.calibrate_reuse) if algorithm.quantizes else None
     quant_seconds = time.perf_counter() - t0
+    # 5. evaluate (and save)
     evaluation = evaluate()
     saved = {}
     if cfg.save.enabled:
@@ -151,14 +121,14 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
     results: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "status": "complete",
-        "algo": algorithm.name,
+        "algo": algorithm_label(algorithm.name, getattr(cfg.algo, "pre", None)),
         "w_dtype": cfg.w_dtype.name,
         "a_dtype": cfg.a_dtype.name,
         "groupsize": getattr(cfg.algo, "groupsize", None),
         "w_scheme": algorithm.w_scheme.describe() if algorithm.w_scheme else None,
         "a_scheme": algorithm.a_scheme.describe() if algorithm.a_scheme else None,
         "model": cfg.model.name,
-        "model_type": model_type,
+        "model_type": inputs.model_type,
         "perplexity": evaluation["perplexity"],
         "eval": evaluation,
         "baseline_perplexity": baseline["perplexity"] if baseline else None,
@@ -179,6 +149,7 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
         "versions": versions(),
         "config": resolved,
     }
+    # 6. write
     write_json_atomic(Path(cfg.output_dir) / RESULTS_FILE, results)
     log.info(summary_line(results))
     return results
