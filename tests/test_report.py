@@ -1,4 +1,4 @@
-"""Sweeps on the tiny model: joblib launcher, skipped combinations, resume, the report."""
+"""Sweeps on the tiny model: joblib launcher, skipped and failed combinations, resume, the report."""
 
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from quantkit import report
-from quantkit.results import RESULTS_FILE
+from quantkit.results import FAILED_FILE, RESULTS_FILE, write_failed, write_json_atomic, write_skipped
 from tests.test_run import ROOT, TINY, run_cli
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +26,7 @@ def _csv_rows(sweep: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_joblib_sweep_skips_bad_combinations_resumes_and_reports(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY, "eval.baseline=true",
@@ -67,6 +66,7 @@ def test_joblib_sweep_skips_bad_combinations_resumes_and_reports(tmp_path):
     assert [r["status"] for r in _csv_rows(sweep)].count("complete") == 2
 
 
+@pytest.mark.slow
 def test_interrupted_run_is_listed_and_rerun(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", *TINY, "w_dtype=int3,int4", "algo.groupsize=32", f"hydra.sweep.dir={sweep}"]
@@ -76,7 +76,7 @@ def test_interrupted_run_is_listed_and_rerun(tmp_path):
     rows = {r.run: r.status for r in report.collect(sweep)}
     assert rows == {first.parent.name: "complete", second.parent.name: "incomplete"}
     report.write_report(sweep)
-    assert "running, failed or interrupted" in (sweep / "report.md").read_text()
+    assert "running, interrupted or killed" in (sweep / "report.md").read_text()
     stale = second.parent / "skipped.json"  # e.g. skipped by an older version that rejected it
     stale.write_text(json.dumps({"status": "skipped", "reason": "no longer true", "config": None}))
     assert run_cli(*args).returncode == 0
@@ -84,6 +84,7 @@ def test_interrupted_run_is_listed_and_rerun(tmp_path):
     assert not stale.exists()
 
 
+@pytest.mark.slow
 def test_report_script_on_a_sweep_dir(tmp_path):
     sweep = tmp_path / "sweep"
     assert run_cli("-m", *TINY, "w_dtype=int4,int8", "algo.groupsize=-1", f"hydra.sweep.dir={sweep}").returncode == 0
@@ -102,6 +103,7 @@ def test_report_script_on_a_sweep_dir(tmp_path):
     assert ppl["int8"] <= ppl["int4"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
 def test_experiment_presets_compose_and_sweep_valid_values(experiment):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -114,3 +116,81 @@ def test_experiment_presets_compose_and_sweep_valid_values(experiment):
         for value in str(values).split(","):
             if group in ("algo", "w_dtype", "a_dtype") and "." not in key:
                 assert (ROOT / "conf" / group / f"{value}.yaml").is_file(), f"{key}={value}"
+
+
+@pytest.mark.slow
+def test_crashing_job_is_reported_as_failed_and_rerun(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY, "algo.groupsize=-1", "save.enabled=true", "w_dtype=int4,int8", f"hydra.sweep.dir={sweep}"]
+    # the job's folder as Hydra names it (sorted overrides, booleans as Python prints them)
+    crashing = sweep / ",".join(sorted([*TINY, "algo.groupsize=-1", "save.enabled=True", "w_dtype=int8"]))
+    (crashing / "model").mkdir(parents=True)
+    (crashing / "model" / "notes.txt").write_text("not a saved model: the save refuses to replace it")
+    proc = run_cli(*args)
+    assert proc.returncode != 0  # the sweep ran to its end, then says that a job failed
+    assert "1 sweep job(s) failed" in proc.stderr and crashing.name in proc.stderr
+    rows = {r["run"]: r for r in _csv_rows(sweep)}  # the report was written nevertheless
+    assert sorted(r["status"] for r in rows.values()) == ["complete", "failed"]
+    failed = rows[crashing.name]
+    assert failed["w_dtype"] == "int8" and "FileExistsError" in failed["note"]
+    assert not (crashing / RESULTS_FILE).exists() and (crashing / FAILED_FILE).is_file()
+    assert "failed" in (sweep / "report.md").read_text()
+    (done,) = sweep.glob(f"*/{RESULTS_FILE}")
+    stamp = done.stat().st_mtime_ns
+
+    (crashing / "model" / "notes.txt").unlink()  # the cause removed, the same command resumes
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert done.stat().st_mtime_ns == stamp and not (crashing / FAILED_FILE).exists()
+    assert sorted(r["status"] for r in _csv_rows(sweep)) == ["complete", "complete"]
+
+
+def _fake_results(run_dir: Path, algo: str, pre: str | None, ppl: float, bits: float = 4.25) -> None:
+    config = {"algo": {"name": algo, "pre": pre, "groupsize": 128}, "w_dtype": {"name": "int4"},
+              "a_dtype": {"name": "float16"}}
+    write_json_atomic(run_dir / RESULTS_FILE, {
+        "status": "complete", "algo": algo if pre is None else f"{pre}+{algo}", "w_dtype": "int4",
+        "a_dtype": "float16", "groupsize": 128, "perplexity": ppl, "bits_per_weight": bits,
+        "model_bytes_after": 2**20, "quantization_seconds": 1.0, "config": config})
+
+
+def test_rows_for_every_outcome_and_compositions_get_their_own_label(tmp_path):
+    _fake_results(tmp_path / "gptq", "gptq", None, 15.0)
+    _fake_results(tmp_path / "awq_gptq", "gptq", "awq", 14.5)
+    old = tmp_path / "sq_gptq_old"  # written before labels named the composition
+    _fake_results(old, "gptq", None, 14.8)
+    record = json.loads((old / RESULTS_FILE).read_text())
+    record["config"]["algo"]["pre"] = "smoothquant"
+    write_json_atomic(old / RESULTS_FILE, record)
+    crashed = tmp_path / "crashed"
+    write_failed(crashed, RuntimeError("CUDA out of memory"), {"algo": {"name": "awq"}, "w_dtype": {"name": "int3"}})
+    stale = tmp_path / "stale"  # complete results, but the latest attempt failed on them
+    _fake_results(stale, "rtn", None, 16.0)
+    write_failed(stale, RuntimeError("holds the complete results of a different config"), None)
+    write_skipped(tmp_path / "bad", "algo.groupsize=4096 is larger", {"algo": {"name": "gptq", "pre": "awq"}})
+
+    rows = {r.run: r for r in report.collect(tmp_path)}
+    assert {k: r.status for k, r in rows.items()} == {
+        "gptq": "complete", "awq_gptq": "complete", "sq_gptq_old": "complete", "crashed": "failed",
+        "stale": "failed", "bad": "skipped"}
+    assert rows["awq_gptq"].values["algo"] == "awq+gptq"
+    assert rows["sq_gptq_old"].values["algo"] == "smoothquant+gptq"
+    assert rows["bad"].values["algo"] == "awq+gptq"
+    assert rows["crashed"].values["note"] == "RuntimeError: CUDA out of memory"
+    assert rows["crashed"].values["algo"] == "awq" and rows["crashed"].values["w_dtype"] == "int3"
+    complete = [r for r in rows.values() if r.status == "complete"]
+    assert sorted(report.bits_lines(complete)) == ["awq+gptq a=float16", "gptq a=float16", "smoothquant+gptq a=float16"]
+    md = report.write_report(tmp_path).read_text()
+    assert "| crashed | failed | RuntimeError: CUDA out of memory |" in md and "awq+gptq" in md
+
+
+def test_sweep_end_writes_the_report_then_fails_if_a_job_failed(tmp_path):
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    _fake_results(tmp_path / "ok", "rtn", None, 15.0)
+    report.ReportCallback().on_multirun_end(config)  # nothing failed: no exit
+    assert "1 complete" in (tmp_path / "report.md").read_text()
+    write_failed(tmp_path / "boom", ValueError("NaN in the Hessian"), None)
+    (tmp_path / "report.md").unlink()
+    with pytest.raises(SystemExit, match="1 sweep job\\(s\\) failed: boom"):
+        report.ReportCallback().on_multirun_end(config)
+    assert "| boom | failed | ValueError: NaN in the Hessian |" in (tmp_path / "report.md").read_text()

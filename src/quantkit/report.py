@@ -1,9 +1,11 @@
 """Turn a sweep folder into ``report.md``, ``report.csv`` and PNG plots.
 
 Every run folder under the sweep (one with Hydra's ``.hydra/`` or any result file) becomes a
-row: complete runs with their numbers, skipped runs with their reason, the others as
-incomplete (running, failed or interrupted); runs that the sweep's ``multirun.yaml`` asked for
-but that never started are listed as missing. Nothing is dropped silently.
+row: complete runs with their numbers, skipped runs with their reason, failed runs (whose latest
+attempt crashed) with their error, the others as incomplete (running, interrupted or killed);
+runs that the sweep's ``multirun.yaml`` asked for but that never started are listed as missing.
+Nothing is dropped silently. Algorithms are labelled with their composition (``awq+gptq``), so
+compositions get their own rows and plot lines.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from quantkit.results import RESULTS_FILE, SKIPPED_FILE
+from quantkit.results import FAILED_FILE, RESULTS_FILE, SKIPPED_FILE, algorithm_label
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +37,17 @@ class Row:
         return {"run": self.run, "status": self.status}.get(column, self.values.get(column))
 
 
+def _label(algo: str | None, config: dict[str, Any] | None) -> str | None:
+    """``algo`` with its composition; results written before labels named it lack the ``pre+``."""
+    pre = ((config or {}).get("algo") or {}).get("pre")
+    return algorithm_label(algo, pre) if algo and pre and "+" not in algo else algo
+
+
 def _row_from_results(name: str, r: dict[str, Any]) -> Row:
     base = r.get("baseline_perplexity")
     delta = 100 * (r["perplexity"] / base - 1) if base else None
     return Row(name, "complete", {
-        "algo": r["algo"], "w_dtype": r["w_dtype"], "a_dtype": r["a_dtype"], "groupsize": r.get("groupsize"),
+        "algo": _label(r["algo"], r.get("config")), "w_dtype": r["w_dtype"], "a_dtype": r["a_dtype"], "groupsize": r.get("groupsize"),
         "perplexity": r["perplexity"], "baseline": base, "delta_vs_float16_pct": delta,
         "bits_per_weight": r.get("bits_per_weight") or 16.0, "size_mib": r["model_bytes_after"] / 2**20,
         "quant_seconds": r["quantization_seconds"], "model": r.get("model"), "note": r.get("w_scheme") or "",
@@ -50,7 +58,7 @@ def _config_values(config: dict[str, Any] | None) -> dict[str, Any]:
     if not config:
         return {}
     algo = config.get("algo", {})
-    return {"algo": algo.get("name"), "w_dtype": config.get("w_dtype", {}).get("name"),
+    return {"algo": _label(algo.get("name"), config), "w_dtype": config.get("w_dtype", {}).get("name"),
             "a_dtype": config.get("a_dtype", {}).get("name"), "groupsize": algo.get("groupsize")}
 
 
@@ -66,13 +74,17 @@ def _hydra_overrides(run_dir: Path) -> list[str]:
 def collect(sweep_dir: Path) -> list[Row]:
     """One row per run folder under ``sweep_dir`` plus the missing ones."""
     sweep_dir = Path(sweep_dir)
-    run_dirs = sorted({p.parent for pattern in (RESULTS_FILE, SKIPPED_FILE, ".hydra/overrides.yaml")
+    run_dirs = sorted({p.parent for pattern in (RESULTS_FILE, SKIPPED_FILE, FAILED_FILE, ".hydra/overrides.yaml")
                        for p in sweep_dir.rglob(pattern)} - {sweep_dir})
     run_dirs = sorted({d.parent if d.name == ".hydra" else d for d in run_dirs})
     rows = []
     for d in run_dirs:
         name = str(d.relative_to(sweep_dir))
-        results_path, skipped_path = d / RESULTS_FILE, d / SKIPPED_FILE
+        results_path, skipped_path, failed_path = d / RESULTS_FILE, d / SKIPPED_FILE, d / FAILED_FILE
+        if failed_path.is_file():  # removed when an attempt starts: the latest attempt crashed
+            f = json.loads(failed_path.read_text())
+            rows.append(Row(name, "failed", {**_config_values(f.get("config")), "note": f["error"]}))
+            continue
         if results_path.is_file():
             r = json.loads(results_path.read_text())
             if r.get("status") == "complete":
@@ -83,14 +95,20 @@ def collect(sweep_dir: Path) -> list[Row]:
             rows.append(Row(name, "skipped", {**_config_values(s.get("config")), "note": s["reason"]}))
             continue
         overrides = _hydra_overrides(d)
-        rows.append(Row(name, "incomplete", {"note": "running, failed or interrupted: " + " ".join(overrides)}))
+        rows.append(Row(name, "incomplete", {"note": "running, interrupted or killed: " + " ".join(overrides)}))
     rows.extend(Row(name, "missing", {"note": "never started"}) for name in _missing(sweep_dir, rows))
     return rows
 
 
 def _missing(sweep_dir: Path, rows: list[Row]) -> list[str]:
     """Job folders that the sweep's multirun.yaml asked for and that do not exist."""
-    spec = sweep_dir / "multirun.yaml"
+    seen = {r.run for r in rows}
+    return [name for name in job_names(sweep_dir) if name not in seen]
+
+
+def job_names(sweep_dir: Path) -> list[str]:
+    """The job folders that the sweep's latest launch (its ``multirun.yaml``) asked for."""
+    spec = Path(sweep_dir) / "multirun.yaml"
     if not spec.is_file():
         return []
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -104,14 +122,7 @@ def _missing(sweep_dir: Path, rows: list[Row]) -> list[str]:
     excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
     parsed = OverridesParser.create().parse_overrides(task)
     jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-    seen = {r.run for r in rows}
-    missing = []
-    for job in jobs:
-        items = sorted(o for o in job if o.split("=", 1)[0].lstrip("+~") not in excluded)
-        name = ",".join(items)
-        if name not in seen:
-            missing.append(name)
-    return missing
+    return [",".join(sorted(o for o in job if o.split("=", 1)[0].lstrip("+~") not in excluded)) for job in jobs]
 
 
 def _fmt(value: Any) -> str:
@@ -156,6 +167,15 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None) -> Path:
     return md
 
 
+def bits_lines(rows: list[Row]) -> dict[str, list[Row]]:
+    """The lines of the perplexity-vs-bits plot: one per algorithm (with its composition) and
+    activation dtype."""
+    lines: dict[str, list[Row]] = {}
+    for r in rows:
+        lines.setdefault(f"{r.values['algo']} a={r.values['a_dtype']}", []).append(r)
+    return lines
+
+
 def plot(rows: list[Row], out_dir: Path) -> list[Path]:
     """Perplexity vs bits per weight (a line per algorithm) and vs group size; PNG paths."""
     if not rows:
@@ -166,11 +186,8 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    by_algo: dict[str, list[Row]] = {}
-    for r in rows:
-        by_algo.setdefault(f"{r.values['algo']} a={r.values['a_dtype']}", []).append(r)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, rs in sorted(by_algo.items()):
+    for label, rs in sorted(bits_lines(rows).items()):
         rs = sorted(rs, key=lambda r: r.values["bits_per_weight"])
         ax.plot([r.values["bits_per_weight"] for r in rs], [r.values["perplexity"] for r in rs], "o-", label=label)
     baselines = {r.values["baseline"] for r in rows if r.values.get("baseline")}
@@ -210,10 +227,21 @@ def _groupsize_x(groupsize: int) -> float:
 
 
 class ReportCallback(Callback):
-    """Hydra callback: write the report when a multirun ends (``hydra.callbacks.report``)."""
+    """Hydra callback: write the report when a multirun ends (``hydra.callbacks.report``).
+
+    Jobs record their crashes instead of raising (``scripts/run.py``), so the sweep reaches its
+    end; the callback then writes the report and exits non-zero if a job of this launch failed.
+    """
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        md = None
         try:
-            write_report(Path(config.hydra.sweep.dir))
+            md = write_report(sweep_dir)
         except Exception as exc:  # a report failure must not turn a finished sweep into a failure
             log.warning("could not write the sweep report: %s", exc)
+        launched = set(job_names(sweep_dir))
+        failed = [r.run for r in collect(sweep_dir) if r.status == "failed" and (not launched or r.run in launched)]
+        if failed:
+            where = f"; see {md}" if md else ""
+            raise SystemExit(f"{len(failed)} sweep job(s) failed: {', '.join(failed)}{where}")
