@@ -215,3 +215,69 @@ def test_scheme_is_frozen_and_hashable() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         scheme.groupsize = 64  # type: ignore[misc]
     assert {scheme: 1}[QuantScheme("int4", "per_group", 128)] == 1
+
+
+# --- the grid rule in runs: every algorithm, refused before the model loads ----------------------
+
+SYM = ("w_dtype.has_zero=false", "w_dtype.unsigned=false")
+RUN_GRID_ERRORS = {
+    # w_dtype.has_zero=false alone keeps the stub's unsigned=true: negative weights would clip
+    **{f"{algo}-has-zero-false-alone": ([f"algo={algo}", "w_dtype.has_zero=false"],
+                                        r"w_dtype.unsigned=true without a zero point \(w_dtype.has_zero=false\)")
+       for algo in ("rtn", "gptq", "awq")},
+    "smoothquant-has-zero-false-alone": (["algo=smoothquant", "a_dtype=int8", "w_dtype.has_zero=false"],
+                                         r"w_dtype.unsigned=true without a zero point"),
+    "zeroquant-has-zero-false-alone": (["algo=zeroquant", "a_dtype=int8", "w_dtype.has_zero=false"],
+                                       r"w_dtype.unsigned=true without a zero point \(w_dtype.has_zero=false\)"),
+    "zeroquant-w-has-zero-key": (["algo=zeroquant", "a_dtype=int8", "algo.w_has_zero=false"],
+                                 r"w_dtype.unsigned=true without a zero point \(algo.w_has_zero=false\)"),
+    "unsigned-activations": (["a_dtype=int8", "a_dtype.unsigned=true"],
+                             r"a_dtype.unsigned=true without a zero point \(a_dtype.has_zero=false\)"),
+    "range-on-asymmetric-weights": (["w_dtype.symmetric_range=restricted"],
+                                    "w_dtype.symmetric_range=restricted acts on symmetric signed grids only"),
+    "range-value": ([*SYM, "w_dtype.symmetric_range=narrow"],
+                    "w_dtype.symmetric_range='narrow' is not valid; choose one of: full, restricted"),
+    "range-on-float16-activations": (["a_dtype.symmetric_range=full"],
+                                     "a_dtype.symmetric_range=full has nothing to act on: a_dtype=float16"),
+    "range-on-fp8": (["w_dtype=fp8", "algo.groupsize=-1", "w_dtype.symmetric_range=full"],
+                     "w_dtype.symmetric_range=full is not valid with w_dtype=fp8"),
+}
+
+
+@pytest.mark.parametrize("case", RUN_GRID_ERRORS)
+def test_bad_grids_fail_before_the_model_loads_naming_the_keys(case, tmp_path, monkeypatch):
+    from quantkit import models, runner
+    from quantkit.config import ConfigError, build_run_config
+    from tests.test_config import compose_dict
+
+    overrides, message = RUN_GRID_ERRORS[case]
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    resolved = compose_dict("model=tiny-llama", *overrides, f"output_dir={tmp_path}")
+    with pytest.raises(ConfigError, match=message):
+        runner.run(build_run_config(resolved), resolved)
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "w_range", "a_range"),
+    [
+        ([*SYM], "full", None),
+        ([*SYM, "w_dtype.symmetric_range=restricted"], "restricted", None),
+        (["w_dtype=int8", "a_dtype=int8"], "full", "restricted"),  # int8 weights are symmetric by default
+        (["w_dtype=int8", "a_dtype=int8", "a_dtype.symmetric_range=full"], "full", "full"),
+        (["algo=zeroquant", "a_dtype=int8", "algo.w_has_zero=false", "algo.w_unsign=false",
+          "w_dtype.symmetric_range=restricted"], "restricted", "restricted"),
+        (["algo=gptq", *SYM], "full", None),
+        (["algo=awq", *SYM, "w_dtype.symmetric_range=restricted"], "restricted", None),
+    ],
+    ids=["w-sym", "w-sym-restricted", "w8a8", "w8a8-full-act", "zeroquant-keys", "gptq", "awq-restricted"],
+)
+def test_symmetric_range_reaches_the_schemes(overrides, w_range, a_range):
+    from quantkit.algorithms.registry import build_algorithm
+    from quantkit.config import build_run_config
+    from tests.test_config import compose_dict
+
+    run = build_run_config(compose_dict("model=tiny-llama", *overrides))
+    algorithm = build_algorithm(run.algo, run.w_dtype, run.a_dtype)
+    assert algorithm.w_scheme.symmetric_range == w_range and algorithm.w_scheme.symmetric
+    assert (algorithm.a_scheme.symmetric_range if algorithm.a_scheme else None) == a_range
