@@ -4,9 +4,11 @@ The math is :mod:`quantkit.reference`, bit for bit (every step is a correctly ro
 operation in the same order; divisions use ``tl.div_rn``)::
 
     lo = min(x_group, 0), hi = max(x_group, 0)                        # per quantization group
-    int, symmetric:   s = amax / qmax           (amax = max(-lo, hi); unsigned: amax = hi)
+    int, symmetric:   s = amax / absmax_code    (amax = max(-lo, hi); absmax_code = qmax + 0.5
+                                                 full range, qmax restricted)
+    int, unsigned:    s = hi / qmax             (no zero point)
     int, zero point:  s = (hi - lo) / (qmax - qmin),  z = clamp(round(qmin - lo / s), qmin, qmax)
-    float grids:      s = amax / max_value
+    float grids:      s = amax / max_value      (absmax_code = max_value)
     s = 1 where s == 0
     int codes:        q = clamp(round(x / s) [+ z], qmin, qmax)       (round half to even)
     float codes:      q = bits(round_to_grid(clamp(x / s, -max_value, max_value)))
@@ -76,21 +78,23 @@ _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit
 def scale_zero_from_minmax(
     lo, hi,
-    IS_FLOAT: tl.constexpr, HAS_ZERO: tl.constexpr, UNSIGNED: tl.constexpr,
-    QMIN: tl.constexpr, QMAX: tl.constexpr, MAX_VALUE: tl.constexpr,
+    HAS_ZERO: tl.constexpr, UNSIGNED: tl.constexpr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, ABSMAX_CODE: tl.constexpr,
 ):
-    """``(scale fp32, zero int32)`` of groups with ``lo = min(x, 0)`` and ``hi = max(x, 0)``."""
+    """``(scale fp32, zero int32)`` of groups with ``lo = min(x, 0)`` and ``hi = max(x, 0)``.
+
+    Grids without a zero point map their largest magnitude to ``ABSMAX_CODE``
+    (:attr:`QuantScheme.absmax_code`: the float grid's maximum, ``qmax`` or ``qmax + 0.5``).
+    """
     if HAS_ZERO:
         levels = tl.full(lo.shape, QMAX - QMIN, tl.float32)
         scale = tl.div_rn(hi - lo, levels)
         # hi - lo beyond the float32 range: the same scale without the overflow (as the reference)
         scale = tl.where(scale == float("inf"), tl.div_rn(hi, levels) - tl.div_rn(lo, levels), scale)
-    elif IS_FLOAT:
-        scale = tl.div_rn(tl.maximum(-lo, hi), tl.full(lo.shape, MAX_VALUE, tl.float32))
     elif UNSIGNED:
-        scale = tl.div_rn(hi, tl.full(lo.shape, QMAX, tl.float32))
+        scale = tl.div_rn(hi, tl.full(lo.shape, ABSMAX_CODE, tl.float32))
     else:
-        scale = tl.div_rn(tl.maximum(-lo, hi), tl.full(lo.shape, QMAX, tl.float32))
+        scale = tl.div_rn(tl.maximum(-lo, hi), tl.full(lo.shape, ABSMAX_CODE, tl.float32))
     scale = tl.where(scale == 0.0, 1.0, scale)
     if HAS_ZERO:
         z = QMIN - tl.div_rn(lo, scale)
@@ -134,7 +138,7 @@ def _quantize_kernel(
     IS_FLOAT: tl.constexpr, HAS_ZERO: tl.constexpr, UNSIGNED: tl.constexpr,
     QMIN: tl.constexpr, QMAX: tl.constexpr,
     EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr, BIAS: tl.constexpr,
-    MAX_VALUE: tl.constexpr,
+    MAX_VALUE: tl.constexpr, ABSMAX_CODE: tl.constexpr,
     # meta
     COMPUTE_QPARAMS: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -170,7 +174,7 @@ def _quantize_kernel(
             lo = tl.minimum(tl.min(x, axis=1), 0.0)  # (BLOCK_S,)
             hi = tl.maximum(tl.max(x, axis=1), 0.0)  # (BLOCK_S,)
             scale, zero = scale_zero_from_minmax(
-                lo, hi, IS_FLOAT, HAS_ZERO, UNSIGNED, QMIN, QMAX, MAX_VALUE
+                lo, hi, HAS_ZERO, UNSIGNED, QMIN, QMAX, ABSMAX_CODE
             )
             tl.store(s_ptrs, scale, mask=seg_ok)
             if HAS_ZERO:
@@ -201,7 +205,7 @@ def _quantize_kernel(
                 lo = tl.minimum(lo, tl.min(x, axis=1))
                 hi = tl.maximum(hi, tl.max(x, axis=1))
             scale, zero = scale_zero_from_minmax(
-                lo, hi, IS_FLOAT, HAS_ZERO, UNSIGNED, QMIN, QMAX, MAX_VALUE
+                lo, hi, HAS_ZERO, UNSIGNED, QMIN, QMAX, ABSMAX_CODE
             )
             tl.store(s_ptrs, scale, mask=seg_ok)
             if HAS_ZERO:
@@ -261,8 +265,8 @@ def _tensor_qparams_kernel(
     # sizes
     num_parts,
     # quantization
-    IS_FLOAT: tl.constexpr, HAS_ZERO: tl.constexpr, UNSIGNED: tl.constexpr,
-    QMIN: tl.constexpr, QMAX: tl.constexpr, MAX_VALUE: tl.constexpr,
+    HAS_ZERO: tl.constexpr, UNSIGNED: tl.constexpr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, ABSMAX_CODE: tl.constexpr,
     # meta
     BLOCK_P: tl.constexpr,
 ):
@@ -277,7 +281,7 @@ def _tensor_qparams_kernel(
     lo_t = tl.min(lo, axis=0, keep_dims=True)  # (1,)
     hi_t = tl.max(hi, axis=0, keep_dims=True)  # (1,)
     scale, zero = scale_zero_from_minmax(
-        lo_t, hi_t, IS_FLOAT, HAS_ZERO, UNSIGNED, QMIN, QMAX, MAX_VALUE
+        lo_t, hi_t, HAS_ZERO, UNSIGNED, QMIN, QMAX, ABSMAX_CODE
     )  # (1,) each
     offs_0 = tl.arange(0, 1)
     tl.store(scale_ptr + offs_0, scale)
@@ -293,16 +297,18 @@ def _tensor_qparams_kernel(
 def scheme_constexprs(scheme: QuantScheme) -> dict:
     """The quantization constexprs of the kernels for ``scheme``."""
     dt = scheme.dtype
+    # grids with a zero point never read ABSMAX_CODE (their scale comes from hi - lo)
+    absmax_code = 0.0 if scheme.has_zero else scheme.absmax_code
     if dt.is_float:
         return dict(
             IS_FLOAT=True, HAS_ZERO=False, UNSIGNED=False, QMIN=0.0, QMAX=0.0,
             EXP_BITS=dt.exponent_bits, MANT_BITS=dt.mantissa_bits, BIAS=dt.exponent_bias,
-            MAX_VALUE=float(dt.max_value),
+            MAX_VALUE=float(dt.max_value), ABSMAX_CODE=absmax_code,
         )
     return dict(
         IS_FLOAT=False, HAS_ZERO=scheme.has_zero, UNSIGNED=scheme.unsigned,
         QMIN=float(scheme.qmin), QMAX=float(scheme.qmax),
-        EXP_BITS=0, MANT_BITS=0, BIAS=0, MAX_VALUE=0.0,
+        EXP_BITS=0, MANT_BITS=0, BIAS=0, MAX_VALUE=0.0, ABSMAX_CODE=absmax_code,
     )
 
 
@@ -503,7 +509,7 @@ def _quantize(
     _tensor_qparams_kernel[(1,)](
         parts, scale, scale if zero is None else zero,
         parts.shape[0],
-        **{k: consts[k] for k in ("IS_FLOAT", "HAS_ZERO", "UNSIGNED", "QMIN", "QMAX", "MAX_VALUE")},
+        **{k: consts[k] for k in ("HAS_ZERO", "UNSIGNED", "QMIN", "QMAX", "ABSMAX_CODE")},
         BLOCK_P=_PARTIALS_BLOCK,
         num_warps=4,
     )

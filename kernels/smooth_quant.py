@@ -75,7 +75,7 @@ def _smooth_quant_kernel(
     IS_FLOAT: tl.constexpr, HAS_ZERO: tl.constexpr, UNSIGNED: tl.constexpr,
     QMIN: tl.constexpr, QMAX: tl.constexpr,
     EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr, BIAS: tl.constexpr,
-    MAX_VALUE: tl.constexpr,
+    MAX_VALUE: tl.constexpr, ABSMAX_CODE: tl.constexpr,
     # meta
     SINGLE_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -100,7 +100,7 @@ def _smooth_quant_kernel(
             lo = tl.minimum(lo, tl.min(y, axis=1))
             hi = tl.maximum(hi, tl.max(y, axis=1))
     scale, zero = scale_zero_from_minmax(
-        lo, hi, IS_FLOAT, HAS_ZERO, UNSIGNED, QMIN, QMAX, MAX_VALUE
+        lo, hi, HAS_ZERO, UNSIGNED, QMIN, QMAX, ABSMAX_CODE
     )  # (BLOCK_M,) fp32, int32
     tl.store(scale_ptr + offs_m, scale, mask=m_ok)
     if HAS_ZERO:

@@ -75,7 +75,7 @@ PACKED = {
     "int4-g32-sym": (DTypeConfig("int4"), {}),
     "int4-g32-asym-unsigned": (DTypeConfig("int4", True, True), {}),
     "int4-g32-asym-signed": (DTypeConfig("int4", True, False), {}),
-    "int4-channel-unsigned-no-zero": (DTypeConfig("int4", False, True), CHANNEL),
+    "int4-g32-sym-restricted": (DTypeConfig("int4", symmetric_range="restricted"), {}),
     "int4-channel-sym": (DTypeConfig("int4"), CHANNEL),
     "int8-g64-asym-unsigned": (DTypeConfig("int8", True, True), {"groupsize": 64}),
     "int8-channel-sym": (DTypeConfig("int8"), CHANNEL),
@@ -103,14 +103,17 @@ def test_compressed_tensors_decompresses_our_weights_exactly(tiny, case):
 
 
 # transformers loads these on CPU; tolerance 1e-5 on logits of magnitude ~1 where the math is the
-# same (weights dequantize to the same float32 values); dynamic per-token int8 activations differ by
-# design (compressed-tensors divides amax by 127.5, quantkit by 127): 3% of the largest logit
-# (measured: 1%).
+# same (weights dequantize to the same float32 values). Dynamic per-token int8 activations are
+# recomputed by the runtime: compressed-tensors (here) divides amax by 127.5, the full grid, vLLM
+# by 127; quantkit's activations default to the restricted grid (127): 3% of the largest logit
+# (measured: 1%), and exact with a_dtype.symmetric_range=full.
 LOADABLE = {
     "w4a16-g32": (DTypeConfig("int4"), FP16, {}, 1e-5),
+    "w4a16-g32-restricted": (DTypeConfig("int4", symmetric_range="restricted"), FP16, {}, 1e-5),
     "w4a16-channel": (DTypeConfig("int4"), FP16, CHANNEL, 1e-5),
     "w8a16-g32": (DTypeConfig("int8"), FP16, {}, 1e-5),
     "w8a8-dynamic": (DTypeConfig("int8"), DTypeConfig("int8"), CHANNEL, 3e-2),
+    "w8a8-dynamic-full-range": (DTypeConfig("int8"), DTypeConfig("int8", symmetric_range="full"), CHANNEL, 1e-5),
     "w8a8-static": (DTypeConfig("int8"), DTypeConfig("int8"), {**CHANNEL, "a_qtype": "per_tensor"}, 1e-5),
     "fp8-weight-only": (DTypeConfig("fp8"), FP16, CHANNEL, 1e-5),
     "fp8-dynamic": (DTypeConfig("fp8"), DTypeConfig("fp8"), CHANNEL, 1e-5),
@@ -129,6 +132,41 @@ def test_transformers_loads_the_export_with_our_logits(tiny, tmp_path, case):
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     got = logits(loaded)
     assert (got - expected).abs().max() <= tol * expected.abs().max()
+
+
+@pytest.mark.parametrize(("bits", "rtn"), [(4, {}), (8, {}), (4, CHANNEL), (8, CHANNEL)],
+                         ids=["int4-g32", "int8-g32", "int4-channel", "int8-channel"])
+def test_symmetric_weights_are_compressed_tensors_own_qparams_and_codes(tiny, bits, rtn):
+    """The default symmetric weight grid is compressed-tensors' (llm-compressor's): its
+    ``calculate_qparams`` on the float weights gives our scales (after the float16 storage rounding
+    both store), its ``quantize`` with them gives our codes, every code of [-2^(b-1), 2^(b-1) - 1]
+    occurs, and the exported tensors decompress to our weights."""
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    float_model, _ = tiny()
+    model, _ = quantized(tiny, DTypeConfig(f"int{bits}"), **rtn)
+    tensors, qconfig = compressed_tensors_state(model)
+    args = QuantizationArgs(**qconfig["config_groups"]["group_0"]["weights"])
+    assert args.symmetric and args.num_bits == bits
+    seen = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        w = float_model.get_submodule(name).weight.detach().float()  # (out, in)
+        groups = module.scales.shape[1]
+        wg = w.reshape(w.shape[0], groups, -1)  # (out, G, gs)
+        scale, zp = calculate_qparams(wg.amin(-1), wg.amax(-1), args)  # (out, G)
+        assert torch.equal(scale.to(torch.float16), module.scales), name
+        codes = quantize(w, module.scales.float(), torch.zeros_like(zp), args)  # (out, in)
+        assert torch.equal(codes.to(torch.int32), module.weight_codes().to(torch.int32)), name
+        seen |= set(module.weight_codes().unique().tolist())
+        local = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
+        local["weight_scale"] = local["weight_scale"].float()
+        scheme = QuantizationScheme(targets=["Linear"], weights=args)
+        assert torch.equal(PackedQuantizationCompressor.decompress(local, scheme)["weight"],
+                           module.dequantized_weight()), name
+    assert seen == set(range(-(1 << (bits - 1)), 1 << (bits - 1)))  # the full range: qmin included
 
 
 def test_formats_and_stored_tensors(tiny):

@@ -17,16 +17,20 @@ from quantkit.kernels.quantize import quantize, quantize_with_qparams, scheme_co
 from quantkit.scheme import QuantScheme
 from tests.sm90 import Case, compile_for_cuda
 
-# (id, dtype, has_zero, unsigned): every integer variant and every float grid
+# (dtype, has_zero, unsigned, symmetric_range): every integer variant (symmetric signed grids
+# with the full and the restricted range) and every float grid
 DTYPES = [
     pytest.param(
-        name, zero, unsigned,
+        name, zero, unsigned, "full",
         id=name + ("-asym" if zero else "") + ("-unsigned" if unsigned else ""),
     )
     for name in ("int2", "int3", "int4", "int8")
     for zero in (False, True)
     for unsigned in (False, True)
-] + [pytest.param(name, False, False, id=name) for name in ("fp4", "fp8", "fp8_e5m2")]
+] + [
+    pytest.param(name, False, False, "restricted", id=f"{name}-restricted")
+    for name in ("int2", "int3", "int4", "int8")
+] + [pytest.param(name, False, False, "full", id=name) for name in ("fp4", "fp8", "fp8_e5m2")]
 
 # (granularity, groupsize, shape): g128 on 576 columns leaves a 64-column last group
 GRANULARITIES = [
@@ -44,6 +48,7 @@ GRANULARITIES = [
 REPRESENTATIVE = [  # one scheme per code path, for the tests that vary something else
     pytest.param(QuantScheme("int4", "per_group", 32, has_zero=True), id="int4-g32-asym"),
     pytest.param(QuantScheme("int8", "per_token"), id="int8-token"),
+    pytest.param(QuantScheme("int4", "per_group", 32, symmetric_range="restricted"), id="int4-g32-restricted"),
     pytest.param(QuantScheme("int3", "per_channel", unsigned=True), id="int3-channel-unsigned"),
     pytest.param(QuantScheme("fp8", "per_tensor"), id="fp8-tensor"),
     pytest.param(QuantScheme("fp8_e5m2", "per_group", 64), id="fp8_e5m2-g64"),
@@ -86,12 +91,13 @@ def _check(x: torch.Tensor, scheme: QuantScheme, **kwargs: int) -> None:
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("granularity, groupsize, shape", GRANULARITIES)
-@pytest.mark.parametrize("name, has_zero, unsigned", DTYPES)
+@pytest.mark.parametrize("name, has_zero, unsigned, symmetric_range", DTYPES)
 def test_quantize_matches_reference(
-    name: str, has_zero: bool, unsigned: bool, granularity: str, groupsize: int,
-    shape: tuple[int, int],
+    name: str, has_zero: bool, unsigned: bool, symmetric_range: str, granularity: str,
+    groupsize: int, shape: tuple[int, int],
 ) -> None:
-    scheme = QuantScheme(name, granularity, groupsize, has_zero=has_zero, unsigned=unsigned)
+    scheme = QuantScheme(name, granularity, groupsize, has_zero=has_zero, unsigned=unsigned,
+                         symmetric_range=symmetric_range)
     _check(_sample(*shape), scheme)
 
 
@@ -172,9 +178,19 @@ def test_quantize_all_zero_rows(scheme: QuantScheme) -> None:
 @pytest.mark.interpreter
 def test_quantize_ties_round_half_to_even() -> None:
     """Values landing exactly on .5 after scaling (scale 1) round to even, as torch.round."""
-    halves = torch.arange(-127, 127, dtype=torch.float32) + 0.5  # (254,) all ties
-    x = torch.cat([halves, torch.tensor([127.0, -127.0])]).reshape(1, -1)  # amax 127 -> s = 1
+    # full range: amax 127.5 -> s = 1; -127.5 -> -128, +127.5 -> 128 clamped to 127
+    halves = torch.arange(-128, 128, dtype=torch.float32) + 0.5  # (256,) all ties
+    x = halves.reshape(1, -1)
     scheme = QuantScheme("int8", "per_token")
+    codes, scale, _ = quantize(x, scheme)
+    assert scale.item() == 1.0
+    assert torch.equal(codes[0].float(), torch.round(halves).clamp(-128, 127))
+    assert (codes.min().item(), codes.max().item()) == (-128, 127)
+    _check(x, scheme)
+    # restricted range: amax 127 -> s = 1
+    halves = torch.arange(-127, 127, dtype=torch.float32) + 0.5  # (254,) all ties
+    x = torch.cat([halves, torch.tensor([127.0, -127.0])]).reshape(1, -1)
+    scheme = QuantScheme("int8", "per_token", symmetric_range="restricted")
     codes, scale, _ = quantize(x, scheme)
     assert scale.item() == 1.0
     assert torch.equal(codes[0, :254].float(), torch.round(halves))
@@ -268,17 +284,20 @@ def test_ops_triton_backend_matches_reference(scheme: QuantScheme, x_dtype: torc
     name=st.sampled_from(["int2", "int3", "int4", "int8", "fp4", "fp8", "fp8_e5m2"]),
     asym=st.booleans(),
     unsigned=st.booleans(),
+    restricted=st.booleans(),
     log_scale=st.floats(-30, 30),
 )
 def test_quantize_random_schemes(
     rows: int, cols: int, data: st.DataObject, name: str, asym: bool, unsigned: bool,
-    log_scale: float,
+    restricted: bool, log_scale: float,
 ) -> None:
     gran = data.draw(st.sampled_from(["per_tensor", "per_channel", "per_token", "per_group"]))
     groupsize = data.draw(st.integers(1, cols)) if gran == "per_group" else -1
     is_int = name.startswith("int")
+    symmetric = is_int and not asym and not unsigned
     scheme = QuantScheme(
-        name, gran, groupsize, has_zero=asym and is_int, unsigned=unsigned and is_int
+        name, gran, groupsize, has_zero=asym and is_int, unsigned=unsigned and is_int,
+        symmetric_range="restricted" if restricted and symmetric else "full",
     )
     x = torch.randn(rows, cols) * 2.0**log_scale
     _assert_qparams_equal(quantize(x, scheme), reference.quantize_tensor(x, scheme))
@@ -303,13 +322,14 @@ def _check_given(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
     "granularity, groupsize, shape",
     [p for p in GRANULARITIES if p.id in ("tensor", "token", "g128-short-last", "g7-61cols")],
 )
-@pytest.mark.parametrize("name, has_zero, unsigned", DTYPES)
+@pytest.mark.parametrize("name, has_zero, unsigned, symmetric_range", DTYPES)
 def test_quantize_with_qparams_saturates(
-    name: str, has_zero: bool, unsigned: bool, granularity: str, groupsize: int,
-    shape: tuple[int, int],
+    name: str, has_zero: bool, unsigned: bool, symmetric_range: str, granularity: str,
+    groupsize: int, shape: tuple[int, int],
 ) -> None:
     """Scales too small for the data: most values land far outside the grid and saturate."""
-    scheme = QuantScheme(name, granularity, groupsize, has_zero=has_zero, unsigned=unsigned)
+    scheme = QuantScheme(name, granularity, groupsize, has_zero=has_zero, unsigned=unsigned,
+                         symmetric_range=symmetric_range)
     x = _sample(*shape)
     scale, zero = reference.compute_qparams(x, scheme)
     scale = scale * torch.exp(torch.randn_like(scale) - 2.0)  # (scale shape) mostly too small
@@ -468,7 +488,7 @@ def _quantize_case(
 
 def _tensor_qparams_case(scheme: QuantScheme) -> Case:
     consts = scheme_constexprs(scheme)
-    keys = ("IS_FLOAT", "HAS_ZERO", "UNSIGNED", "QMIN", "QMAX", "MAX_VALUE")
+    keys = ("HAS_ZERO", "UNSIGNED", "QMIN", "QMAX", "ABSMAX_CODE")
     constexprs = {k: consts[k] for k in keys} | {"BLOCK_P": 1024}
     signature = {
         "part_ptr": "*fp32", "scale_ptr": "*fp32",

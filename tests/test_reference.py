@@ -28,17 +28,67 @@ def _t(rows: list[list[float]]) -> torch.Tensor:
 # ---------------------------------------------------------------- hand-computed integer paths
 
 
-def test_symmetric_int_per_channel() -> None:
-    scheme = QuantScheme("int4", "per_channel")
+def test_symmetric_int_per_channel_full_range() -> None:
+    scheme = QuantScheme("int4", "per_channel")  # full range is the default
+    x = _t([[1.0, -2.5, 3.5, 7.5], [-15.0, 3.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    codes, scale, zero = reference.quantize_tensor(x, scheme)
+    assert zero is None
+    assert torch.equal(scale, _t([[1.0], [2.0], [1.0]]))  # amax / 7.5; an all-zero row gets 1
+    # round half to even: -2.5 -> -2, 3.5 -> 4, 1.5 -> 2, 0.5 -> 0; +amax: 7.5 -> 8, clamped to 7;
+    # -amax: -7.5 -> -8, the code a restricted grid never uses
+    assert codes.dtype == torch.int8
+    assert codes.tolist() == [[1, -2, 4, 7], [-8, 2, 0, 0], [0, 0, 0, 0]]
+    expected = _t([[1.0, -2.0, 4.0, 7.0], [-16.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert torch.equal(reference.dequantize(codes, scale, zero, scheme), expected)
+
+
+def test_symmetric_int_per_channel_restricted_range() -> None:
+    scheme = QuantScheme("int4", "per_channel", symmetric_range="restricted")
     x = _t([[1.0, -2.5, 3.5, 7.0], [-14.0, 3.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
     codes, scale, zero = reference.quantize_tensor(x, scheme)
     assert zero is None
     assert torch.equal(scale, _t([[1.0], [2.0], [1.0]]))  # amax / 7; an all-zero row gets 1
-    # round half to even: -2.5 -> -2, 3.5 -> 4, 1.5 -> 2, 0.5 -> 0
     assert codes.dtype == torch.int8
     assert codes.tolist() == [[1, -2, 4, 7], [-7, 2, 0, 0], [0, 0, 0, 0]]
     expected = _t([[1.0, -2.0, 4.0, 7.0], [-14.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     assert torch.equal(reference.dequantize(codes, scale, zero, scheme), expected)
+
+
+@pytest.mark.parametrize("name", ["int2", "int3", "int4", "int8"])
+def test_full_range_uses_every_code_and_restricted_one_less(name: str) -> None:
+    full = QuantScheme(name, "per_channel")
+    restricted = QuantScheme(name, "per_channel", symmetric_range="restricted")
+    amax = full.qmax + 0.5  # exact full-range scale 1, so -amax lands exactly on the tie -(qmax + 1/2)
+    x = torch.linspace(-amax, amax, 4001)[None]  # (1, 4001)
+    q_full, s_full, _ = reference.quantize_tensor(x, full)
+    q_res, s_res, _ = reference.quantize_tensor(x, restricted)
+    levels = 1 << full.bits
+    assert s_full.item() == 1.0 and s_res.item() == pytest.approx(amax / full.qmax)
+    assert q_full.unique().numel() == levels and (q_full.min(), q_full.max()) == (full.qmin, full.qmax)
+    assert q_res.unique().numel() == levels - 1 and (q_res.min(), q_res.max()) == (-full.qmax, full.qmax)
+    # both keep every value of [-amax, amax] within half a step
+    for q, s, scheme in ((q_full, s_full, full), (q_res, s_res, restricted)):
+        err = (reference.dequantize(q, s, None, scheme) - x).abs().max()
+        assert err <= s.item() / 2 * (1 + 1e-6)
+
+
+def test_full_range_equals_the_gptq_reference_quantizer() -> None:
+    """IST-DASLab/gptq ``quant.py`` (sym=True): ``scale = (xmax - xmin) / maxq`` with
+    ``xmin = -xmax = -amax``, ``zero = (maxq + 1) / 2``, ``q = clamp(round(x / scale) + zero, 0,
+    maxq)``: the same scales and (shifted by the zero) the same codes, for every bit width."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 256, generator=gen) * torch.rand(64, 1, generator=gen)  # (64, 256)
+    x[:4] = -x[:4].abs()  # rows whose amax is negative
+    for bits in (2, 3, 4, 8):
+        scheme = QuantScheme(f"int{bits}", "per_channel")
+        codes, scale, _ = reference.quantize_tensor(x, scheme)
+        maxq = 2**bits - 1
+        xmax = torch.maximum(x.min(1)[0].abs(), x.max(1)[0])  # every row has a negative value
+        g_scale = (xmax - (-xmax)) / maxq
+        g_zero = (maxq + 1) / 2
+        g_q = torch.clamp(torch.round(x / g_scale[:, None]) + g_zero, 0, maxq)
+        assert torch.equal(scale[:, 0], g_scale), bits
+        assert torch.equal(codes.float(), g_q - g_zero), bits
 
 
 @pytest.mark.parametrize(
@@ -81,12 +131,12 @@ def test_unsigned_without_zero_clips_negatives() -> None:
 
 def test_per_group_short_last_group_uses_only_its_own_columns() -> None:
     scheme = QuantScheme("int4", "per_group", groupsize=4)
-    x = _t([[10.0, -70.0, 35.0, 7.0, 3.5, -0.5]])  # groups: cols 0-3 and the short 4-5
+    x = _t([[10.0, -75.0, 35.0, 7.0, 3.75, -0.5]])  # groups: cols 0-3 and the short 4-5
     q, scale, _ = reference.quantize_tensor(x, scheme)
-    assert torch.equal(scale, _t([[10.0, 0.5]]))
-    assert q.tolist() == [[1, -7, 4, 1, 7, -1]]
+    assert torch.equal(scale, _t([[10.0, 0.5]]))  # 75 / 7.5 and 3.75 / 7.5
+    assert q.tolist() == [[1, -8, 4, 1, 7, -1]]
     xhat = reference.dequantize(q, scale, None, scheme)
-    assert torch.equal(xhat, _t([[10.0, -70.0, 40.0, 10.0, 3.5, -0.5]]))
+    assert torch.equal(xhat, _t([[10.0, -80.0, 40.0, 10.0, 3.5, -0.5]]))
 
 
 def test_per_group_short_last_group_with_zero() -> None:
@@ -113,10 +163,10 @@ def test_per_group_equals_quantizing_each_group_alone() -> None:
 
 def test_per_tensor_shares_one_scale() -> None:
     scheme = QuantScheme("int4", "per_tensor")
-    x = _t([[1.0, -3.5, 0.5], [2.5, -7.0, 0.0]])
+    x = _t([[1.0, -3.5, 0.5], [2.5, -7.5, 0.0]])
     q, scale, _ = reference.quantize_tensor(x, scheme)
     assert torch.equal(scale, _t([[1.0]]))
-    assert q.tolist() == [[1, -4, 0], [2, -7, 0]]
+    assert q.tolist() == [[1, -4, 0], [2, -8, 0]]
 
 
 def test_leading_dims_are_flattened_to_rows() -> None:
@@ -248,9 +298,11 @@ def int_schemes_and_shapes(draw: st.DrawFn) -> tuple[QuantScheme, int, int]:
     cols = draw(st.integers(1, 80))
     granularity = draw(st.sampled_from(["per_tensor", "per_channel", "per_token", "per_group"]))
     groupsize = draw(st.integers(1, cols)) if granularity == "per_group" else -1
+    has_zero, unsigned = draw(st.booleans()), draw(st.booleans())
+    symmetric = not has_zero and not unsigned
     scheme = QuantScheme(
-        draw(st.sampled_from(INT_NAMES)), granularity, groupsize,
-        has_zero=draw(st.booleans()), unsigned=draw(st.booleans()),
+        draw(st.sampled_from(INT_NAMES)), granularity, groupsize, has_zero=has_zero, unsigned=unsigned,
+        symmetric_range=draw(st.sampled_from(["full", "restricted"])) if symmetric else "full",
     )
     return scheme, rows, cols
 

@@ -1,11 +1,13 @@
-"""save_quantized / load: bit-identical round trips for every scheme, clear errors for bad folders,
-atomic writes, and stored bytes equal to the theoretical size."""
+"""save_quantized / load: bit-identical round trips for every scheme, clear errors for bad folders
+(flipped bytes in the data included: per-tensor checksums), format-1 checkpoints, atomic writes,
+and stored bytes equal to the theoretical size."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import struct
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,10 @@ from quantkit.config import ConfigError, DTypeConfig, build_run_config
 from quantkit.pipeline import quantize_model
 from quantkit.quant_linear import QuantLinear
 from quantkit.scheme import QuantScheme
-from quantkit.serialization import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, scheme_from_dict, scheme_to_dict
+from quantkit.serialization import (
+    CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, CheckpointError, ClippedGridWarning, UnverifiedCheckpointWarning,
+    scheme_from_dict, scheme_to_dict, tensor_checksum,
+)
 from tests.test_config import compose_dict
 
 FP16 = DTypeConfig("float16")
@@ -74,7 +79,9 @@ def assert_round_trip(model, tok, path):
     return loaded
 
 
-INT_VARIANTS = {"sym": (False, False), "zero": (True, False), "unsigned-zero": (True, True), "unsigned": (False, True)}
+# (has_zero, unsigned, symmetric_range): every grid a run can ask for
+INT_VARIANTS = {"sym": (False, False, None), "sym-restricted": (False, False, "restricted"),
+                "zero": (True, False, None), "unsigned-zero": (True, True, None)}
 # every dtype and every sign/zero variant appears with both granularities (g48: short last group)
 INT_CASES = [(d, v, ("per_channel", "g48")[(i + j) % 2]) for i, d in enumerate(("int2", "int3", "int4", "int8"))
              for j, v in enumerate(INT_VARIANTS)]
@@ -86,9 +93,11 @@ def _granularity(name: str) -> dict:
 
 @pytest.mark.parametrize(("dtype", "variant", "granularity"), INT_CASES, ids=["-".join(c) for c in INT_CASES])
 def test_integer_weights_round_trip_exactly(tiny, tmp_path, dtype, variant, granularity):
-    has_zero, unsigned = INT_VARIANTS[variant]
-    model, tok = quantized(tiny, DTypeConfig(dtype, has_zero, unsigned), **_granularity(granularity))
-    assert_round_trip(model, tok, tmp_path / "q")
+    has_zero, unsigned, symmetric_range = INT_VARIANTS[variant]
+    model, tok = quantized(tiny, DTypeConfig(dtype, has_zero, unsigned, symmetric_range), **_granularity(granularity))
+    loaded = assert_round_trip(model, tok, tmp_path / "q")
+    expected = symmetric_range or "full"  # weights: full unless asked; asymmetric grids carry the default
+    assert loaded.model.layers[0].mlp.up_proj.w_scheme.symmetric_range == expected
 
 
 FLOAT_CASES = [("fp4", "per_channel"), ("fp4", "g48"), ("fp8", "per_channel"), ("fp8", "g48"), ("fp8_e5m2", "g48")]
@@ -210,11 +219,17 @@ def test_saved_folder_contents_and_manifest(tiny, tmp_path):
     assert {CONFIG_FILE, WEIGHTS_FILE, "config.json", "tokenizer.json"} <= files
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in (tmp_path / "q").iterdir())
     manifest = json.loads((tmp_path / "q" / CONFIG_FILE).read_text())
-    assert manifest["format_version"] == 1 and manifest["quantkit_version"] == quantkit.__version__
+    assert manifest["format_version"] == FORMAT_VERSION == 2 and manifest["quantkit_version"] == quantkit.__version__
     assert manifest["run_config"] == {"algo": {"name": "rtn"}}
     layer = manifest["layers"]["model.layers.0.mlp.down_proj"]
     assert layer["w_scheme"] == {"dtype": "int4", "granularity": "per_group", "groupsize": 48,
-                                 "has_zero": True, "unsigned": True}
+                                 "has_zero": True, "unsigned": True, "symmetric_range": "full"}
+    checksums = manifest["checksums"]
+    assert checksums["algorithm"] == "sha256"
+    state = model.state_dict()
+    assert set(checksums["tensors"]) == set(state) - set(manifest["tied"])  # tied tensors are stored once
+    assert checksums["tensors"]["model.layers.0.mlp.down_proj.qweight"] == tensor_checksum(
+        model.model.layers[0].mlp.down_proj.qweight)
     assert layer["a_scheme"] is None and layer["a_static"] is False and layer["in_features"] == 128
     assert "quantization_config" not in json.loads((tmp_path / "q" / "config.json").read_text())
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(tmp_path / "q")
@@ -250,9 +265,110 @@ def _edit_json(path, edit):
 
 
 def test_newer_format_version_is_refused(saved):
-    _edit_json(saved / CONFIG_FILE, lambda d: d.update(format_version=2, quantkit_version="9.0"))
-    with pytest.raises(CheckpointError, match=r"format version 2 .*reads versions up to 1: upgrade quantkit"):
+    _edit_json(saved / CONFIG_FILE, lambda d: d.update(format_version=3, quantkit_version="9.0"))
+    with pytest.raises(CheckpointError, match=r"format version 3 .*reads versions up to 2: upgrade quantkit"):
         quantkit.load(saved)
+
+
+def _tensor_spans(file: Path) -> dict[str, tuple[int, int]]:
+    """``name -> (first byte, end)`` of every tensor's data in a safetensors file (absolute offsets)."""
+    data = file.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("tensor", ["model.layers.1.self_attn.o_proj.qweight", "model.layers.0.mlp.down_proj.scales",
+                                    "model.norm.weight"])
+def test_a_flipped_byte_in_the_data_names_the_tensor(saved, tensor, where):
+    """One changed byte inside a tensor's data (the header stays intact, so safetensors reads it
+    happily): the checksum names the tensor, no model comes back."""
+    file = saved / WEIGHTS_FILE
+    start, end = _tensor_spans(file)[tensor]
+    offset = {"first": start, "middle": (start + end) // 2, "last": end - 1}[where]
+    data = bytearray(file.read_bytes())
+    data[offset] ^= 0x10
+    file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{WEIGHTS_FILE}: tensor '{tensor}' does not match its sha256 checksum"):
+        quantkit.load(saved)
+
+
+def test_every_data_byte_is_covered_by_a_checksum(saved):
+    """The tensors' data spans tile the data section: no byte after the header is unchecked."""
+    file = saved / WEIGHTS_FILE
+    spans = sorted(_tensor_spans(file).values())
+    (n,) = struct.unpack("<Q", file.read_bytes()[:8])
+    assert spans[0][0] == 8 + n and spans[-1][1] == file.stat().st_size
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    manifest = json.loads((saved / CONFIG_FILE).read_text())
+    assert set(manifest["checksums"]["tensors"]) == set(_tensor_spans(file))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.pop("checksums"), "no sha256 tensor checksums"),
+    (lambda d: d["checksums"].update(algorithm="md5"), "no sha256 tensor checksums"),
+    (lambda d: d["checksums"]["tensors"].pop("model.norm.weight"), r"tensors without a checksum \['model.norm.weight'\]"),
+    (lambda d: d["checksums"]["tensors"].update(extra="00"), r"checksummed tensors missing from the file \['extra'\]"),
+], ids=["missing", "other-algorithm", "unlisted-tensor", "absent-tensor"])
+def test_format_2_manifest_without_matching_checksums_is_refused(saved, edit, message):
+    _edit_json(saved / CONFIG_FILE, edit)
+    with pytest.raises(CheckpointError, match=message):
+        quantkit.load(saved)
+
+
+def _as_format_1(path: Path) -> None:
+    """What quantkit wrote before format 2: no checksums, no symmetric_range in the schemes."""
+    def edit(d):
+        d["format_version"] = 1
+        d.pop("checksums")
+        for layer in d["layers"].values():
+            for value in layer.values():
+                if isinstance(value, dict):
+                    value.pop("symmetric_range")
+    _edit_json(path / CONFIG_FILE, edit)
+
+
+def test_format_1_checkpoint_loads_restricted_and_unverified_with_a_warning(tiny, tmp_path):
+    """Format 1 knew only the restricted symmetric grid: its symmetric schemes load as restricted
+    (dynamic activation scales computed at run time follow it) and its tensors load unverified."""
+    restricted = DTypeConfig("int4", symmetric_range="restricted")
+    model, tok = quantized(tiny, restricted, DTypeConfig("int8", symmetric_range="restricted"))
+    expected = logits(model)
+    quantkit.save_quantized(model, tok, tmp_path / "q")
+    _as_format_1(tmp_path / "q")
+    with pytest.warns(UnverifiedCheckpointWarning, match="format 1 checkpoint without checksums"):
+        loaded = quantkit.load(tmp_path / "q")
+    q = loaded.model.layers[0].self_attn.q_proj
+    assert q.w_scheme.symmetric_range == q.a_scheme.symmetric_range == "restricted"
+    assert torch.equal(logits(loaded), expected)
+
+
+def test_format_1_asymmetric_schemes_load_as_before(saved):
+    _as_format_1(saved)
+    with pytest.warns(UnverifiedCheckpointWarning):
+        loaded = quantkit.load(saved)
+    assert loaded.model.layers[0].mlp.up_proj.w_scheme == QuantScheme("int4", "per_group", 48, has_zero=True,
+                                                                       unsigned=True)
+
+
+def test_current_checkpoint_loads_without_warnings(saved):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantkit.load(saved)
+
+
+def test_unsigned_grid_without_zero_point_loads_with_a_warning(tiny, tmp_path):
+    """Runs refuse this grid (it clips every negative weight to 0); a checkpoint that holds one,
+    made by the library directly or by an older quantkit, loads as saved but says so."""
+    model, tok = tiny()
+    clipping = QuantScheme("int4", "per_channel", unsigned=True)
+    model.model.layers[0].mlp.up_proj = QuantLinear.from_linear(model.model.layers[0].mlp.up_proj, clipping)
+    quantkit.save_quantized(model, tok, tmp_path / "q")
+    with pytest.warns(ClippedGridWarning, match=r"layer 'model.layers.0.mlp.up_proj' w_scheme is int4 channel unsigned"):
+        loaded = quantkit.load(tmp_path / "q")
+    assert loaded.model.layers[0].mlp.up_proj.w_scheme == clipping
 
 
 @pytest.mark.parametrize("damage", ["truncate", "header"])

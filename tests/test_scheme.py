@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from quantkit.dtypes import get_dtype
-from quantkit.scheme import GRANULARITIES, QuantScheme
+from quantkit.scheme import GRANULARITIES, QuantScheme, check_grid
 
 
 def test_defaults_and_dtype_by_name() -> None:
@@ -17,6 +17,88 @@ def test_defaults_and_dtype_by_name() -> None:
         "per_channel", -1, False, False,
     )
     assert (scheme.bits, scheme.qmin, scheme.qmax) == (4, -8, 7)
+    assert scheme.symmetric_range == "full" and scheme.symmetric
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code"),
+    [
+        ({"dtype": "int4"}, 7.5),
+        ({"dtype": "int4", "symmetric_range": "restricted"}, 7.0),
+        ({"dtype": "int3"}, 3.5),
+        ({"dtype": "int2"}, 1.5),
+        ({"dtype": "int8"}, 127.5),
+        ({"dtype": "int8", "symmetric_range": "restricted"}, 127.0),
+        ({"dtype": "int4", "unsigned": True}, 15.0),  # max(x, 0) / qmax
+        ({"dtype": "fp8"}, 448.0),
+        ({"dtype": "fp4"}, 6.0),
+    ],
+    ids=["int4", "int4-restricted", "int3", "int2", "int8", "int8-restricted", "uint4", "fp8", "fp4"],
+)
+def test_absmax_code(kwargs: dict, code: float) -> None:
+    assert QuantScheme(**kwargs).absmax_code == code
+
+
+def test_absmax_code_is_undefined_with_a_zero_point() -> None:
+    with pytest.raises(ValueError, match="has a zero point"):
+        QuantScheme("int4", has_zero=True).absmax_code  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"has_zero": True}, {"unsigned": True}, {"has_zero": True, "unsigned": True}],
+    ids=["asym", "unsigned", "asym-unsigned"],
+)
+@pytest.mark.parametrize("dtype", ["int4", "fp8"])
+def test_restricted_range_only_on_symmetric_signed_int_grids(dtype: str, kwargs: dict) -> None:
+    if dtype == "fp8":
+        kwargs = {}
+    with pytest.raises(ValueError, match="symmetric_range=restricted acts on signed integer grids"):
+        QuantScheme(dtype, symmetric_range="restricted", **kwargs)
+
+
+def test_unknown_symmetric_range_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="symmetric_range='narrow' is not valid; choose one of: full, restricted"):
+        QuantScheme("int4", symmetric_range="narrow")
+
+
+# the one grid rule of every run: (dtype, has_zero, unsigned, symmetric_range) -> error or None
+GRID_CASES = {
+    "int4-sym": (("int4", False, False, None), None),
+    "int4-sym-restricted": (("int4", False, False, "restricted"), None),
+    "int4-sym-full": (("int4", False, False, "full"), None),
+    "int4-asym-unsigned": (("int4", True, True, None), None),
+    "int4-asym-signed": (("int4", True, False, None), None),
+    "fp8": (("fp8", False, False, None), None),
+    "float16": (("float16", False, False, None), None),
+    "int4-unsigned-no-zero": (("int4", False, True, None),
+                              r"w_dtype.unsigned=true without a zero point \(w_dtype.has_zero=false\) .*clip"),
+    "int8-unsigned-no-zero-restricted": (("int8", False, True, "restricted"), "w_dtype.unsigned=true without"),
+    "int4-asym-restricted": (("int4", True, True, "restricted"),
+                             "w_dtype.symmetric_range=restricted acts on symmetric signed grids only"),
+    "int4-asym-full": (("int4", True, False, "full"), "w_dtype.symmetric_range=full acts on symmetric"),
+    "int4-bad-range": (("int4", False, False, "narrow"),
+                       "w_dtype.symmetric_range='narrow' is not valid; choose one of: full, restricted"),
+    "fp8-range": (("fp8", False, False, "full"), "w_dtype.symmetric_range=full is not valid with w_dtype=fp8"),
+    "fp4-unsigned": (("fp4", False, True, None), "w_dtype.unsigned=True is not valid with w_dtype=fp4"),
+    "float16-range": (("float16", False, False, "restricted"),
+                      "w_dtype.symmetric_range=restricted has nothing to act on: w_dtype=float16"),
+    "float16-zero": (("float16", True, False, None), "w_dtype.has_zero=True has nothing to act on"),
+}
+KEYS = {"dtype": "w_dtype", "has_zero": "w_dtype.has_zero", "unsigned": "w_dtype.unsigned",
+        "symmetric_range": "w_dtype.symmetric_range"}
+
+
+@pytest.mark.parametrize("case", GRID_CASES)
+def test_check_grid_names_the_keys_and_the_allowed_combinations(case: str) -> None:
+    args, message = GRID_CASES[case]
+    if message is None:
+        check_grid(*args, keys=KEYS)
+        return
+    with pytest.raises(ValueError, match=message) as info:
+        check_grid(*args, keys=KEYS)
+    if "without a zero point" in message:
+        assert "Allowed integer grids: has_zero=true with unsigned=true or false" in str(info.value)
 
 
 def test_unsigned_int_range() -> None:
@@ -119,6 +201,8 @@ def test_groupsize_larger_than_cols_is_an_error() -> None:
         (QuantScheme("int8", "per_channel"), "int8 channel"),
         (QuantScheme("fp8", "per_tensor"), "fp8 tensor"),
         (QuantScheme("int8", "per_token", unsigned=True), "int8 token unsigned"),
+        (QuantScheme("int4", "per_group", 64), "int4 g64"),
+        (QuantScheme("int8", "per_token", symmetric_range="restricted"), "int8 token restricted"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -131,3 +215,69 @@ def test_scheme_is_frozen_and_hashable() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         scheme.groupsize = 64  # type: ignore[misc]
     assert {scheme: 1}[QuantScheme("int4", "per_group", 128)] == 1
+
+
+# --- the grid rule in runs: every algorithm, refused before the model loads ----------------------
+
+SYM = ("w_dtype.has_zero=false", "w_dtype.unsigned=false")
+RUN_GRID_ERRORS = {
+    # w_dtype.has_zero=false alone keeps the stub's unsigned=true: negative weights would clip
+    **{f"{algo}-has-zero-false-alone": ([f"algo={algo}", "w_dtype.has_zero=false"],
+                                        r"w_dtype.unsigned=true without a zero point \(w_dtype.has_zero=false\)")
+       for algo in ("rtn", "gptq", "awq")},
+    "smoothquant-has-zero-false-alone": (["algo=smoothquant", "a_dtype=int8", "w_dtype.has_zero=false"],
+                                         r"w_dtype.unsigned=true without a zero point"),
+    "zeroquant-has-zero-false-alone": (["algo=zeroquant", "a_dtype=int8", "w_dtype.has_zero=false"],
+                                       r"w_dtype.unsigned=true without a zero point \(w_dtype.has_zero=false\)"),
+    "zeroquant-w-has-zero-key": (["algo=zeroquant", "a_dtype=int8", "algo.w_has_zero=false"],
+                                 r"w_dtype.unsigned=true without a zero point \(algo.w_has_zero=false\)"),
+    "unsigned-activations": (["a_dtype=int8", "a_dtype.unsigned=true"],
+                             r"a_dtype.unsigned=true without a zero point \(a_dtype.has_zero=false\)"),
+    "range-on-asymmetric-weights": (["w_dtype.symmetric_range=restricted"],
+                                    "w_dtype.symmetric_range=restricted acts on symmetric signed grids only"),
+    "range-value": ([*SYM, "w_dtype.symmetric_range=narrow"],
+                    "w_dtype.symmetric_range='narrow' is not valid; choose one of: full, restricted"),
+    "range-on-float16-activations": (["a_dtype.symmetric_range=full"],
+                                     "a_dtype.symmetric_range=full has nothing to act on: a_dtype=float16"),
+    "range-on-fp8": (["w_dtype=fp8", "algo.groupsize=-1", "w_dtype.symmetric_range=full"],
+                     "w_dtype.symmetric_range=full is not valid with w_dtype=fp8"),
+}
+
+
+@pytest.mark.parametrize("case", RUN_GRID_ERRORS)
+def test_bad_grids_fail_before_the_model_loads_naming_the_keys(case, tmp_path, monkeypatch):
+    from quantkit import models, runner
+    from quantkit.config import ConfigError, build_run_config
+    from tests.test_config import compose_dict
+
+    overrides, message = RUN_GRID_ERRORS[case]
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    resolved = compose_dict("model=tiny-llama", *overrides, f"output_dir={tmp_path}")
+    with pytest.raises(ConfigError, match=message):
+        runner.run(build_run_config(resolved), resolved)
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "w_range", "a_range"),
+    [
+        ([*SYM], "full", None),
+        ([*SYM, "w_dtype.symmetric_range=restricted"], "restricted", None),
+        (["w_dtype=int8", "a_dtype=int8"], "full", "restricted"),  # int8 weights are symmetric by default
+        (["w_dtype=int8", "a_dtype=int8", "a_dtype.symmetric_range=full"], "full", "full"),
+        (["algo=zeroquant", "a_dtype=int8", "algo.w_has_zero=false", "algo.w_unsign=false",
+          "w_dtype.symmetric_range=restricted"], "restricted", "restricted"),
+        (["algo=gptq", *SYM], "full", None),
+        (["algo=awq", *SYM, "w_dtype.symmetric_range=restricted"], "restricted", None),
+    ],
+    ids=["w-sym", "w-sym-restricted", "w8a8", "w8a8-full-act", "zeroquant-keys", "gptq", "awq-restricted"],
+)
+def test_symmetric_range_reaches_the_schemes(overrides, w_range, a_range):
+    from quantkit.algorithms.registry import build_algorithm
+    from quantkit.config import build_run_config
+    from tests.test_config import compose_dict
+
+    run = build_run_config(compose_dict("model=tiny-llama", *overrides))
+    algorithm = build_algorithm(run.algo, run.w_dtype, run.a_dtype)
+    assert algorithm.w_scheme.symmetric_range == w_range and algorithm.w_scheme.symmetric
+    assert (algorithm.a_scheme.symmetric_range if algorithm.a_scheme else None) == a_range

@@ -150,7 +150,9 @@ def test_static_and_dynamic_activations(tiny_model):
     assert torch.equal(qs.dequantized_weight(), qd.dequantized_weight())  # only the activations differ
     assert not torch.equal(logits(static), logits(dynamic))
     x = torch.randn(2, 5, 64)  # dynamic: one scale per token, computed per call
-    assert torch.equal(qd.quantize_input(x), ref.fake_quantize(x, QuantScheme("int8", "per_token")))
+    # activations default to the restricted symmetric grid (amax / 127)
+    act = QuantScheme("int8", "per_token", symmetric_range="restricted")
+    assert torch.equal(qd.quantize_input(x), ref.fake_quantize(x, act))
 
 
 @pytest.mark.parametrize("flag", ["block_sequential", "layer_sequential"])

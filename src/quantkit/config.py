@@ -100,11 +100,17 @@ def build(cls: type[T], data: dict[str, Any], path: str = "") -> T:
 
 @dataclass(frozen=True)
 class DTypeConfig:
-    """A weight or activation number format (``conf/dtype/*.yaml``)."""
+    """A weight or activation number format (``conf/dtype/*.yaml``).
+
+    ``symmetric_range`` (full, restricted; None: full for weights, restricted for activations)
+    acts on symmetric signed integer grids. Which combinations are valid is decided where the
+    role is known, by :func:`quantkit.scheme.check_grid` (``quantkit.algorithms.base``).
+    """
 
     name: str
     has_zero: bool = False
     unsigned: bool = False
+    symmetric_range: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("dtype name", self.name, dtype_names())

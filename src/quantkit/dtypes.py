@@ -18,7 +18,8 @@ float16     16     none     no quantization (identity)
 ==========  =====  =======  ==========================================================
 
 Integer formats may be signed or unsigned and symmetric or with a zero point (see
-:class:`quantkit.scheme.QuantScheme`); float formats are always signed and symmetric with
+:class:`quantkit.scheme.QuantScheme`; symmetric grids use the full range by default, e.g. int4
+``scale = amax / 7.5`` with codes ``[-8, 7]``, or the restricted ``amax / 7``); float formats are always signed and symmetric with
 a power-free scale per group (``x ~ scale * fp_value``).
 """
 

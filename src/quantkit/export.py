@@ -22,6 +22,13 @@ compressed-tensors integer grids are always the signed ``[-2^(b-1), 2^(b-1) - 1]
 ``u`` (with zero ``z_u``, or none) become ``q = u - 2^(b-1)`` and ``z = z_u - 2^(b-1)`` (or
 ``-2^(b-1)``), so ``q - z`` and the dequantized weight are unchanged: writing unsigned codes
 as if they were signed is the "corrupted signed weights" bug this module exists to avoid.
+Scales are written as computed, so the export dequantizes to exactly quantkit's weights: the
+default full symmetric grid (``amax / (qmax + 1/2)``) is compressed-tensors' own (its
+``calculate_qparams`` gives the same scales, its ``quantize`` the same codes), and a
+``symmetric_range=restricted`` grid exports too (its codes simply never reach ``-2^(b-1)``).
+Dynamic activation scales are not stored: the runtime computes them (compressed-tensors:
+``amax / 127.5``, the full grid; vLLM's int8 kernels: ``amax / 127``, the restricted grid that
+quantkit's activations use by default).
 Schemes without an equivalent (int2/int3, fp4, fp8_e5m2, a short last group, per_tensor
 weights, asymmetric or unsigned activations, output quantization, any QuantLinear buffer or
 argument this module does not know) raise :class:`ExportError` naming the scheme.

@@ -4,8 +4,9 @@ These functions define the math; every Triton kernel in ``quantkit.kernels`` is 
 against them (bit-exact: codes, scales and zeros). All arithmetic is float32 in a fixed
 order so that a kernel can reproduce it exactly:
 
-* integer, symmetric:  ``s = amax / qmax`` (``s = 1`` where ``amax == 0``),
-  ``q = clamp(round(x / s), qmin, qmax)``; unsigned without zero uses ``amax = max(x, 0)``.
+* integer, symmetric:  ``s = amax / (qmax + 0.5)`` (``symmetric_range=full``, every code available)
+  or ``s = amax / qmax`` (``restricted``), ``s = 1`` where ``amax == 0``;
+  ``q = clamp(round(x / s), qmin, qmax)``; unsigned without zero: ``s = max(x, 0) / qmax``.
 * integer, zero point: ``lo = min(x, 0)``, ``hi = max(x, 0)``, ``s = (hi - lo) / (qmax - qmin)``
   (``1`` where 0; ``hi / (qmax - qmin) - lo / (qmax - qmin)`` where ``hi - lo`` overflows float32), ``z = clamp(round(qmin - lo / s), qmin, qmax)``,
   ``q = clamp(round(x / s) + z, qmin, qmax)``; ``x_hat = (q - z) * s``.
@@ -77,8 +78,8 @@ def compute_qparams(
         amax = torch.clamp(_reduce_groups(x, scheme, "amax"), min=0.0)
     else:
         amax = _reduce_groups(x.abs(), scheme, "amax")
-    top = dt.max_value if dt.is_float else float(scheme.qmax)
-    scale = amax / torch.full_like(amax, top)  # not a python float: CUDA multiplies by its reciprocal
+    # not a python float: CUDA would multiply by its reciprocal
+    scale = amax / torch.full_like(amax, scheme.absmax_code)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     return scale, None
 

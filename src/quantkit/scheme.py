@@ -17,16 +17,111 @@ per_group        (rows, ceil(C/g))   ``g`` consecutive columns of a row; column 
 ===============  ==================  ===============================================
 
 ``groupsize=-1`` with ``per_group`` means one group per row, i.e. ``per_channel``.
+
+Integer grids (``b`` bits, ``qmin = -2^(b-1)``, ``qmax = 2^(b-1) - 1``, unsigned ``[0, 2^b - 1]``):
+
+=====================  =============================  ======================================
+grid                   scale of a group               codes used
+=====================  =============================  ======================================
+symmetric, full        ``amax / (qmax + 1/2)``        all ``2^b``: int4 ``[-8, 7]``; ``+amax``
+(the default)          (int4: ``amax / 7.5``)         maps to 7.5, rounds to 8, clamps to 7
+symmetric, restricted  ``amax / qmax``                ``2^b - 1``: int4 ``[-7, 7]`` (``-8``
+                       (int4: ``amax / 7``)           never occurs)
+zero point             ``(hi - lo) / (qmax - qmin)``  all, ``x ~ (q - z) * s``
+=====================  =============================  ======================================
+
+The full symmetric grid is the one of the GPTQ reference quantizer (``scale = 2 * amax /
+(2^b - 1)``, ``q = clamp(round(x / s) + 2^(b-1), 0, 2^b - 1)``) and of compressed-tensors /
+llm-compressor (``scale = amax / ((qmax - qmin) / 2)``, ``q = round(clamp(x / s, qmin,
+qmax))``): the same scale and, with round half to even, the same codes as ours (``+amax``
+lands on code ``qmax``; ``-amax`` on ``qmin``, or on ``qmin + 1`` where the rounded scale makes
+``-amax / s`` fall just short of the tie). It has one more level than the restricted grid for
+the same bits and the same half-step error bound on ``[-amax, amax]``. (The GPTQ
+reference differs in one corner only: a group without negative values gets ``amax / (2^b -
+1)`` there, which clips its upper half; ours keeps ``amax / (qmax + 1/2)``.) Runs use it for
+weights by default and the restricted grid for activations (what SmoothQuant's reference and
+vLLM's dynamic int8 activation quantization compute); ``symmetric_range`` chooses.
+
+:func:`check_grid` is the one rule for the grids a run asks for (weights and activations):
+an unsigned integer grid without a zero point would clip every negative value to 0, so it is
+refused there. :class:`QuantScheme` itself still allows it, for tensors the caller knows to be
+non-negative.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from quantkit.dtypes import QuantDType, get_dtype
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
+SYMMETRIC_RANGES = ("full", "restricted")
+ALLOWED_INT_GRIDS = (
+    "has_zero=true with unsigned=true or false (asymmetric min/max grid with a zero point), or "
+    "has_zero=false with unsigned=false (symmetric signed grid; symmetric_range=full or restricted)"
+)
+
+
+def has_symmetric_range(dtype: str | QuantDType, has_zero: bool, unsigned: bool) -> bool:
+    """Whether ``symmetric_range`` means something: signed integer grids without a zero point."""
+    return get_dtype(dtype).is_int and not has_zero and not unsigned
+
+
+def check_grid(
+    dtype: str | QuantDType,
+    has_zero: bool,
+    unsigned: bool,
+    symmetric_range: str | None = None,
+    keys: Mapping[str, str] | None = None,
+) -> None:
+    """The rule every weight or activation grid of a run follows; a ValueError otherwise.
+
+    ``symmetric_range=None`` means "the default of the role" (weights: full, activations:
+    restricted). ``keys`` maps ``dtype``/``has_zero``/``unsigned``/``symmetric_range`` to the
+    config keys that set them (e.g. ``w_dtype.has_zero`` or ``algo.w_has_zero``), so the
+    message names what the user typed. Refused:
+
+    * any of the three flags on ``float16`` (nothing is quantized);
+    * a zero point or unsigned codes on a float grid (fp8, fp4 are signed and symmetric);
+    * an unsigned integer grid without a zero point: every negative value would clip to 0;
+    * ``symmetric_range`` other than full/restricted, or set on a grid it does not act on.
+    """
+    key = {"dtype": "dtype", "has_zero": "has_zero", "unsigned": "unsigned",
+           "symmetric_range": "symmetric_range", **(keys or {})}
+    spec = get_dtype(dtype)
+    set_flags = [f"{key[k]}={v}" for k, v in
+                 (("has_zero", has_zero), ("unsigned", unsigned), ("symmetric_range", symmetric_range))
+                 if v not in (False, None)]
+    if spec.is_identity:
+        if set_flags:
+            raise ValueError(f"{', '.join(set_flags)} has nothing to act on: {key['dtype']}={spec.name} "
+                             "is not quantized")
+        return
+    if symmetric_range is not None and symmetric_range not in SYMMETRIC_RANGES:
+        raise ValueError(f"{key['symmetric_range']}={symmetric_range!r} is not valid; choose one of: "
+                         f"{', '.join(SYMMETRIC_RANGES)} (or leave it null for the default)")
+    if spec.is_float:
+        if set_flags:
+            raise ValueError(
+                f"{', '.join(set_flags)} is not valid with {key['dtype']}={spec.name}: float grids are "
+                "signed and symmetric with one scale per group; use an integer dtype "
+                "(int2/int3/int4/int8) or drop the setting"
+            )
+        return
+    if unsigned and not has_zero:
+        raise ValueError(
+            f"{key['unsigned']}=true without a zero point ({key['has_zero']}=false) is an unsigned grid "
+            f"on which every negative value would clip to 0. Allowed integer grids: {ALLOWED_INT_GRIDS}. "
+            f"Set {key['unsigned']}=false (symmetric signed) or {key['has_zero']}=true (asymmetric)"
+        )
+    if symmetric_range is not None and not has_symmetric_range(spec, has_zero, unsigned):
+        raise ValueError(
+            f"{key['symmetric_range']}={symmetric_range} acts on symmetric signed grids only "
+            f"({key['has_zero']}=false, {key['unsigned']}=false); with {key['has_zero']}=true the "
+            "grid spans [min, max] with a zero point: leave it null"
+        )
 
 
 @dataclass(frozen=True)
@@ -40,7 +135,11 @@ class QuantScheme:
             for the other granularities.
         has_zero: integer grids only: asymmetric min/max grid with an integer zero point.
         unsigned: integer grids only: codes in ``[0, 2**bits - 1]``. Without a zero point
-            negative values clip to 0 (for non-negative tensors).
+            negative values clip to 0: only for tensors known to be non-negative (runs refuse
+            it, see :func:`check_grid`).
+        symmetric_range: signed integer grids without a zero point: ``full`` (default,
+            ``scale = amax / (qmax + 1/2)``, every code available) or ``restricted``
+            (``amax / qmax``, the most negative code unused). Must stay ``full`` elsewhere.
     """
 
     dtype: QuantDType
@@ -48,6 +147,7 @@ class QuantScheme:
     groupsize: int = -1
     has_zero: bool = False
     unsigned: bool = False
+    symmetric_range: str = "full"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", get_dtype(self.dtype))
@@ -77,6 +177,17 @@ class QuantScheme:
             raise ValueError(
                 f"{self.dtype.name} is a signed float grid: has_zero and unsigned must be false"
             )
+        if self.symmetric_range not in SYMMETRIC_RANGES:
+            raise ValueError(
+                f"symmetric_range={self.symmetric_range!r} is not valid; choose one of: "
+                f"{', '.join(SYMMETRIC_RANGES)}"
+            )
+        if self.symmetric_range != "full" and not self.symmetric:
+            raise ValueError(
+                f"symmetric_range={self.symmetric_range} acts on signed integer grids without a "
+                f"zero point only, not on {self.dtype.name} with has_zero={self.has_zero}, "
+                f"unsigned={self.unsigned}"
+            )
 
     @property
     def bits(self) -> int:
@@ -89,6 +200,25 @@ class QuantScheme:
     @property
     def qmax(self) -> int:
         return self.dtype.qmax(self.unsigned)
+
+    @property
+    def symmetric(self) -> bool:
+        """A signed integer grid without a zero point (where ``symmetric_range`` acts)."""
+        return has_symmetric_range(self.dtype, self.has_zero, self.unsigned)
+
+    @property
+    def absmax_code(self) -> float:
+        """The code value the largest magnitude of a group maps to, on grids without a zero
+        point: ``scale = amax / absmax_code``. Float grids: their largest finite value;
+        unsigned integer grids: ``qmax`` (of ``max(x, 0)``); signed integer grids:
+        ``qmax + 1/2`` (full range) or ``qmax`` (restricted)."""
+        if self.has_zero:
+            raise ValueError(f"{self.describe()} has a zero point: its scale is (hi - lo) / (qmax - qmin)")
+        if self.dtype.is_float:
+            return float(self.dtype.max_value)
+        if self.symmetric and self.symmetric_range == "full":
+            return self.qmax + 0.5
+        return float(self.qmax)
 
     def group_cols(self, cols: int) -> int:
         """Columns per group for a ``(rows, cols)`` tensor (``cols`` for per row/tensor)."""
@@ -111,11 +241,13 @@ class QuantScheme:
         return (rows, self.num_groups(cols))
 
     def describe(self) -> str:
-        """Short human-readable form, e.g. ``int4 g128 asym``."""
+        """Short human-readable form, e.g. ``int4 g128 asym``, ``int4 g64`` (symmetric, full
+        range) or ``int8 token restricted``."""
         gran = {
             "per_tensor": "tensor", "per_channel": "channel", "per_token": "token",
             "per_group": f"g{self.groupsize}",
         }[self.granularity]
         zero = " asym" if self.has_zero else ""
         sign = " unsigned" if self.unsigned else ""
-        return f"{self.dtype.name} {gran}{zero}{sign}"
+        restricted = " restricted" if self.symmetric_range == "restricted" else ""
+        return f"{self.dtype.name} {gran}{zero}{sign}{restricted}"

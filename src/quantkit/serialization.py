@@ -11,25 +11,37 @@ A saved folder holds:
   differs from ``model.safetensors`` on purpose: ``from_pretrained`` on this folder fails
   instead of building a model with random weights.
 * ``quantkit_config.json``: the format version, quantkit version, float dtype, the tied
-  aliases, the run config and, per quantized linear, its constructor arguments with the
-  schemes (``dtype``, ``granularity``, ``groupsize``, ``has_zero``, ``unsigned``).
+  aliases, the run config, a SHA-256 checksum of every stored tensor's bytes and, per
+  quantized linear, its constructor arguments with the schemes (``dtype``, ``granularity``,
+  ``groupsize``, ``has_zero``, ``unsigned``, ``symmetric_range``).
 * ``config.json`` (the HF model config) and the tokenizer files.
 
 :func:`load` rebuilds the HF skeleton from ``config.json`` (no download, no weights),
-replaces the listed linears by ``QuantLinear`` with the stored schemes, checks every tensor's
-name, shape and dtype against the skeleton and loads them strictly: the result computes
-exactly what the saved model computed. Anything inconsistent raises :class:`CheckpointError`
-naming the file or tensor.
+replaces the listed linears by ``QuantLinear`` with the stored schemes, verifies every
+tensor's checksum, checks its name, shape and dtype against the skeleton and loads them
+strictly: the result computes exactly what the saved model computed. Anything inconsistent
+(a flipped byte in the data included) raises :class:`CheckpointError` naming the file or
+tensor.
+
+Older checkpoints. Format 1 (before symmetric_range and checksums) still loads: its symmetric
+signed integer schemes get ``symmetric_range="restricted"``, the only grid that existed then
+(it matters for activations, whose scales are computed at run time), and its tensors load
+unverified with a :class:`UnverifiedCheckpointWarning` (re-save to add checksums). A format-2
+manifest without checksums is refused. A layer whose scheme is an unsigned integer grid
+without a zero point (which clipped every negative value to 0; runs refuse it now) loads with
+a :class:`ClippedGridWarning`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,7 +54,10 @@ from quantkit.quant_linear import QuantLinear
 from quantkit.scheme import QuantScheme
 
 FORMAT_NAME = "quantkit"
-FORMAT_VERSION = 1  # bump when a reader of the old version would misread the new layout
+# bump when a reader of the old version would misread the new layout. 2: schemes record
+# symmetric_range (format 1 meant "restricted"), tensors carry checksums.
+FORMAT_VERSION = 2
+CHECKSUM = "sha256"
 CONFIG_FILE = "quantkit_config.json"
 WEIGHTS_FILE = "quantkit_weights.safetensors"
 _SCHEME_FIELDS = tuple(f.name for f in dataclasses.fields(QuantScheme))
@@ -52,6 +67,20 @@ _NOT_STORED = ("self", "device")
 
 class CheckpointError(ValueError):
     """A saved quantized model that cannot be loaded faithfully (names the file or tensor)."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint written before checksums existed (format 1): its bytes cannot be verified."""
+
+
+class ClippedGridWarning(UserWarning):
+    """A layer saved on an unsigned grid without a zero point: its negative values were clipped."""
+
+
+def tensor_checksum(t: torch.Tensor) -> str:
+    """SHA-256 (hex) of the bytes of ``t`` as safetensors stores them (contiguous, little-endian)."""
+    data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)  # (nbytes,)
+    return hashlib.sha256(data.numpy()).hexdigest()
 
 
 def scheme_to_dict(scheme: QuantScheme) -> dict[str, Any]:
@@ -182,6 +211,7 @@ def save_quantized(
         "float_dtype": str(stored_dtype).replace("torch.", ""),
         "layers": layers,
         "tied": aliases,
+        "checksums": {"algorithm": CHECKSUM, "tensors": {n: tensor_checksum(t) for n, t in tensors.items()}},
         "run_config": run_config,
     }
     with atomic_dir(out_dir, CONFIG_FILE) as tmp:
@@ -214,7 +244,52 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
             f"{manifest.get('quantkit_version')}); this quantkit reads versions up to {FORMAT_VERSION}: "
             "upgrade quantkit"
         )
+    if version < 2:
+        _upgrade_v1(manifest)
     return manifest
+
+
+def _upgrade_v1(manifest: dict[str, Any]) -> None:
+    """Format 1 -> 2 in memory: symmetric signed integer grids were all restricted then."""
+    layers = manifest.get("layers")
+    for layer in layers.values() if isinstance(layers, dict) else ():
+        for value in layer.values() if isinstance(layer, dict) else ():
+            if isinstance(value, dict) and "symmetric_range" not in value:
+                symmetric = (str(value.get("dtype", "")).startswith("int") and not value.get("has_zero")
+                             and not value.get("unsigned"))
+                value["symmetric_range"] = "restricted" if symmetric else "full"
+
+
+def _verify_checksums(file: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+    """Every stored tensor must hash to the manifest's checksum (a flipped byte is an error)."""
+    manifest_file = file.parent / CONFIG_FILE
+    checksums = manifest.get("checksums")
+    if checksums is None and manifest["format_version"] < 2:
+        warnings.warn(
+            f"{file.parent}: quantkit format {manifest['format_version']} checkpoint without checksums; "
+            "its tensors load unverified (load and save it again to add them)",
+            UnverifiedCheckpointWarning, stacklevel=3,
+        )
+        return
+    if not isinstance(checksums, dict) or checksums.get("algorithm") != CHECKSUM or not isinstance(
+            checksums.get("tensors"), dict):
+        raise CheckpointError(
+            f"{manifest_file}: no {CHECKSUM} tensor checksums (format {manifest['format_version']} "
+            "always has them): the manifest is damaged or was edited"
+        )
+    expected = checksums["tensors"]
+    unlisted, absent = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
+    if unlisted or absent:
+        raise CheckpointError(
+            f"{file} does not match the checksums of {CONFIG_FILE}: tensors without a checksum "
+            f"{unlisted}, checksummed tensors missing from the file {absent}"
+        )
+    for name, t in tensors.items():
+        if tensor_checksum(t) != expected[name]:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} does not match its {CHECKSUM} checksum in {CONFIG_FILE}: "
+                "the file is corrupt (changed bytes); restore or re-save the checkpoint"
+            )
 
 
 def _read_tensors(file: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -260,8 +335,20 @@ def _skeleton(path: Path, manifest: dict[str, Any]) -> nn.Module:
                 f"{path / CONFIG_FILE}: layer {name!r} is {module.in_features} -> {module.out_features} but "
                 f"config.json builds {type(original).__name__} {shape[0]} -> {shape[1]} there"
             )
+        _warn_if_clipped(name, module, path)
         model.set_submodule(name, module)
     return model
+
+
+def _warn_if_clipped(name: str, module: QuantLinear, path: Path) -> None:
+    for attr, value in vars(module).items():
+        if isinstance(value, QuantScheme) and value.dtype.is_int and value.unsigned and not value.has_zero:
+            warnings.warn(
+                f"{path}: layer {name!r} {attr} is {value.describe()}, an unsigned grid without a zero "
+                "point: every negative value was clipped to 0 when it was quantized (runs refuse this "
+                "grid now); quantize the model again with has_zero=true or unsigned=false",
+                ClippedGridWarning, stacklevel=4,
+            )
 
 
 def _tie(model: nn.Module, aliases: dict[str, str], manifest_file: Path) -> None:
@@ -309,6 +396,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Modu
     file = path / Path(str(manifest.get("weights_file", WEIGHTS_FILE))).name  # never outside the folder
     model = _skeleton(path, manifest)
     tensors = _read_tensors(file, "cpu")
+    _verify_checksums(file, tensors, manifest)
     aliases = manifest.get("tied", {})
     for alias, stored in aliases.items():
         if stored not in tensors:

@@ -25,6 +25,7 @@ strided subsample of the calibration tokens: ``||X dW^T||^2 = sum(dW H * dW)``, 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -147,7 +148,7 @@ def _group_rows(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, Qua
     gs = scheme.group_cols(cols)
     groups = math.ceil(cols / gs)
     wg = nn.functional.pad(w, (0, groups * gs - cols)).reshape(out * groups, gs)  # (out * G, gs)
-    return wg, QuantScheme(scheme.dtype, "per_channel", -1, has_zero=scheme.has_zero, unsigned=scheme.unsigned)
+    return wg, dataclasses.replace(scheme, granularity="per_channel", groupsize=-1)  # same grid, one group per row
 
 
 def fake_quantize_weight(

@@ -16,16 +16,40 @@ from torch import nn
 
 from quantkit.config import ConfigError, DTypeConfig, check, check_choice, check_groupsize
 from quantkit.quant_linear import QuantLinear
-from quantkit.scheme import QuantScheme
+from quantkit.scheme import QuantScheme, check_grid, has_symmetric_range
 
 W_QTYPES = ("per_tensor", "per_channel", "per_group")
 # per_tensor activations are calibrated once (static); per_token scales are computed per call.
 A_QTYPES = ("per_tensor", "per_token")
+# symmetric_range when the dtype leaves it null. Weights: the full grid of GPTQ and
+# compressed-tensors (one more level: int4 RTN g64 on SmolLM2 is much better with it).
+# Activations: the restricted grid that SmoothQuant's reference and vLLM's dynamic int8
+# activation quantization compute, so a static or exported activation scale means the same.
+WEIGHT_SYMMETRIC_RANGE = "full"
+ACTIVATION_SYMMETRIC_RANGE = "restricted"
+
+
+def grid_fields(dtype: DTypeConfig, role: str, keys: dict[str, str] | None = None) -> dict[str, Any]:
+    """``has_zero``/``unsigned``/``symmetric_range`` of the scheme for ``dtype`` in ``role`` (``w``
+    or ``a``), after the one grid rule (:func:`quantkit.scheme.check_grid`) every algorithm
+    follows; errors name the keys (``keys`` overrides, e.g. ZeroQuant's ``algo.w_has_zero``)."""
+    prefix = f"{role}_dtype."
+    names = {"dtype": f"{role}_dtype", **{k: prefix + k for k in ("has_zero", "unsigned", "symmetric_range")},
+             **(keys or {})}
+    try:
+        check_grid(dtype.name, dtype.has_zero, dtype.unsigned, dtype.symmetric_range, names)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    default = WEIGHT_SYMMETRIC_RANGE if role == "w" else ACTIVATION_SYMMETRIC_RANGE
+    symmetric = has_symmetric_range(dtype.name, dtype.has_zero, dtype.unsigned)
+    return {"has_zero": dtype.has_zero, "unsigned": dtype.unsigned,
+            "symmetric_range": (dtype.symmetric_range or default) if symmetric else "full"}
 
 
 def weight_scheme(w_dtype: DTypeConfig, w_qtype: str, groupsize: int) -> QuantScheme | None:
     """The weight scheme, or None for ``w_dtype=float16``; errors name the config keys."""
     check_choice("algo.w_qtype", w_qtype, W_QTYPES)
+    grid = grid_fields(w_dtype, "w")
     if w_dtype.is_identity:
         return None
     check(
@@ -34,8 +58,7 @@ def weight_scheme(w_dtype: DTypeConfig, w_qtype: str, groupsize: int) -> QuantSc
         "use w_qtype=per_group or groupsize=-1",
     )
     try:
-        return QuantScheme(w_dtype.name, w_qtype, groupsize if w_qtype == "per_group" else -1,
-                           has_zero=w_dtype.has_zero, unsigned=w_dtype.unsigned)
+        return QuantScheme(w_dtype.name, w_qtype, groupsize if w_qtype == "per_group" else -1, **grid)
     except ValueError as exc:
         raise ConfigError(f"w_dtype/algo: {exc}") from None
 
@@ -55,10 +78,11 @@ def check_weight_activation_keys(config: Any) -> None:
 def activation_scheme(a_dtype: DTypeConfig, a_qtype: str) -> QuantScheme | None:
     """The activation scheme, or None for ``a_dtype=float16`` (weight-only)."""
     check_choice("algo.a_qtype", a_qtype, A_QTYPES)
+    grid = grid_fields(a_dtype, "a")
     if a_dtype.is_identity:
         return None
     try:
-        return QuantScheme(a_dtype.name, a_qtype, -1, has_zero=a_dtype.has_zero, unsigned=a_dtype.unsigned)
+        return QuantScheme(a_dtype.name, a_qtype, -1, **grid)
     except ValueError as exc:
         raise ConfigError(f"a_dtype/algo: {exc}") from None
 

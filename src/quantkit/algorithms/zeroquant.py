@@ -10,8 +10,10 @@ seed gives ``groupsize`` for "weights and activations": activations here are tok
 (the paper's choice), so ``groupsize`` is the weights' group size only.
 
 ``w_has_zero``/``w_unsign`` and ``a_has_zero``/``a_unsign`` override the ``has_zero`` and
-``unsigned`` of ``w_dtype``/``a_dtype`` (null: keep the dtype's). A zero point makes the grid
-asymmetric (min/max range). ``unsign`` selects unsigned codes; it needs a zero point (without
+``unsigned`` of ``w_dtype``/``a_dtype`` (null: keep the dtype's); the result follows the grid
+rule of every algorithm (:func:`quantkit.scheme.check_grid`). A zero point makes the grid
+asymmetric (min/max range); without one the grid is symmetric and ``{w,a}_dtype.symmetric_range``
+applies. ``unsign`` selects unsigned codes; it needs a zero point (without
 one every negative value would clip to 0), and with one it shifts the codes (and the zero
 point) by ``2**(bits-1)`` while the dequantized values stay the same: it matters to the
 integer kernels and to export. Float grids (fp8, fp4) are signed and symmetric: setting a
@@ -23,10 +25,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quantkit.algorithms.base import Algorithm, activation_scheme, weight_scheme
+from quantkit.algorithms.base import Algorithm, activation_scheme, grid_fields, weight_scheme
 from quantkit.algorithms.registry import register
 from quantkit.algorithms.rtn import RTN
-from quantkit.config import ConfigError, DTypeConfig, check, check_choice, check_groupsize
+from quantkit.config import DTypeConfig, check, check_choice, check_groupsize
 from quantkit.dtypes import get_dtype
 
 QUANTIZATION_TYPES = ("dynamic", "static")
@@ -69,13 +71,13 @@ def override_grid(dtype: DTypeConfig, role: str, has_zero: bool | None, unsign: 
               "symmetric; use an integer dtype (int2/int3/int4/int8) or set it to false/null")
     zero = dtype.has_zero if has_zero is None else has_zero
     unsigned = dtype.unsigned if unsign is None else unsign
-    if unsigned and not zero and spec.is_int:
-        key = f"algo.{role}_unsign" if unsign is not None else f"{dtype_key}.unsigned"
-        raise ConfigError(
-            f"{key}=true without a zero point clips every negative value to 0; set "
-            f"algo.{role}_has_zero=true (allowed values of {key} then: true, false, null)"
-        )
-    return DTypeConfig(dtype.name, has_zero=zero, unsigned=unsigned)
+    grid = DTypeConfig(dtype.name, has_zero=zero, unsigned=unsigned, symmetric_range=dtype.symmetric_range)
+    # the grid rule of every algorithm, naming the key that set each flag
+    grid_fields(grid, role, {
+        "has_zero": f"algo.{role}_has_zero" if has_zero is not None else f"{dtype_key}.has_zero",
+        "unsigned": f"algo.{role}_unsign" if unsign is not None else f"{dtype_key}.unsigned",
+    })
+    return grid
 
 
 @register("zeroquant", ZeroQuantConfig)
