@@ -74,13 +74,16 @@ LLAMA_NK = ((4096, 4096), (14336, 4096), (4096, 14336), (11008, 4096))  # Llama-
 SMOL_NK = ((576, 576), (1536, 576), (576, 1536))  # SmolLM2-135M
 RAGGED_NK = ((1000, 1000), (8192, 28672))  # K % 8 != 0; Llama-70B down_proj (rows > 16384)
 INT_VARIANTS = ((False, False), (True, True), (True, False), (False, True))  # has_zero, unsigned
+METRICS = ("regs", "spills_bytes", "spill_stores", "spill_loads", "smem_bytes", "mma",
+           "load_bits", "load_counts", "loop_shuffles", "loop_barriers", "loop_insts", "unroll",
+           "sass_per_weight", "total_insts", "cubin_identical", "compile_s")
 
 
 @dataclass
 class Variant:
     """One compiled kernel configuration and every problem that selects it."""
 
-    family: str
+    launcher: str
     spec: Any  # quantkit.sm90.CompileSpec
     info: dict
     problems: list[str] = field(default_factory=list)
@@ -101,22 +104,16 @@ class Variant:
         return " ".join(blocks + [f"warps={self.spec.num_warps}", f"stages={self.spec.num_stages}"])
 
     def record(self) -> dict[str, Any]:
+        """The JSON record: identification, every metric (None when compilation failed)."""
         m = self.metrics or {}
         return dict(
-            kernel=self.kernel, launcher=self.family,
-            config=f"{self.family}: {self.problems[0]} | {self.tiles()}",
-            problems=self.problems, regs=m.get("regs"), spills_bytes=m.get("spills_bytes"),
-            spill_stores=m.get("spill_stores"), spill_loads=m.get("spill_loads"),
-            smem_bytes=m.get("smem_bytes"), mma=m.get("mma"), load_bits=m.get("load_bits"),
-            loop_shuffles=m.get("loop_shuffles"), loop_barriers=m.get("loop_barriers"),
-            load_counts=m.get("load_counts"), loop_insts=m.get("loop_insts"),
-            unroll=m.get("unroll"),
-            sass_per_weight=m.get("sass_per_weight"), total_insts=m.get("total_insts"),
-            cubin_identical=m.get("cubin_identical"), compile_s=m.get("compile_s"),
-            num_warps=self.spec.num_warps,
-            num_stages=self.spec.num_stages, weights_per_iter=self.info.get("weights_per_iter"),
-            weight_bits=self.info.get("weight_bits"),
-            constexprs={k: v for k, v in self.constexprs().items()}, error=self.error,
+            kernel=self.kernel, launcher=self.launcher,
+            config=f"{self.launcher}: {self.problems[0]} | {self.tiles()}",
+            problems=self.problems, **{k: m.get(k) for k in METRICS},
+            num_warps=self.spec.num_warps, num_stages=self.spec.num_stages,
+            weights_per_iter=self.info.get("weights_per_iter"),
+            weight_bits=self.info.get("weight_bits"), constexprs=self.constexprs(),
+            error=self.error,
         )
 
 
@@ -213,6 +210,7 @@ def grid(quick: bool) -> Iterator[tuple[str, dict[str, Any]]]:
                    w_scale="channel", bias=False)
     anchors = [dict(sm_base, code=c, M=M) for c in ("int8", "fp8") for M in (16, 64, 4096)]
     anchors += [dict(sm_base, out="int32", M=M) for M in (1, 4096)]  # int8's raw accumulator
+    anchors.append(dict(sm_base, M=64, nk=RAGGED_NK[0], out="bf16"))  # K % 16 != 0, GEMM tile
     for p in cover(sm_base, sm) + anchors:
         yield "scaled_mm", p
 
@@ -314,16 +312,16 @@ def collect(quick: bool, kernel: list[str], match: str | None) -> tuple[list[Var
     specialize = Specializer(90)
     variants: dict[tuple, Variant] = {}
     n = 0
-    for family, params in grid(quick):
-        label, launches = plan(family, params)
+    for launcher, params in grid(quick):
+        label, launches = plan(launcher, params)
         if match is not None and match not in label:
             continue
         for launch in launches:
             name = launch.kernel.fn.__name__
-            if kernel and not any(k in name or k in family for k in kernel):
+            if kernel and not any(k in name or k in launcher for k in kernel):
                 continue
             spec = specialize(launch)
-            v = variants.setdefault(spec.key, Variant(family, spec, dict(launch.info)))
+            v = variants.setdefault(spec.key, Variant(launcher, spec, dict(launch.info)))
             v.problems.append(label)
             n += 1
     return list(variants.values()), n
@@ -366,10 +364,18 @@ def table(records: list[dict]) -> str:
             rows.append(f"| {r['kernel']} | {r['config']} | FAILED: {r['error'][:200]} |"
                         " | | | | | | |")
             continue
-        cells = [r["kernel"], r["config"], r["regs"], r["spills_bytes"], r["smem_bytes"], r["mma"],
+        more = len(r["problems"]) - 1
+        config = r["config"] + (f" (+{more} problems)" if more else "")
+        cells = [r["kernel"], config, r["regs"], r["spills_bytes"], r["smem_bytes"], r["mma"],
                  r["load_bits"], r["loop_shuffles"], r["loop_barriers"], r["sass_per_weight"]]
         rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join([head, *rows])
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--jobs must be a positive integer, got {text!r}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", action="append", default=[],
                         help="only kernels or launchers whose name contains this (repeatable)")
     parser.add_argument("--match", help="only problems whose label contains this text")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--jobs", type=_positive, default=os.cpu_count() or 1,
                         help="compile processes (default: all CPUs)")
     parser.add_argument("--plan-only", action="store_true",
                         help="count problems and unique configs per kernel, compile nothing")
@@ -403,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan_only:
         return 0
     t1 = time.perf_counter()
-    inspect_all(variants, max(1, args.jobs))
+    inspect_all(variants, args.jobs)
     elapsed = time.perf_counter() - t1
     records = [v.record() for v in variants]
     failed = [r for r in records if r["error"]]

@@ -115,9 +115,8 @@ def signature_attrs(signature: dict[str, str], ints: dict[str, int] | None = Non
     (as every fresh torch allocation is) and the integers in ``ints`` at those values,
     through Triton's ``native_specialize_impl`` (an integer equal to 1 must be a constexpr of
     the signature instead)."""
-    from triton.runtime.jit import MockTensor, native_specialize_impl
-
     import torch
+    from triton.runtime.jit import MockTensor, native_specialize_impl
 
     backend = _backend(capability)
     ints = ints or {}
@@ -133,7 +132,7 @@ def signature_attrs(signature: dict[str, str], ints: dict[str, int] | None = Non
             arg = ints[name]
         else:
             continue
-        spec = native_specialize_impl(type(backend), arg, False, True, True)[1]
+        spec = native_specialize_impl(backend, arg, False, True, True)[1]  # as the binder
         attrs[(i,)] = backend.parse_attr(spec)
     return attrs
 
