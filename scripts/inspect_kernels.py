@@ -108,7 +108,7 @@ class Variant:
         m = self.metrics or {}
         return dict(
             kernel=self.kernel, launcher=self.launcher,
-            config=f"{self.launcher}: {self.problems[0]} | {self.tiles()}",
+            config=f"{self.launcher}: {self.problems[0]} [{self.tiles()}]",
             problems=self.problems, **{k: m.get(k) for k in METRICS},
             num_warps=self.spec.num_warps, num_stages=self.spec.num_stages,
             weights_per_iter=self.info.get("weights_per_iter"),
