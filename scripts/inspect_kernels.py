@@ -14,8 +14,9 @@ Method:
    output dtypes, scale layouts, bias) and the problems cover *every pair* of axis values at
    least once (:func:`pairwise`), plus anchors: the W4A16 matmul at every (M, shape) and the
    tensor-core paths in every dtype. ``--quick`` varies one axis at a time around a base
-   problem instead (:func:`one_at_a_time`): every kernel, every M bucket, every grid kind, dtype
-   and group size once, about 130 variants, which ``tests/test_inspect_kernels.py`` compiles.
+   problem instead (:func:`one_at_a_time`): every kernel, every M bucket, every dtype (int4 in
+   every zero-point/sign variant), x dtype and group size once, about 130 variants, which
+   ``tests/test_inspect_kernels.py`` compiles.
 2. **Specialize and deduplicate.** Each launch becomes the signature, constexprs and
    specialization attributes that Triton's runtime derives from its arguments (Triton's own
    binder: aligned pointers and integers divisible by 16 get ``tt.divisibility=16``, integers
