@@ -7,7 +7,7 @@ STAMP := $(VENV)/.quantkit-installed
 TEST_ENV := TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-fast bench inspect clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python scripts/bench_kernels.py
+
+# every kernel config the dispatchers select on an H200, compiled for sm90 (no GPU needed)
+inspect: setup
+	$(BIN)/python scripts/inspect_kernels.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -32,13 +32,14 @@ import torch
 import triton
 import triton.language as tl
 
+from quantkit.kernels._launch import Launch, Target, run_all
 from quantkit.kernels._triton_math import bf16_bits, minifloat_decode
 from quantkit.kernels.quantize import (
+    broadcast_strides,
     check_matrix,
     check_qparams,
     check_scheme,
     codes_dtype,
-    on_device,
     scheme_constexprs,
 )
 from quantkit.scheme import QuantScheme
@@ -148,30 +149,37 @@ def dequantize(
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     rows, cols = codes.shape
-    scale, zero, s_strides, z_strides = check_qparams(scale, zero, scheme, rows, cols, codes.device)
-    out = torch.empty(rows, cols, dtype=out_dtype, device=codes.device)
-    with on_device(codes):
-        _launch(codes, scale, zero, out, scheme, s_strides, z_strides)
+    scale, zero, _, _ = check_qparams(scale, zero, scheme, rows, cols, codes.device)
+    out, launches = plan_dequantize(codes, scale, zero, scheme, out_dtype, Target.of(codes.device))
+    run_all(launches, codes.device)
     return out
 
 
-def _launch(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, out: torch.Tensor,
-    scheme: QuantScheme, s_strides: tuple[int, int], z_strides: tuple[int, int],
-) -> None:
-    """Run :func:`_dequantize_kernel` over ``(BLOCK_M, BLOCK_N)`` tiles of ``codes``."""
+def plan_dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme,
+    out_dtype: torch.dtype, target: Target,
+) -> tuple[torch.Tensor, list[Launch]]:
+    """The output and launch of :func:`dequantize` on ``target``: ``scale`` float32 and
+    ``zero`` int32 as :func:`quantkit.kernels.quantize.check_qparams` returns them."""
     rows, cols = codes.shape
+    out = torch.empty(rows, cols, dtype=out_dtype, device=codes.device)
+    s_strides = broadcast_strides(scale)
+    z_strides = (0, 0) if zero is None else broadcast_strides(zero)
     consts = scheme_constexprs(scheme)
-    block_m, block_n = _tile(rows, cols, codes.is_cuda)
+    block_m, block_n = _tile(rows, cols, target.gpu)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
-    _dequantize_kernel[grid](
+    args = (
         codes, scale, scale if zero is None else zero,  # zero_ptr unused without a zero
         out.view(torch.int16) if out.dtype == torch.bfloat16 else out,  # bf16 stored as bits
         rows, cols, scheme.group_cols(cols),
         codes.stride(0), codes.stride(1), *s_strides, *z_strides, out.stride(0), out.stride(1),
+    )
+    constexprs = dict(
         IS_FLOAT=consts["IS_FLOAT"], HAS_ZERO=consts["HAS_ZERO"],
         EXP_BITS=consts["EXP_BITS"], MANT_BITS=consts["MANT_BITS"], BIAS=consts["BIAS"],
         PER_GROUP=scheme.granularity == "per_group",
         OUT_BF16=out.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=8 if codes.is_cuda else 4,
     )
+    launch = Launch(_dequantize_kernel, grid, args, constexprs,
+                    num_warps=8 if target.gpu else 4)
+    return out, [launch]

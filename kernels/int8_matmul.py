@@ -40,8 +40,8 @@ from quantkit.kernels.matmul import (
     split_k_for,
     store_tile,
 )
-from quantkit.kernels._launch import Target
-from quantkit.kernels.quantize import check_matrix, on_device
+from quantkit.kernels._launch import Launch, Target, run_all
+from quantkit.kernels.quantize import broadcast_strides, check_matrix
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -151,33 +151,64 @@ def scaled_mm(
     if out_dtype not in out_dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in out_dtypes)
         raise ValueError(f"out_dtype must be one of {names}, got {out_dtype}")
-    raw = out_dtype == torch.int32
-    x_scale, (stride_sam, _) = check_broadcast(x_scale, "x_scale", (M, 1), _SCALE_DTYPES, xq.device)
-    w_scale, (stride_sbn, _) = check_broadcast(w_scale, "w_scale", (N, 1), _SCALE_DTYPES, xq.device)
+    x_scale, _ = check_broadcast(x_scale, "x_scale", (M, 1), _SCALE_DTYPES, xq.device)
+    w_scale, _ = check_broadcast(w_scale, "w_scale", (N, 1), _SCALE_DTYPES, xq.device)
     bias = check_bias(bias, N, xq.device)
-    cfg = config or scaled_mm_config(M, N, K, Target.of(xq.device))
-    if not isinstance(cfg, MatmulConfig) or cfg.block_m < 16:
-        raise ValueError(f"config must be a MatmulConfig with block_m >= 16 (tl.dot), got {cfg!r}")
+    if config is not None and (not isinstance(config, MatmulConfig) or config.block_m < 16):
+        raise ValueError(
+            f"config must be a MatmulConfig with block_m >= 16 (tl.dot), got {config!r}"
+        )
+    out, launches = plan_scaled_mm(
+        xq, x_scale, wq, w_scale, bias, out_dtype, Target.of(xq.device), config=config
+    )
+    run_all(launches, xq.device)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
+
+def plan_scaled_mm(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    target: Target,
+    *,
+    config: MatmulConfig | None = None,
+) -> tuple[torch.Tensor, list[Launch]]:
+    """The output buffer and launches of :func:`scaled_mm` on ``target`` (arguments validated:
+    int8 or float8_e4m3fn codes; tensors may live on the ``meta`` device).
+
+    The buffer is the int32/fp32 workspace when the launch splits K (the caller casts).
+    """
+    M, K = xq.shape
+    N = wq.shape[0]
+    raw = out_dtype == torch.int32
+    stride_sam = broadcast_strides(x_scale)[0]
+    stride_sbn = broadcast_strides(w_scale)[0]
+    cfg = config or scaled_mm_config(M, N, K, target)
     if cfg.split_k > 1:  # atomics accumulate into an int32 (raw) or fp32 workspace
         out = torch.zeros(M, N, dtype=torch.int32 if raw else torch.float32, device=xq.device)
     else:
         out = torch.empty(M, N, dtype=out_dtype, device=xq.device)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), cfg.split_k)
-    with on_device(xq):
-        _scaled_mm_kernel[grid](
-            *(t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in (xq, wq)),
-            x_scale, w_scale, x_scale if bias is None else bias,
-            out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
-            M, N, K,
-            xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), stride_sam, stride_sbn,
-            out.stride(0), out.stride(1),
-            ACC_INT=code_dtype == torch.int8, RAW_ACC=raw, HAS_BIAS=bias is not None,
-            OUT_BF16=out.dtype == torch.bfloat16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    return out if out.dtype == out_dtype else out.to(out_dtype)
+    args = (
+        *(t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in (xq, wq)),
+        x_scale, w_scale, x_scale if bias is None else bias,
+        out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
+        M, N, K,
+        xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), stride_sam, stride_sbn,
+        out.stride(0), out.stride(1),
+    )
+    constexprs = dict(
+        ACC_INT=xq.dtype == torch.int8, RAW_ACC=raw, HAS_BIAS=bias is not None,
+        OUT_BF16=out.dtype == torch.bfloat16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
+    )
+    info = dict(config=cfg, weights_per_iter=cfg.block_n * cfg.block_k, weight_bits=8)
+    launch = Launch(_scaled_mm_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages,
+                    info)
+    return out, [launch]
 
 
 def int8_matmul(

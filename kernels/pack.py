@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from quantkit.kernels._launch import Launch, Target, run_all
 from quantkit.packing import CODES_PER_RUN, PACK_BITS, packed_cols
 
 # Tile sizes. On a GPU a tile of 8 rows x 128 runs (8 KiB of int8 codes) keeps loads and stores
@@ -177,22 +178,28 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
             f"{tuple(codes.shape)}"
         )
     _check_device(codes, "codes")
+    packed, launches = plan_pack_codes(codes, bits, Target.of(codes.device))
+    run_all(launches, codes.device)
+    return packed
+
+
+def plan_pack_codes(
+    codes: torch.Tensor, bits: int, target: Target
+) -> tuple[torch.Tensor, list[Launch]]:
+    """The output and launches of :func:`pack_codes` on ``target`` (arguments validated;
+    tensors may live on the ``meta`` device). An empty output needs no launch."""
     rows, cols = codes.shape
     runs = triton.cdiv(cols, CODES_PER_RUN)
     packed = torch.empty(rows, runs * bits, dtype=torch.uint8, device=codes.device)
     if packed.numel() == 0:
-        return packed
-    block_m, block_r = _tile(rows, runs, codes.is_cuda)
+        return packed, []
+    block_m, block_r = _tile(rows, runs, target.gpu)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(runs, block_r))
-    _pack_kernel[grid](
-        codes, packed,
-        rows, cols, runs,
-        codes.stride(0), codes.stride(1), packed.stride(0),
-        BITS=bits,
-        BYTES_P2=triton.next_power_of_2(bits), BLOCK_M=block_m, BLOCK_R=block_r,
-        num_warps=4,
+    args = (codes, packed, rows, cols, runs, codes.stride(0), codes.stride(1), packed.stride(0))
+    constexprs = dict(
+        BITS=bits, BYTES_P2=triton.next_power_of_2(bits), BLOCK_M=block_m, BLOCK_R=block_r
     )
-    return packed
+    return packed, [Launch(_pack_kernel, grid, args, constexprs, num_warps=4)]
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, cols: int, signed: bool) -> torch.Tensor:
@@ -215,21 +222,27 @@ def unpack_codes(packed: torch.Tensor, bits: int, cols: int, signed: bool) -> to
             f"for cols={cols}, bits={bits}; got {packed.dtype} {tuple(packed.shape)}"
         )
     _check_device(packed, "packed")
+    codes, launches = plan_unpack_codes(packed, bits, cols, signed, Target.of(packed.device))
+    run_all(launches, packed.device)
+    return codes
+
+
+def plan_unpack_codes(
+    packed: torch.Tensor, bits: int, cols: int, signed: bool, target: Target
+) -> tuple[torch.Tensor, list[Launch]]:
+    """The output and launches of :func:`unpack_codes` on ``target`` (arguments validated)."""
     rows = packed.shape[0]
     runs = triton.cdiv(cols, CODES_PER_RUN)
     codes = torch.empty(
         rows, cols, dtype=torch.int8 if signed else torch.uint8, device=packed.device
     )
     if codes.numel() == 0:
-        return codes
-    block_m, block_r = _tile(rows, runs, packed.is_cuda)
+        return codes, []
+    block_m, block_r = _tile(rows, runs, target.gpu)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(runs, block_r))
-    _unpack_kernel[grid](
-        packed, codes,
-        rows, cols, runs,
-        packed.stride(0), packed.stride(1), codes.stride(0),
+    args = (packed, codes, rows, cols, runs, packed.stride(0), packed.stride(1), codes.stride(0))
+    constexprs = dict(
         BITS=bits, SIGNED=signed,
         BYTES_P2=triton.next_power_of_2(bits), BLOCK_M=block_m, BLOCK_R=block_r,
-        num_warps=4,
     )
-    return codes
+    return codes, [Launch(_unpack_kernel, grid, args, constexprs, num_warps=4)]

@@ -47,13 +47,13 @@ for per_tensor and for rows longer than ``max_block_cols``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from quantkit.kernels._launch import Launch, Target, run_all
 from quantkit.kernels._triton_math import (
     ROUND_LIMIT,
     minifloat_encode,
@@ -331,11 +331,6 @@ def check_device(t: torch.Tensor, name: str) -> None:
         )
 
 
-def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Launch on the GPU that holds ``t`` (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def check_matrix(t: object, name: str, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
     """``t`` must be a non-empty 2-D tensor of one of ``dtypes`` on a usable device."""
     if not isinstance(t, torch.Tensor):
@@ -349,6 +344,11 @@ def check_matrix(t: object, name: str, dtypes: tuple[torch.dtype, ...]) -> torch
         raise TypeError(f"{name} must be {names}, got {t.dtype}")
     check_device(t, name)
     return t
+
+
+def broadcast_strides(t: torch.Tensor) -> tuple[int, int]:
+    """Strides of a 2-D ``t`` with 0 on size-1 dims (they broadcast)."""
+    return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))
 
 
 def check_qparams(
@@ -378,9 +378,6 @@ def check_qparams(
             raise ValueError(f"{name} is on {t.device} but the input is on {device}")
         return t
 
-    def _strides(t: torch.Tensor) -> tuple[int, int]:
-        return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))
-
     # fp16/bf16 scales widen to fp32 exactly, as torch's type promotion does in the reference
     scale = _check(scale, "scale", _X_DTYPES).to(torch.float32)
     if scheme.has_zero:
@@ -389,24 +386,24 @@ def check_qparams(
         int_dtypes = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
         zero = _check(zero, "zero", int_dtypes)
         zero = zero.to(torch.int32)
-        return scale, zero, _strides(scale), _strides(zero)
+        return scale, zero, broadcast_strides(scale), broadcast_strides(zero)
     if zero is not None:
         raise ValueError(f"zero must be None: {scheme.describe()} has no zero point")
-    return scale, None, _strides(scale), (0, 0)
+    return scale, None, broadcast_strides(scale), (0, 0)
 
 
 # ----------------------------------------------------------------------------------------------
-# launchers
+# launchers: planners (tiles and grids for a Target, no validation) and the public launchers
 # ----------------------------------------------------------------------------------------------
 
 
-def _launch_segments(
+def _segments_launch(
     x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-    scheme: QuantScheme, *, compute: bool, group_size: int, num_groups: int,
+    scheme: QuantScheme, target: Target, *, compute: bool, group_size: int, num_groups: int,
     scale_strides: tuple[int, int], zero_strides: tuple[int, int], max_block_cols: int | None,
-) -> None:
-    """Run :func:`_quantize_kernel` over ``rows * num_groups`` segments of ``group_size``."""
-    on_gpu = x.is_cuda
+) -> Launch:
+    """:func:`_quantize_kernel` over ``rows * num_groups`` segments of ``group_size``."""
+    on_gpu = target.gpu
     tile = _GPU_TILE if on_gpu else _INTERPRET_TILE
     max_single = max_block_cols or (_GPU_MAX_SINGLE if on_gpu else _INTERPRET_MAX_SINGLE)
     num_segments = x.shape[0] * num_groups
@@ -419,16 +416,19 @@ def _launch_segments(
     if on_gpu:  # few long segments (decode-time activations): more programs, fewer rows each
         while block_s > 1 and triton.cdiv(num_segments, block_s) < _GPU_MIN_PROGRAMS:
             block_s //= 2
-    grid = (triton.cdiv(num_segments, block_s),)
-    _quantize_kernel[grid](
+    args = (
         x, codes, scale, scale if zero is None else zero,  # zero_ptr unused without a zero
         x.shape[1], num_segments, num_groups, group_size,
         x.stride(0), x.stride(1), codes.stride(0), codes.stride(1),
         *scale_strides, *zero_strides,
-        **scheme_constexprs(scheme),
-        COMPUTE_QPARAMS=compute, SINGLE_CHUNK=single, BLOCK_S=block_s, BLOCK_G=block_g,
-        num_warps=min(16, max(4, block_s * block_g // 1024)) if on_gpu else 4,
     )
+    constexprs = dict(
+        scheme_constexprs(scheme),
+        COMPUTE_QPARAMS=compute, SINGLE_CHUNK=single, BLOCK_S=block_s, BLOCK_G=block_g,
+    )
+    warps = min(16, max(4, block_s * block_g // 1024)) if on_gpu else 4
+    return Launch(_quantize_kernel, (triton.cdiv(num_segments, block_s),), args, constexprs,
+                  num_warps=warps)
 
 
 def _check_block_cols(max_block_cols: object) -> int | None:
@@ -464,72 +464,75 @@ def quantize(
     scheme = check_scheme(scheme)
     x = check_matrix(x, "x", _X_DTYPES)
     max_block_cols = _check_block_cols(max_block_cols)
+    scheme.scale_shape(*x.shape)  # validates groupsize against cols
+    codes, scale, zero, launches = plan_quantize(
+        x, scheme, Target.of(x.device), max_block_cols=max_block_cols
+    )
+    run_all(launches, x.device)
+    return codes, scale, zero
+
+
+def plan_quantize(
+    x: torch.Tensor, scheme: QuantScheme, target: Target, *, max_block_cols: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[Launch]]:
+    """The outputs ``(codes, scale, zero)`` and launches of :func:`quantize` on ``target``
+    (arguments already validated; tensors may live on the ``meta`` device)."""
     rows, cols = x.shape
-    shape = scheme.scale_shape(rows, cols)  # validates groupsize against cols
+    shape = scheme.scale_shape(rows, cols)
     dev = x.device
     codes = torch.empty(rows, cols, dtype=codes_dtype(scheme), device=dev)
     scale = torch.empty(shape, dtype=torch.float32, device=dev)
     zero = torch.empty(shape, dtype=torch.int32, device=dev) if scheme.has_zero else None
-
-    with on_device(x):
-        _quantize(x, codes, scale, zero, scheme, max_block_cols)
-    return codes, scale, zero
-
-
-def _quantize(
-    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-    scheme: QuantScheme, max_block_cols: int | None,
-) -> None:
-    """Fill ``codes``, ``scale`` and ``zero`` from ``x`` (see :func:`quantize`)."""
-    rows, cols = x.shape
     if scheme.granularity != "per_tensor":
-        _launch_segments(
-            x, codes, scale, zero, scheme, compute=True,
+        launch = _segments_launch(
+            x, codes, scale, zero, scheme, target, compute=True,
             group_size=scheme.group_cols(cols), num_groups=scale.shape[1],
             scale_strides=scale.stride(), zero_strides=(0, 0) if zero is None else zero.stride(),
             max_block_cols=max_block_cols,
         )
-        return
+        return codes, scale, zero, [launch]
 
     # per_tensor: partial (lo, hi) per tile -> one scale -> quantize with it
-    tile = _GPU_TILE if x.is_cuda else _INTERPRET_TILE
-    max_n = max_block_cols or (_GPU_PARTIALS_BLOCK_N if x.is_cuda else tile)
+    tile = _GPU_TILE if target.gpu else _INTERPRET_TILE
+    max_n = max_block_cols or (_GPU_PARTIALS_BLOCK_N if target.gpu else tile)
     block_n = min(triton.next_power_of_2(cols), max_n)
     block_m = max(1, min(tile // block_n, triton.next_power_of_2(rows)))
     grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
-    parts = torch.empty(grid[0] * grid[1], 2, dtype=torch.float32, device=x.device)
-    _minmax_partials_kernel[grid](
-        x, parts,
-        rows, cols,
-        x.stride(0), x.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=8 if x.is_cuda else 4,
+    parts = torch.empty(grid[0] * grid[1], 2, dtype=torch.float32, device=dev)
+    partials = Launch(
+        _minmax_partials_kernel, grid,
+        (x, parts, rows, cols, x.stride(0), x.stride(1)),
+        dict(BLOCK_M=block_m, BLOCK_N=block_n),
+        num_warps=8 if target.gpu else 4,
     )
     consts = scheme_constexprs(scheme)
-    _tensor_qparams_kernel[(1,)](
-        parts, scale, scale if zero is None else zero,
-        parts.shape[0],
-        **{k: consts[k] for k in ("HAS_ZERO", "UNSIGNED", "QMIN", "QMAX", "ABSMAX_CODE")},
-        BLOCK_P=_PARTIALS_BLOCK,
+    keys = ("HAS_ZERO", "UNSIGNED", "QMIN", "QMAX", "ABSMAX_CODE")
+    qparams = Launch(
+        _tensor_qparams_kernel, (1,),
+        (parts, scale, scale if zero is None else zero, parts.shape[0]),
+        {k: consts[k] for k in keys} | dict(BLOCK_P=_PARTIALS_BLOCK),
         num_warps=4,
     )
-    _launch_rowwise_given(x, codes, scale, zero, scheme, (0, 0), (0, 0), max_block_cols)
+    rowwise = _rowwise_given_launch(
+        x, codes, scale, zero, scheme, target, (0, 0), (0, 0), max_block_cols
+    )
+    return codes, scale, zero, [partials, qparams, rowwise]
 
 
-def _launch_rowwise_given(
+def _rowwise_given_launch(
     x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-    scheme: QuantScheme, scale_strides: tuple[int, int], zero_strides: tuple[int, int],
-    max_block_cols: int | None,
-) -> None:
+    scheme: QuantScheme, target: Target, scale_strides: tuple[int, int],
+    zero_strides: tuple[int, int], max_block_cols: int | None,
+) -> Launch:
     """Quantize with one given scale per row (or tensor): rows split into independent chunks."""
     cols = x.shape[1]
-    max_single = max_block_cols or (_GPU_MAX_SINGLE if x.is_cuda else _INTERPRET_MAX_SINGLE)
+    max_single = max_block_cols or (_GPU_MAX_SINGLE if target.gpu else _INTERPRET_MAX_SINGLE)
     if cols <= max_single:
         chunk = cols
     else:
-        chunk = max_block_cols or (_GPU_LOOP_CHUNK if x.is_cuda else _INTERPRET_MAX_SINGLE)
-    _launch_segments(
-        x, codes, scale, zero, scheme, compute=False,
+        chunk = max_block_cols or (_GPU_LOOP_CHUNK if target.gpu else _INTERPRET_MAX_SINGLE)
+    return _segments_launch(
+        x, codes, scale, zero, scheme, target, compute=False,
         group_size=chunk, num_groups=triton.cdiv(cols, chunk),
         # segments are chunks of a row: the scale (and zero) of a chunk is that of its row
         scale_strides=(scale_strides[0], 0), zero_strides=(zero_strides[0], 0),
@@ -566,17 +569,37 @@ def quantize_with_qparams(
     x = check_matrix(x, "x", _X_DTYPES)
     max_block_cols = _check_block_cols(max_block_cols)
     rows, cols = x.shape
-    scale, zero, s_strides, z_strides = check_qparams(scale, zero, scheme, rows, cols, x.device)
-    codes = torch.empty(rows, cols, dtype=codes_dtype(scheme), device=x.device)
-    with on_device(x):
-        if scheme.granularity == "per_group":
-            _launch_segments(
-                x, codes, scale, zero, scheme, compute=False,
-                group_size=scheme.group_cols(cols), num_groups=scheme.num_groups(cols),
-                scale_strides=s_strides, zero_strides=z_strides, max_block_cols=max_block_cols,
-            )
-        else:
-            _launch_rowwise_given(
-                x, codes, scale, zero, scheme, s_strides, z_strides, max_block_cols
-            )
+    scale, zero, _, _ = check_qparams(scale, zero, scheme, rows, cols, x.device)
+    codes, launches = plan_quantize_with_qparams(
+        x, scale, zero, scheme, Target.of(x.device), max_block_cols=max_block_cols
+    )
+    run_all(launches, x.device)
     return codes
+
+
+def plan_quantize_with_qparams(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    scheme: QuantScheme,
+    target: Target,
+    *,
+    max_block_cols: int | None = None,
+) -> tuple[torch.Tensor, list[Launch]]:
+    """The codes and launch of :func:`quantize_with_qparams` on ``target``: ``scale`` float32
+    and ``zero`` int32 as :func:`check_qparams` returns them (size-1 dims broadcast)."""
+    rows, cols = x.shape
+    s_strides = broadcast_strides(scale)
+    z_strides = (0, 0) if zero is None else broadcast_strides(zero)
+    codes = torch.empty(rows, cols, dtype=codes_dtype(scheme), device=x.device)
+    if scheme.granularity == "per_group":
+        launch = _segments_launch(
+            x, codes, scale, zero, scheme, target, compute=False,
+            group_size=scheme.group_cols(cols), num_groups=scheme.num_groups(cols),
+            scale_strides=s_strides, zero_strides=z_strides, max_block_cols=max_block_cols,
+        )
+    else:
+        launch = _rowwise_given_launch(
+            x, codes, scale, zero, scheme, target, s_strides, z_strides, max_block_cols
+        )
+    return codes, [launch]

@@ -33,12 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
+from quantkit.kernels._launch import Launch, Target, run_all
 from quantkit.kernels.matmul import X_DTYPES
 from quantkit.kernels.quantize import (
     check_matrix,
     check_scheme,
     codes_dtype,
-    on_device,
     quantize_values,
     scale_zero_from_minmax,
     scheme_constexprs,
@@ -164,23 +164,42 @@ def smooth_quantize_per_token(
     ):
         raise ValueError(f"max_block_cols must be a power of two or None, got {max_block_cols!r}")
     smooth = smooth.contiguous()
+    codes, scale, zero, launches = plan_smooth_quantize_per_token(
+        x, smooth, scheme, Target.of(x.device), max_block_cols=max_block_cols
+    )
+    run_all(launches, x.device)
+    return codes, scale, zero
+
+
+def plan_smooth_quantize_per_token(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    scheme: QuantScheme,
+    target: Target,
+    *,
+    max_block_cols: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[Launch]]:
+    """The outputs ``(codes, scale, zero)`` and launch of :func:`smooth_quantize_per_token` on
+    ``target`` (arguments validated, ``smooth`` contiguous; tensors may be on ``meta``)."""
+    M, K = x.shape
     codes = torch.empty(M, K, dtype=codes_dtype(scheme), device=x.device)
     scale = torch.empty(M, 1, dtype=torch.float32, device=x.device)
     zero = torch.empty(M, 1, dtype=torch.int32, device=x.device) if scheme.has_zero else None
 
-    on_gpu = x.is_cuda
+    on_gpu = target.gpu
     max_single = max_block_cols or (_GPU_MAX_SINGLE if on_gpu else _INTERPRET_MAX_SINGLE)
     block_k = min(triton.next_power_of_2(K), max_single)
     tile = _GPU_TILE if on_gpu else _INTERPRET_TILE
     block_m = max(1, min(tile // block_k, triton.next_power_of_2(M)))
-    consts = scheme_constexprs(scheme)
-    with on_device(x):
-        _smooth_quant_kernel[(triton.cdiv(M, block_m),)](
-            x, smooth, codes, scale, scale if zero is None else zero,
-            M, K,
-            x.stride(0), x.stride(1), codes.stride(0),
-            **consts,
-            SINGLE_CHUNK=K <= block_k, BLOCK_M=block_m, BLOCK_K=block_k,
-            num_warps=min(16, max(4, block_m * block_k // 1024)) if on_gpu else 4,
-        )
-    return codes, scale, zero
+    args = (
+        x, smooth, codes, scale, scale if zero is None else zero,
+        M, K,
+        x.stride(0), x.stride(1), codes.stride(0),
+    )
+    constexprs = dict(
+        scheme_constexprs(scheme), SINGLE_CHUNK=K <= block_k, BLOCK_M=block_m, BLOCK_K=block_k
+    )
+    warps = min(16, max(4, block_m * block_k // 1024)) if on_gpu else 4
+    launch = Launch(_smooth_quant_kernel, (triton.cdiv(M, block_m),), args, constexprs,
+                    num_warps=warps)
+    return codes, scale, zero, [launch]
