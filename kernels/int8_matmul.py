@@ -14,15 +14,18 @@ Shapes and dtypes::
     bias     (N,)            any float dtype, optional
     out      (M, N)          float16 / bfloat16 / float32, or int32 = the raw accumulator
 
-No divisibility constraints. The integer accumulator is exact, so the int32 output is
-bit-exact with the reference; in the Triton interpreter the fp32 epilogue is too (on a GPU
-the last multiply-add may contract into an FMA: one rounding fewer).
+No divisibility constraints on M, N, K. The integer accumulator is exact, so the int32
+output is bit-exact with the reference; in the Triton interpreter the fp32 epilogue is too
+(on a GPU the last multiply-add may contract into an FMA: one rounding fewer).
 
 :func:`_scaled_mm_kernel` is also the kernel of :mod:`quantkit.kernels.fp8_matmul`
-(``ACC_INT=False``: fp8 operands, fp32 accumulator). Tiles: ``(BLOCK_M, BLOCK_N)`` outputs in
-grouped order, ``BLOCK_K = 128`` bytes of K per step (a full 128-byte line of each operand
-row); decode-sized M uses 16-row tiles and splits K over programs (atomic adds into an
-int32/fp32 workspace: integer atomics keep the int32 output exact).
+(``ACC_INT=False``: fp8 operands, fp32 accumulator promoted every 128 K; see there). Tiles:
+``(BLOCK_M, BLOCK_N)`` outputs in grouped order, ``BLOCK_K = 128`` bytes of K per step (a full
+128-byte line of each operand row); for int8, decode-sized M uses 16-row tiles and splits K
+over programs (atomic adds into an int32/fp32 workspace: integer atomics keep the int32
+output exact). Configs must suit the 8-bit tensor cores (:func:`check_scaled_mm_config`):
+``block_m >= 16`` and ``block_k >= 32`` (an 8-bit MMA consumes 32 bytes of K; sm90 rejects
+smaller 8-bit dots), and the interpreter's default tiles obey the same rules.
 """
 
 from __future__ import annotations
@@ -42,8 +45,11 @@ from quantkit.kernels.matmul import (
 )
 from quantkit.kernels._launch import Launch, Target, run_all
 from quantkit.kernels.quantize import broadcast_strides, check_matrix
+from quantkit.matmul_reference import FP8_PROMOTE_K
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_BLOCK_K = 32  # an 8-bit MMA (mma.sync m16n8k32, wgmma k32) consumes 32 bytes of K
+FP8_MIN_BLOCK_M = 64  # one warpgroup's wgmma; Triton runs smaller fp8 tiles as fp16 mma.sync
 _SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -56,14 +62,18 @@ def _scaled_mm_kernel(
     # strides
     stride_am, stride_ak, stride_bn, stride_bk, stride_sam, stride_sbn, stride_om, stride_on,
     # meta
-    ACC_INT: tl.constexpr, RAW_ACC: tl.constexpr, HAS_BIAS: tl.constexpr,
-    OUT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ACC_INT: tl.constexpr, CODES_U8: tl.constexpr, PROMOTE_K: tl.constexpr,
+    RAW_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``out = (a @ b.T) * sa * sb.T + bias`` for one output tile and this program's K-tiles.
 
-    ``ACC_INT``: int8 operands, int32 accumulator (else e4m3fn operands passed as uint8 bit
-    patterns, fp32 accumulator).
+    ``ACC_INT``: int8 operands, int32 accumulator (else e4m3fn operands, fp32 accumulator).
+    ``CODES_U8``: the e4m3fn operands arrive as their uint8 bit patterns (the interpreter,
+    which cannot load fp8 with a zero fill) and are bitcast in registers.
+    ``PROMOTE_K``: fp8 only, the K-span a tensor-core partial sum covers before it is added to
+    the fp32 accumulator (``max_num_imprecise_acc``; a divisor of ``BLOCK_K``).
     ``RAW_ACC``: store the accumulator itself (no scales, no bias).
     """
     offs_m, offs_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)  # (BLOCK_M,), (BLOCK_N,)
@@ -81,16 +91,22 @@ def _scaled_mm_kernel(
     for kt in range(first, last):
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
         k_ok = offs_k < K
-        a = tl.load(a_rows[:, None] + offs_k[None, :] * stride_ak,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0)  # (BLOCK_M, BLOCK_K)
-        b = tl.load(b_rows[:, None] + offs_k[None, :] * stride_bk,
-                    mask=n_ok[:, None] & k_ok[None, :], other=0)  # (BLOCK_N, BLOCK_K)
+        a_ptrs = a_rows[:, None] + offs_k[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
+        b_ptrs = b_rows[:, None] + offs_k[None, :] * stride_bk  # (BLOCK_N, BLOCK_K)
+        a_mask = m_ok[:, None] & k_ok[None, :]
+        b_mask = n_ok[:, None] & k_ok[None, :]
         if ACC_INT:
+            a = tl.load(a_ptrs, mask=a_mask, other=0)
+            b = tl.load(b_ptrs, mask=b_mask, other=0)
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-        else:  # fp8 codes travel as uint8 so that masked lanes can read +0.0
-            a = a.to(tl.float8e4nv, bitcast=True)
-            b = b.to(tl.float8e4nv, bitcast=True)
-            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.float32)
+        else:
+            if CODES_U8:
+                a = tl.load(a_ptrs, mask=a_mask, other=0).to(tl.float8e4nv, bitcast=True)
+                b = tl.load(b_ptrs, mask=b_mask, other=0).to(tl.float8e4nv, bitcast=True)
+            else:  # fp8 straight from memory into the tensor cores' shared-memory operands
+                a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+                b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+            acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=PROMOTE_K)
 
     if RAW_ACC:
         y = acc
@@ -106,12 +122,20 @@ def _scaled_mm_kernel(
     store_tile(out_ptr, y, offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K, OUT_BF16)
 
 
-def scaled_mm_config(M: int, N: int, K: int, target: Target) -> MatmulConfig:
-    """Fixed tiles for 1-byte operands on H100/H200 (large single tiles in the interpreter)."""
+def scaled_mm_config(
+    M: int, N: int, K: int, target: Target, code_dtype: torch.dtype = torch.int8
+) -> MatmulConfig:
+    """Fixed tiles for 1-byte operands on H100/H200 (large single tiles in the interpreter).
+
+    int8: 16/64/128-row tiles by ``M``, ``BLOCK_K = 128``, split-K where the output has too few
+    tiles. fp8: see :func:`fp8_mm_config` (tiles that never change a row's summation).
+    """
+    if code_dtype == torch.float8_e4m3fn:
+        return fp8_mm_config(M, N, target)
     if not target.gpu:
         bm = max(16, min(64, triton.next_power_of_2(M)))
         bn = max(16, min(128, triton.next_power_of_2(N)))
-        bk = max(16, min(256, triton.next_power_of_2(K)))
+        bk = max(MIN_BLOCK_K, min(256, triton.next_power_of_2(K)))
         return MatmulConfig(bm, bn, bk, num_warps=4, num_stages=1)
     if M <= 16:
         bm, bn, warps = 16, 64, 4
@@ -123,6 +147,71 @@ def scaled_mm_config(M: int, N: int, K: int, target: Target) -> MatmulConfig:
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     split = split_k_for(tiles, triton.cdiv(K, bk), target)
     return MatmulConfig(bm, bn, bk, split, num_warps=warps, num_stages=4 if bm <= 64 else 3)
+
+
+def fp8_mm_config(M: int, N: int, target: Target) -> MatmulConfig:
+    """fp8 tiles: the same wgmma, K-tiles, promotion and no K split for every ``M``.
+
+    ``BLOCK_K`` is :data:`FP8_PROMOTE_K` everywhere (interpreter included, so that its
+    per-tile ``tl.dot`` sums the same K-ranges as the GPU's tensor-core partial sums). Only the
+    output tile follows the shape, which changes which outputs a program owns, never how one
+    is summed: on the GPU the largest of 128x128, 128x64 (``M > 64`` only), 64x128, 64x64,
+    64x32, 64x16 that gives every SM a program (without split-K, narrow column tiles are what
+    fills the GPU for decode-sized ``M``), else 64x16.
+    """
+    bk = FP8_PROMOTE_K
+    if not target.gpu:
+        return MatmulConfig(FP8_MIN_BLOCK_M, max(16, min(128, triton.next_power_of_2(N))), bk,
+                            num_warps=4, num_stages=1)
+    tiles = [(64, 128), (64, 64), (64, 32), (64, 16)]
+    if M > 64:
+        tiles = [(128, 128), (128, 64)] + tiles
+    for bm, bn in tiles:
+        if triton.cdiv(M, bm) * triton.cdiv(N, bn) >= target.sm_count:
+            break
+    if bm == 128:  # two warpgroups, each a 64-row wgmma
+        return MatmulConfig(bm, bn, bk, 1, num_warps=8, num_stages=3)
+    return MatmulConfig(bm, bn, bk, 1, num_warps=4, num_stages=4)
+
+
+def check_scaled_mm_config(config: object, code_dtype: torch.dtype) -> MatmulConfig:
+    """``config`` must be a :class:`MatmulConfig` whose tiles the 8-bit tensor cores run.
+
+    All 8-bit operands: ``block_m >= 16`` (``tl.dot``) and ``block_k >= 32`` (an 8-bit MMA
+    consumes 32 bytes of K; sm90 rejects smaller dots). fp8 also: ``block_m >= 64`` (smaller
+    tiles make Triton upcast to fp16 mma.sync, other numerics than the wgmma of larger M),
+    ``block_k`` a multiple of :data:`FP8_PROMOTE_K` and ``split_k == 1`` (the summation
+    order of :func:`quantkit.matmul_reference.fp8_matmul_reference`).
+    """
+    if not isinstance(config, MatmulConfig):
+        raise TypeError(f"config must be a MatmulConfig or None, got {type(config).__name__}")
+    if config.block_m < 16:
+        raise ValueError(
+            f"config.block_m must be >= 16 (tl.dot tiles; 16, 32, 64, ...), got {config.block_m}"
+        )
+    if config.block_k < MIN_BLOCK_K:
+        raise ValueError(
+            f"config.block_k must be >= {MIN_BLOCK_K} for 8-bit operands (sm90 8-bit dots take "
+            f"K in steps of 32; allowed 32, 64, 128, ...), got {config.block_k}"
+        )
+    if code_dtype != torch.float8_e4m3fn:
+        return config
+    if config.block_m < FP8_MIN_BLOCK_M:
+        raise ValueError(
+            f"config.block_m must be >= {FP8_MIN_BLOCK_M} for fp8 (64, 128, ...: smaller tiles "
+            f"run another instruction, with other numerics), got {config.block_m}"
+        )
+    if config.block_k % FP8_PROMOTE_K:
+        raise ValueError(
+            f"config.block_k must be a multiple of {FP8_PROMOTE_K} for fp8 (the fp32 promotion "
+            f"interval; allowed 128, 256, 512, ...), got {config.block_k}"
+        )
+    if config.split_k != 1:
+        raise ValueError(
+            f"config.split_k must be 1 for fp8 (a K split changes the summation order), "
+            f"got {config.split_k}"
+        )
+    return config
 
 
 def scaled_mm(
@@ -154,10 +243,8 @@ def scaled_mm(
     x_scale, _ = check_broadcast(x_scale, "x_scale", (M, 1), _SCALE_DTYPES, xq.device)
     w_scale, _ = check_broadcast(w_scale, "w_scale", (N, 1), _SCALE_DTYPES, xq.device)
     bias = check_bias(bias, N, xq.device)
-    if config is not None and (not isinstance(config, MatmulConfig) or config.block_m < 16):
-        raise ValueError(
-            f"config must be a MatmulConfig with block_m >= 16 (tl.dot), got {config!r}"
-        )
+    if config is not None:
+        check_scaled_mm_config(config, code_dtype)
     out, launches = plan_scaled_mm(
         xq, x_scale, wq, w_scale, bias, out_dtype, Target.of(xq.device), config=config
     )
@@ -186,14 +273,16 @@ def plan_scaled_mm(
     raw = out_dtype == torch.int32
     stride_sam = broadcast_strides(x_scale)[0]
     stride_sbn = broadcast_strides(w_scale)[0]
-    cfg = config or scaled_mm_config(M, N, K, target)
+    cfg = config or scaled_mm_config(M, N, K, target, xq.dtype)
     if cfg.split_k > 1:  # atomics accumulate into an int32 (raw) or fp32 workspace
         out = torch.zeros(M, N, dtype=torch.int32 if raw else torch.float32, device=xq.device)
     else:
         out = torch.empty(M, N, dtype=out_dtype, device=xq.device)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), cfg.split_k)
+    fp8 = xq.dtype == torch.float8_e4m3fn
+    codes_u8 = fp8 and not target.gpu  # the interpreter loads fp8 codes as bytes
     args = (
-        *(t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in (xq, wq)),
+        *(t.view(torch.uint8) if codes_u8 else t for t in (xq, wq)),
         x_scale, w_scale, x_scale if bias is None else bias,
         out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
         M, N, K,
@@ -201,7 +290,8 @@ def plan_scaled_mm(
         out.stride(0), out.stride(1),
     )
     constexprs = dict(
-        ACC_INT=xq.dtype == torch.int8, RAW_ACC=raw, HAS_BIAS=bias is not None,
+        ACC_INT=not fp8, CODES_U8=codes_u8, PROMOTE_K=FP8_PROMOTE_K if fp8 else 0,
+        RAW_ACC=raw, HAS_BIAS=bias is not None,
         OUT_BF16=out.dtype == torch.bfloat16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
     )
@@ -230,7 +320,8 @@ def int8_matmul(
         bias: ``(N,)`` float tensor or None.
         out_dtype: float16 / bfloat16 / float32, or int32 for the raw accumulator (scales and
             bias ignored).
-        config: tiles instead of :func:`scaled_mm_config` (``block_m >= 16``).
+        config: tiles instead of :func:`scaled_mm_config` (``block_m >= 16``,
+            ``block_k >= 32``).
 
     Returns:
         ``(M, N)`` of ``out_dtype``; see the module docstring for exactness.

@@ -241,7 +241,7 @@ def test_fp8_matmul(m: int, out_dtype: torch.dtype) -> None:
     # uint8 bit patterns (quantkit's fp8 codes) and per-tensor scales
     want = fp8_matmul_reference(xq, sx[:1], wq, sw[:1], None, out_dtype)
     _assert_close(fp8_matmul(xq.view(torch.uint8), sx[:1], wq.view(torch.uint8), sw[:1],
-                             None, out_dtype, config=MatmulConfig(16, 16, 64, split_k=2)), want)
+                             None, out_dtype, config=MatmulConfig(64, 16, 256)), want)
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,7 +384,7 @@ _XQ, _SX, _WQ, _SW = _int8_operands(3, False)
         pytest.param(int8_matmul, (_XQ, _SX, _WQ, _SW, None, torch.float64), {}, ValueError,
                      "out_dtype must be one of", id="int8-out-float64"),
         pytest.param(int8_matmul, (_XQ, _SX, _WQ, _SW), {"config": MatmulConfig(8, 16, 16)},
-                     ValueError, "block_m >= 16", id="int8-gemv-config"),
+                     ValueError, r"config.block_m must be >= 16", id="int8-gemv-config"),
         pytest.param(fp8_matmul, (_XQ, _SX, _WQ, _SW), {}, TypeError,
                      "xq must be float8_e4m3fn", id="fp8-int8-codes"),
         pytest.param(fp8_matmul, (_XQ.view(torch.uint8), _SX, _WQ.view(torch.uint8), _SW,
@@ -454,7 +454,7 @@ def _scaled_mm_case(int8: bool, out_dtype: torch.dtype, block_m: int, split_k: i
         out = "*i32" if raw else "*fp32"
     else:
         out = {torch.int32: "*i32", torch.bfloat16: "*i16"}.get(out_dtype) or _PTR[out_dtype]
-    code = "*i8" if int8 else "*u8"
+    code = "*i8" if int8 else "*fp8e4nv"
     signature = {
         "a_ptr": code, "b_ptr": code, "sa_ptr": "*fp32", "sb_ptr": "*fp32", "bias_ptr": "*fp32",
         "out_ptr": out, "M": "i32", "N": "i32", "K": "i32",
@@ -463,7 +463,8 @@ def _scaled_mm_case(int8: bool, out_dtype: torch.dtype, block_m: int, split_k: i
     }
     constexprs = {
         "stride_ak": 1, "stride_bk": 1, "stride_on": 1,
-        "ACC_INT": int8, "RAW_ACC": raw, "HAS_BIAS": not raw,
+        "ACC_INT": int8, "CODES_U8": False, "PROMOTE_K": 0 if int8 else 128,
+        "RAW_ACC": raw, "HAS_BIAS": not raw,
         "OUT_BF16": out_dtype == torch.bfloat16 and split_k == 1,
         "BLOCK_M": block_m, "BLOCK_N": 128 if block_m > 16 else 64, "BLOCK_K": 128,
         "SPLIT_K": split_k, "GROUP_M": 8,

@@ -9,7 +9,8 @@ reference                      math
 quant_linear_matmul_reference  ``y = x @ W.T + bias`` with ``W = dequant(qweight, scales,
                                qzeros)`` rounded to ``x.dtype`` (W-only: W4A16, W3A16, ...)
 int8_matmul_reference          ``y = (xq @ wq.T) * sx * sw.T + bias``, int32 accumulator
-fp8_matmul_reference           same with float8_e4m3fn codes, float32 accumulator
+fp8_matmul_reference           same with float8_e4m3fn codes, float32 accumulator of
+                               per-128-K-tile partial sums
 smooth_quantize_reference      ``quantize_tensor(x / smooth, scheme)`` (per-token scales)
 =============================  ==========================================================
 
@@ -26,6 +27,12 @@ import torch
 from quantkit import reference
 from quantkit.packing import unpack_codes
 from quantkit.scheme import QuantScheme
+
+# K-span of one fp8 partial sum before it joins the float32 accumulator. Hopper's fp8 tensor
+# cores keep a reduced-precision running sum (about 14 bits, DeepSeek-V3 report sec. 3.3.2);
+# like DeepSeek-V3 and DeepGEMM the kernels promote it to float32 every 128 products along K
+# (four wgmma k32 steps), so the reduced precision never spans more than one K-tile.
+FP8_PROMOTE_K = 128
 
 
 def unpack_weight(
@@ -143,6 +150,14 @@ def fp8_matmul_reference(
 ) -> torch.Tensor:
     """fp8 e4m3fn GEMM: ``y = (value(xq) @ value(wq).T) * sx * sw.T + bias``.
 
+    The K sum is formed as the kernels form it: one partial sum per :data:`FP8_PROMOTE_K`-wide
+    K-tile, rounded once to float32 and added to a float32 accumulator in ascending K order::
+
+        acc = 0;  for each K-tile t: acc = acc + float32(sum_{k in t} x[m, k] * w[n, k])
+
+    The tile sums are exact here (float64: products of two e4m3 values are multiples of 2**-18
+    below 2**18, so 128 of them need at most 43 bits).
+
     Args:
         xq: ``(M, K)`` torch.float8_e4m3fn codes (or their uint8 bit patterns).
         wq: ``(N, K)`` the same for the weight. Scales and bias as
@@ -150,12 +165,17 @@ def fp8_matmul_reference(
         out_dtype: float16 / bfloat16 / float32.
 
     Returns:
-        ``(M, N)`` of ``out_dtype``; the products of two e4m3 values are exact in float32, the
-        float32 sum is not (kernels sum in another order: compare with a tolerance).
+        ``(M, N)`` of ``out_dtype``. Kernels round the tile sums differently (the interpreter
+        sums a tile in float32; Hopper tensor cores keep a reduced-precision partial sum):
+        compare with a tolerance, exactly only where every tile sum fits float32.
     """
-    xv = as_float8(xq).float()  # (M, K)
-    wv = as_float8(wq).float()  # (N, K)
-    return scaled_epilogue(xv @ wv.T, x_scale, w_scale, bias, out_dtype)
+    xv = as_float8(xq).double()  # (M, K), exact
+    wv = as_float8(wq).double()  # (N, K)
+    acc = torch.zeros(xv.shape[0], wv.shape[0], dtype=torch.float32, device=xv.device)
+    for k0 in range(0, xv.shape[1], FP8_PROMOTE_K):
+        k1 = k0 + FP8_PROMOTE_K
+        acc = acc + (xv[:, k0:k1] @ wv[:, k0:k1].T).float()  # (M, N)
+    return scaled_epilogue(acc, x_scale, w_scale, bias, out_dtype)
 
 
 def as_float8(t: torch.Tensor) -> torch.Tensor:

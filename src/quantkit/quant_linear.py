@@ -209,9 +209,20 @@ class QuantLinear(nn.Module):
             codes = ops.quantize_with_qparams(x2, x_scale, None, self.a_scheme, backend=self.backend)
         else:
             codes, x_scale, _ = ops.quantize(x2, self.a_scheme, backend=self.backend, check_finite=False)
-        w_codes = self.qweight.view(torch.int8) if self.w_scheme.dtype.is_int else self.qweight
-        y = kernel(codes, x_scale, w_codes, self.scales, self.bias, out_dtype=x.dtype, backend=self.backend)
+        y = kernel(codes, x_scale, self.code_matrix(), self.scales, self.bias, out_dtype=x.dtype,
+                   backend=self.backend)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def code_matrix(self) -> torch.Tensor:
+        """The 8-bit weight codes ``(out, in)`` as a view of ``qweight`` (int8 for signed int
+        grids, else uint8: unsigned codes or fp8 bit patterns). 8-bit packing stores each code
+        in its own byte and pads a row to a multiple of 8 bytes, so the first ``in_features``
+        bytes of a row are its codes; kernels taking ``(N, K)`` codes get this, not ``qweight``."""
+        if self.w_scheme.bits != 8:
+            raise ValueError(f"code_matrix needs 8-bit weight codes, got {self.w_scheme.describe()}")
+        codes = self.qweight[:, : self.in_features]  # (out, in), row stride ceil(in / 8) * 8
+        signed = self.w_scheme.dtype.is_int and self.w_scheme.qmin < 0
+        return codes.view(torch.int8) if signed else codes
 
     def _code_matmul(self):
         """``ops.int8_matmul`` / ``ops.fp8_matmul`` when both operands' codes can be multiplied
