@@ -55,7 +55,10 @@ def test_bench_kernels_smoke_writes_markdown_and_json(tmp_path: Path) -> None:
 
     mm = _table_rows(report, "| kernel | M | config |")
     kernels = {row[0] for row in mm}
-    for label in ("cuBLAS (dense)", "quantkit int4 g128 asym", "quantkit int3 g128 asym",
+    grids = ("int4 g128 asym", "int4 g128", "int3 g128 asym", "int2 g128 asym", "int8 channel",
+             "fp4 g32", "fp8 channel")
+    assert {f"quantkit {g}" for g in grids} <= kernels
+    for label in ("cuBLAS (dense)",
                   "quantkit w8a8 int8 GEMM (codes given)",
                   "quantkit w8a8 int8 + per-token quant (QuantLinear)",
                   "quantkit fp8 + per-token quant (QuantLinear)",

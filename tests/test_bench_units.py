@@ -79,6 +79,23 @@ def test_report_rewrites_its_files_after_every_update(monkeypatch: pytest.Monkey
     assert json.loads((tmp_path / "r.json").read_text())["tables"] == {"t": [{"x": 1}]}
 
 
+def test_check_preset_covers_every_grid_and_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _script_module(monkeypatch, "bench_kernels")
+    op_shapes, blocks = bench.plan(bench.parse_args(["--preset", "check"]), on_gpu=True)
+    assert op_shapes == [(4096, 4096)]
+    assert {g for _, _, _, grids, _ in blocks for g in grids} == set(bench.ALL_GRIDS)
+    assert all(ms == (1, 16, 128, 4096) for _, _, ms, _, _ in blocks)
+    first_shape, first_dtype, _, first_grids, first_extras = blocks[0]  # what the targets need
+    assert (first_shape, first_dtype) == ((4096, 4096), "fp16") and "int4-g128-asym" in first_grids
+    assert set(first_extras) == set(bench.cases.EXTRAS)
+    assert {(s, d) for s, d, *_ in blocks} >= {((14336, 4096), "fp16"), ((4096, 4096), "bf16"),
+                                                ((4096, 14336), "fp16")}
+    # a filter replaces the preset by the cartesian product it names
+    _, custom = bench.plan(bench.parse_args(["--preset", "check", "--m", "1", "--dtypes", "bf16",
+                                             "--grids", "fp4-g32", "--extras", ""]), on_gpu=True)
+    assert custom == [(s, "bf16", (1,), ("fp4-g32",), ()) for s in bench.GPU_SHAPES]
+
+
 def test_call_with_known_passes_only_named_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
     cases = _script_module(monkeypatch, "bench_matmul_cases")
 
@@ -215,6 +232,21 @@ def test_parse_junit_counts_and_messages(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert counts == "1 passed, 1 failed, 0 errors, 1 skipped"
     assert failures == ["t.m::bad: assert 1 == 2"]
     assert gc.parse_junit(tmp_path / "missing.xml")[0].startswith("no junit report")
+
+
+def test_parse_verbose_log_of_a_killed_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A time-out kills pytest before its junit report: the verbose lines still count."""
+    gc, _ = _gpu_check(monkeypatch, tmp_path)
+    log = tmp_path / "tests.log"
+    log.write_text(
+        "[gw0] [  1%] PASSED tests/test_kernels_matmul.py::test_a[M1-gemv] \n"
+        "[gw1] [  2%] FAILED tests/test_kernels_matmul.py::test_b[M17-gemm] \n"
+        "tests/test_kernels_pack.py::test_c PASSED                 [  3%]\n"
+        "tests/test_kernels_pack.py::test_d SKIPPED (no cuda)      [  4%]\n"
+        "collecting ... PASSED is a word here but no test id\n")
+    counts, failed = gc.parse_verbose_log(log)
+    assert counts == "2 passed, 1 failed, 0 errors, 1 skipped"
+    assert failed == ["tests/test_kernels_matmul.py::test_b[M17-gemm]"]
 
 
 def test_link_package_mirrors_the_installed_layout(monkeypatch: pytest.MonkeyPatch,
