@@ -66,6 +66,11 @@ class Case:
     note: str = ""
 
 
+def engine(device: torch.device, name: str) -> str:
+    """The library behind a torch call on ``device`` (the CPU build has no cuBLAS)."""
+    return name if device.type == "cuda" else "torch CPU"
+
+
 def nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -153,7 +158,7 @@ def dense_case(x: torch.Tensor, w: torch.Tensor) -> Case:
         return lambda: nn.functional.linear(x, wc)
 
     return Case("cuBLAS (dense)", "dense", PEAK_KIND[x.dtype], make,
-                nbytes(x, w) + M * N * x.element_size(), 2 * M * N * K, "cuBLAS")
+                nbytes(x, w) + M * N * x.element_size(), 2 * M * N * K, engine(x.device, "cuBLAS"))
 
 
 def dequant_case(x: torch.Tensor, w: torch.Tensor, grid: str, backend: str) -> Case:
@@ -279,7 +284,7 @@ def vendor_cases(x: torch.Tensor, w: torch.Tensor) -> list[Case]:
             return lambda: torch._int_mm(xq, wc.t())
 
         cases.append(Case(label, "vendor", "int8", make_int_mm, nbytes(xq, wq) + M * N * 4,
-                          2 * M * N * K, "cuBLASLt", exact=exact))
+                          2 * M * N * K, engine(x.device, "cuBLASLt"), exact=exact))
     except Exception as exc:  # noqa: BLE001 - shape/device limits of a private op: say which
         cases.append(_skipped(label, "int8", exc))
 
@@ -318,7 +323,8 @@ def _scaled_mm_case(x: torch.Tensor, w: torch.Tensor) -> Case:
         note = "" if out_dtype == x.dtype else f"out {str(out_dtype).removeprefix('torch.')}"
         return Case(label, "vendor", "fp8", make,
                     nbytes(xf, wf, scale_a, scale_b) + M * N * torch.empty((), dtype=out_dtype).element_size(),
-                    2 * M * N * K, "cuBLASLt/CUTLASS", rel_err(got, want), note=note)
+                    2 * M * N * K, engine(x.device, "cuBLASLt/CUTLASS"), rel_err(got, want),
+                    note=note)
     return _skipped(label, "fp8", errors[-1])
 
 
