@@ -1,344 +1,362 @@
-"""Benchmark the Triton kernels behind :mod:`quantkit.ops` against the torch reference.
+"""Benchmark quantkit's Triton kernels against the torch reference and vendor kernels.
 
-On a GPU, for each shape and scheme it times ``quantize``, ``dequantize``, ``pack_codes`` and
-``unpack_codes`` with ``backend="triton"`` and ``backend="torch"`` on the same device
-(``triton.testing.do_bench``, median of ``quantiles=[0.5, 0.2, 0.8]``), and reports the
-achieved memory bandwidth (minimal bytes read + written / time) next to a device-to-device
-copy of a large tensor measured in the same run: these ops are memory bound, so "% of copy"
-is how close a kernel is to the hardware limit. ``bit-exact`` says whether both backends
-returned identical tensors (the contract of :mod:`quantkit.ops`).
+Two tables, all measured in one process (timers and references: ``scripts/benchlib.py``):
 
-On a CPU it runs a smoke version in seconds: small shapes, the torch backend, and the Triton
-backend through the interpreter when ``TRITON_INTERPRET=1`` is set (timings then measure the
-interpreter, not a kernel).
+1. **Element-wise ops** (``quantize``, ``dequantize``, ``pack_codes``, ``unpack_codes``) with
+   ``backend="triton"`` and ``backend="torch"`` on the same device: median ms (p20-p80),
+   speed-up, GB/s of the minimal traffic and its share of a device-to-device copy of about as
+   many bytes ("% copy": these ops are memory bound), and whether both backends returned
+   identical tensors (the contract of :mod:`quantkit.ops`).
+2. **Matmuls** at M in {1, 16, 128, 4096} on (N, K) = 4096x4096, 14336x4096, 4096x14336 with
+   float16 and bfloat16 activations (``scripts/bench_matmul_cases.py`` lists the rows): dense
+   cuBLAS, quantkit's dequant GEMM/GEMV on int2/int3/int4/int8/fp4/fp8 weight grids, W8A8 int8
+   and fp8 (GEMM on given codes, and the whole ``QuantLinear`` forward with the per-token
+   activation quantization), SmoothQuant's fused smoothing + quantization, and
+   ``torch._int_mm`` / ``torch._scaled_mm`` / ``torch._weight_int4pack_mm``. Columns: the config
+   the dispatcher chose, the timer (rows with M <= 16 replay a CUDA graph over operand copies
+   larger than the L2, so neither the host nor the L2 flatters them; others use ``do_bench``),
+   median ms (p20-p80), GB/s and % copy, TFLOP/s (TOPS for int8) and % of the dense peak of
+   this GPU ("n/a" for GPUs not in ``benchlib.PEAK_TFLOPS``), speed-up over dense cuBLAS in
+   the same dtype, and the error against the reference (max |err| / max |ref|; "exact" where
+   bits must match).
+
+On a CPU it is a smoke run in seconds: tiny shapes, the Triton interpreter when
+``TRITON_INTERPRET=1`` (timings measure the interpreter), vendor rows that need CUDA skipped
+with the reason.
 
 Usage::
 
-    python scripts/bench_kernels.py                 # GPU: full table
-    python scripts/bench_kernels.py --quick --out bench.md
-    TRITON_INTERPRET=1 python scripts/bench_kernels.py --quick   # CPU smoke
+    python scripts/bench_kernels.py                          # GPU: everything (several minutes)
+    python scripts/bench_kernels.py --preset check           # GPU: the subset make gpu-check runs
+    python scripts/bench_kernels.py --shapes 4096x4096 --m 1,16 --dtypes bf16 --grids int4-g128-asym
+    TRITON_INTERPRET=1 python scripts/bench_kernels.py --quick --markdown bench.md   # CPU smoke
 
-The finiteness check of ``ops.quantize`` (a separate reduction and a host sync) is disabled
-while timing, for both backends, so that the numbers describe the quantization itself.
-
-A second table times the fused low-bit matmuls (W4A16 dequant GEMM/GEMV, W8A8 int8, fp8 e4m3)
-against ``torch.matmul`` of fp16 operands (cuBLAS) in the same process, for M in
-{1, 16, 128, 4096} and (N, K) in the shapes above: TFLOP/s (``2 * M * N * K`` / time), achieved
-GB/s of the minimal traffic (activations, packed weights, scales, output) and its share of the
-copy bandwidth, which is the bound of the decode (small M) rows. Activation quantization is
-not part of the W8A8/fp8 timings (codes are given). ``max rel err`` is the largest error
-against the torch reference, relative to the largest output. On a CPU this table is a smoke
-run of tiny shapes through the interpreter.
+``--markdown`` / ``--json`` are rewritten after every row, so a run stopped by ``--deadline``
+(or killed) leaves what it measured; ``--kernels-json`` lists the compiled kernels it ran
+(``scripts/kernel_inventory.py``: registers, spills, SASS summary).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import json
 import os
-import statistics
-import time
+import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+import bench_matmul_cases as cases
+from benchlib import (
+    CopyReference, Deadline, Report, Timing, environment, fmt, markdown_table, peak_tflops,
+    time_call,
+)
 from quantkit import ops
 from quantkit.scheme import QuantScheme
 
 GPU_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
-CPU_SHAPES = [(16, 256), (13, 576)]
-SCHEMES = [
+CPU_SHAPES = [(64, 256), (13, 576)]
+GPU_M = (1, 16, 128, 4096)
+CPU_M = (1, 16)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+OP_SCHEMES = [
     QuantScheme("int4", "per_group", groupsize=128, has_zero=True),
     QuantScheme("int8", "per_channel"),
     QuantScheme("fp8", "per_tensor"),
     QuantScheme("int4", "per_token"),
+    QuantScheme("int8", "per_token"),
 ]
 PACK_BITS = (3, 4, 8)
-MATMUL_M_GPU = (1, 16, 128, 4096)
-MATMUL_M_CPU = (1, 16)
-MATMUL_NK_CPU = [(64, 256)]
-COPY_BYTES_GPU = 1 << 30
-COPY_BYTES_CPU = 1 << 24
+ALL_GRIDS = tuple(cases.GRIDS)
+W4 = ("int4-g128-asym",)
+# (shape, dtype, grids, extras) blocks of the gpu-check subset, most informative first (a
+# deadline cuts the last ones): everything the targets of issue 12 need, then the other grids.
+CHECK_PLAN = [
+    ((4096, 4096), "fp16", ("int4-g128-asym", "int8-channel"), cases.EXTRAS),
+    ((14336, 4096), "fp16", W4, ("w8a8", "vendor")),
+    ((4096, 4096), "fp16", ("int4-g128", "int3-g128-asym", "int2-g128-asym", "fp4-g32",
+                            "fp8-channel"), ()),
+    ((4096, 4096), "bf16", W4, ("vendor",)),
+    ((4096, 14336), "fp16", W4, ("w8a8",)),
+]
 
 
-@dataclass(frozen=True)
-class Row:
-    """One line of the result table; ``triton_ms`` is None when the kernel was not run."""
-
-    op: str
-    shape: tuple[int, int]
-    scheme: str
-    triton_ms: float | None
-    torch_ms: float
-    nbytes: int
-    exact: bool | None
-
-
-def _time_ms(fn: Callable[[], object], on_gpu: bool, reps: int) -> float:
-    """Median milliseconds of ``fn``: ``do_bench`` on a GPU, wall clock on a CPU."""
-    if on_gpu:
-        import triton.testing
-
-        median, _p20, _p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-        return float(median)
-    fn()  # warm-up: first calls compile (GPU) or trace (interpreter)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def copy_bandwidth_gbs(device: torch.device, nbytes: int, reps: int) -> float:
-    """GB/s of a device-to-device copy of ``nbytes`` (read + write counted)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 256)
-    dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), device.type == "cuda", reps)
-    return 2 * nbytes / ms / 1e6
-
-
-def _nbytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def _same(a: object, b: object) -> bool:
-    """Bit-exact equality of tensors or tuples of tensors (``None`` entries included)."""
+def _bit_equal(a: object, b: object) -> bool:
     if isinstance(a, tuple):
-        return all(_same(x, y) for x, y in zip(a, b))  # type: ignore[arg-type]
+        return all(_bit_equal(x, y) for x, y in zip(a, b))  # type: ignore[arg-type]
     if a is None or b is None:
         return a is b
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
-def _measure(
-    op: str, shape: tuple[int, int], label: str, nbytes: int,
-    run: Callable[[str], object], use_triton: bool, on_gpu: bool, reps: int,
-) -> Row:
-    """Time ``run(backend)`` for both backends and compare their results."""
-    torch_ms = _time_ms(lambda: run("torch"), on_gpu, reps)
-    if not use_triton:
-        return Row(op, shape, label, None, torch_ms, nbytes, None)
-    triton_ms = _time_ms(lambda: run("triton"), on_gpu, reps)
-    return Row(op, shape, label, triton_ms, torch_ms, nbytes, _same(run("triton"), run("torch")))
+def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def bench_shape(
-    shape: tuple[int, int], device: torch.device, use_triton: bool, reps: int
-) -> list[Row]:
-    """Every op at one shape: quantize/dequantize per scheme, pack/unpack per bit width."""
-    on_gpu = device.type == "cuda"
+def op_cases(shape: tuple[int, int], device: torch.device) -> list[tuple[str, str, int, Callable]]:
+    """``(op, scheme label, minimal bytes, run(backend))`` of every element-wise op."""
     rows, cols = shape
     x = torch.randn(shape, dtype=torch.float16, device=device)  # (rows, cols)
-    out: list[Row] = []
-    for scheme in SCHEMES:
-        label = scheme.describe()
+    out = []
+    for scheme in OP_SCHEMES:
         codes, scale, zero = ops.quantize(x, scheme, backend="torch")
-        out.append(_measure(
-            "quantize", shape, label, _nbytes(x, codes, scale, zero),
-            lambda b, s=scheme: ops.quantize(x, s, backend=b, check_finite=False),
-            use_triton, on_gpu, reps,
-        ))
-        out.append(_measure(
-            "dequantize", shape, label, _nbytes(codes, scale, zero) + x.numel() * 2,
-            lambda b, s=scheme, c=codes, sc=scale, z=zero: ops.dequantize(
-                c, sc, z, s, torch.float16, backend=b
-            ),
-            use_triton, on_gpu, reps,
-        ))
+        out.append(("quantize", scheme.describe(), _tensor_bytes(x, codes, scale, zero),
+                    lambda b, s=scheme: ops.quantize(x, s, backend=b, check_finite=False)))
+        out.append(("dequantize", scheme.describe(), _tensor_bytes(codes, scale, zero, x),
+                    lambda b, s=scheme, c=codes, sc=scale, z=zero: ops.dequantize(
+                        c, sc, z, s, torch.float16, backend=b)))
     for bits in PACK_BITS:
         lo, hi = -(1 << (bits - 1)), 1 << (bits - 1)
         codes = torch.randint(lo, hi, shape, dtype=torch.int8, device=device)  # (rows, cols)
-        packed = ops.pack_codes(codes, bits, backend="torch")  # (rows, ceil(cols/8)*bits)
-        label = f"int{bits}"
-        out.append(_measure(
-            "pack_codes", shape, label, _nbytes(codes, packed),
-            lambda b, c=codes, n=bits: ops.pack_codes(c, n, backend=b),
-            use_triton, on_gpu, reps,
-        ))
-        out.append(_measure(
-            "unpack_codes", shape, label, _nbytes(codes, packed),
-            lambda b, p=packed, n=bits: ops.unpack_codes(p, n, cols, True, backend=b),
-            use_triton, on_gpu, reps,
-        ))
+        packed = ops.pack_codes(codes, bits, backend="torch")  # (rows, ceil(cols / 8) * bits)
+        moved = _tensor_bytes(codes, packed)
+        out.append(("pack_codes", f"int{bits}", moved,
+                    lambda b, c=codes, n=bits: ops.pack_codes(c, n, backend=b)))
+        out.append(("unpack_codes", f"int{bits}", moved,
+                    lambda b, p=packed, n=bits: ops.unpack_codes(p, n, cols, True, backend=b)))
     return out
 
 
-def format_table(results: list[Row], copy_gbs: float) -> str:
-    """Markdown table; GB/s and % of copy bandwidth refer to the Triton backend when it ran."""
-    lines = [
-        "| op | shape | scheme | triton ms | torch ms | speedup | GB/s | % of copy bw "
-        "| bit-exact |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in results:
-        ms = r.triton_ms if r.triton_ms is not None else r.torch_ms
-        gbs = r.nbytes / ms / 1e6
-        triton = f"{r.triton_ms:.4f}" if r.triton_ms is not None else "n/a"
-        speedup = f"{r.torch_ms / r.triton_ms:.2f}x" if r.triton_ms is not None else "n/a"
-        exact = {None: "n/a", True: "yes", False: "NO"}[r.exact]
-        lines.append(
-            f"| {r.op} | {r.shape[0]}x{r.shape[1]} | {r.scheme} | {triton} | {r.torch_ms:.4f} "
-            f"| {speedup} | {gbs:.2f} | {100 * gbs / copy_gbs:.1f}% | {exact} |"
-        )
-    return "\n".join(lines)
+def bench_ops(shapes: list[tuple[int, int]], ctx: dict[str, Any]) -> None:
+    """Table 1, written into ``ctx["report"]`` row by row."""
+    report, device, copy = ctx["report"], ctx["device"], ctx["copy"]
+    on_gpu, use_triton, reps = device.type == "cuda", ctx["use_triton"], ctx["reps"]
+    lines: list[list[object]] = []
+    header = ["op", "shape", "scheme", "triton ms (p20-p80)", "torch ms", "speed-up", "GB/s",
+              "% copy", "bit-exact"]
+
+    def render(note: str = "") -> None:
+        table = markdown_table(header, lines, [False] * 3 + [True] * 5 + [False])
+        report.set("ops", f"## Element-wise ops: Triton vs torch\n\n{table}\n{note}")
+
+    for shape in shapes:
+        for op, label, moved, run in op_cases(shape, device):
+            if ctx["deadline"].expired():
+                render(f"\n(stopped at the time budget before {op} {label} {shape})\n")
+                return
+            torch_t = time_call(lambda r=run: (lambda: r("torch")), moved, on_gpu, False, reps)
+            tri: Timing | None = None
+            exact = None
+            if use_triton:
+                tri = time_call(lambda r=run: (lambda: r("triton")), moved, on_gpu, False, reps)
+                exact = _bit_equal(run("triton"), run("torch"))
+            best = tri or torch_t
+            gbs = moved / best.median / 1e6
+            pct = 100 * gbs / copy.gbs(moved, False)
+            report.add_row("ops", dict(op=op, shape=list(shape), scheme=label, moved=moved,
+                                       triton_ms=tri and tri.median, torch_ms=torch_t.median,
+                                       gbs=gbs, pct_copy=pct, exact=exact))
+            lines.append([
+                op, f"{shape[0]}x{shape[1]}", label,
+                "n/a" if tri is None else f"{tri.median:.4f} ({tri.p20:.4f}-{tri.p80:.4f})",
+                f"{torch_t.median:.4f}", "n/a" if tri is None else f"{torch_t.median / tri.median:.2f}x",
+                f"{gbs:.1f}", f"{pct:.1f}%", {None: "n/a", True: "yes", False: "NO"}[exact],
+            ])
+            render()
 
 
-@dataclass(frozen=True)
-class MatmulRow:
-    """One line of the matmul table; ``baseline_ms`` is fp16 ``torch.matmul`` of the same shape."""
+def _block_cases(x: torch.Tensor, w: torch.Tensor, grids: tuple[str, ...],
+                 extras: tuple[str, ...], backend: str) -> list[Callable[[], Any]]:
+    """Deferred builders of the rows of one (M, N, K, dtype): each may fail on its own."""
+    builders: list[Callable[[], Any]] = [lambda: cases.dense_case(x, w)]
+    if backend == "triton":
+        builders += [lambda g=g: cases.dequant_case(x, w, g, backend) for g in grids]
+        if "w8a8" in extras:
+            builders.append(lambda: cases.w8a8_cases(x, w, backend, fp8=False))
+        if "fp8" in extras:
+            builders.append(lambda: cases.w8a8_cases(x, w, backend, fp8=True))
+        if "smoothquant" in extras:
+            builders.append(lambda: cases.smoothquant_cases(x, w, backend))
+    if "vendor" in extras:
+        builders.append(lambda: cases.vendor_cases(x, w))
+    return builders
 
-    kernel: str
-    m: int
-    nk: tuple[int, int]
-    triton_ms: float
-    baseline_ms: float
-    nbytes: int
-    max_rel_err: float
+
+def bench_matmul_block(shape: tuple[int, int], dtype_name: str, ms: tuple[int, ...],
+                       grids: tuple[str, ...], extras: tuple[str, ...], ctx: dict[str, Any]) -> None:
+    """Every row of one (N, K, dtype) block, for every M; one markdown table per block."""
+    report, device, copy = ctx["report"], ctx["device"], ctx["copy"]
+    on_gpu, reps = device.type == "cuda", ctx["reps"]
+    backend = "triton" if ctx["use_triton"] else "torch"
+    dtype = DTYPES[dtype_name]
+    n, k = shape
+    ctx["blocks"] = ctx.get("blocks", 0) + 1
+    key = f"mm block {ctx['blocks']}"  # the same shape may come back with other grids
+    lines: list[list[object]] = []
+    header = ["kernel", "M", "config", "timer", "ms (p20-p80)", "GB/s", "% copy", "TFLOP/s",
+              "% peak", "vs cuBLAS", "err", "note"]
+
+    def render(note: str = "") -> None:
+        table = markdown_table(header, lines, [False, True, False, False] + [True] * 7 + [False])
+        report.set(key, f"### {n}x{k} (N x K), {dtype_name} activations\n\n{table}\n{note}")
+
+    w = (torch.randn(n, k, device=device) / k**0.5).to(dtype)  # (N, K)
+    for m in ms:
+        x = torch.randn(m, k, device=device).to(dtype)  # (M, K)
+        graph = on_gpu and m <= 16
+        dense_ms = None
+        for build in _block_cases(x, w, grids, extras, backend):
+            if ctx["deadline"].expired():
+                render(f"\n(stopped at the time budget at M={m})\n")
+                return
+            try:
+                built = build()
+            except Exception as exc:  # noqa: BLE001 - one broken row must not end the table
+                lines.append(["(row failed to build)", m, "-", "-", "-", "-", "-", "-", "-",
+                              "-", "-", f"{type(exc).__name__}: {exc}"[:160]])
+                ctx["failures"].append(traceback.format_exc())
+                render()
+                continue
+            for case in built if isinstance(built, list) else [built]:
+                row = _measure(case, m, n, k, graph, on_gpu, reps, copy, ctx)
+                if case.kind == "dense" and row.get("ms") is not None:
+                    dense_ms = row["ms"]
+                timed = row.get("ms") is not None and case.flops > 0  # a matmul, not a quantizer
+                speedup = dense_ms / row["ms"] if timed and dense_ms is not None else None
+                row.update(shape=[n, k], dtype=dtype_name, m=m, speedup_vs_cublas=speedup)
+                report.add_row("matmul", row)
+                lines.append(_matmul_line(case, row, m))
+                render()
 
 
-def _matmul_cases(
-    m: int, n: int, k: int, device: torch.device
-) -> list[tuple[str, Callable[[str], torch.Tensor], int]]:
-    """``(label, run(backend), minimal bytes)`` of each fused matmul at one shape."""
-    x = torch.randn(m, k, dtype=torch.float16, device=device)  # (M, K)
-    w = torch.randn(n, k, dtype=torch.float16, device=device) / k**0.5  # (N, K)
-    out_bytes = m * n * 2
-    w4 = QuantScheme("int4", "per_group", groupsize=128, has_zero=True)
-    codes, scale, zero = ops.quantize(w, w4, backend="torch")
-    qweight = ops.pack_codes(codes, 4, backend="torch")  # (N, K / 2) uint8
-    scales = scale.half()  # (N, K / 128)
-    qzeros = ops.pack_codes(zero.to(torch.int8), 4, backend="torch")
-    a8 = QuantScheme("int8", "per_token")
-    xq, sx, _ = ops.quantize(x, a8, backend="torch")  # (M, K) int8, (M, 1)
-    wq, sw, _ = ops.quantize(w, QuantScheme("int8", "per_channel"), backend="torch")
-    f8 = QuantScheme("fp8", "per_token")
-    xf, sxf, _ = ops.quantize(x, f8, backend="torch")  # (M, K) uint8 e4m3 bits
-    wf, swf, _ = ops.quantize(w, QuantScheme("fp8", "per_channel"), backend="torch")
+def _measure(case: cases.Case, m: int, n: int, k: int, graph: bool, on_gpu: bool, reps: int,
+             copy: CopyReference, ctx: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = dict(kernel=case.label, kind=case.kind, config=case.config,
+                               err=case.err, exact=case.exact, note=case.note, nbytes=case.nbytes)
+    if case.make is None:
+        return row
+    try:
+        t = time_call(case.make, case.nbytes, on_gpu, graph, reps)
+    except Exception as exc:  # noqa: BLE001
+        row["note"] = f"timing failed: {type(exc).__name__}: {exc}"[:160]
+        ctx["failures"].append(traceback.format_exc())
+        return row
+    gbs = case.nbytes / t.median / 1e6
+    tflops = case.flops / t.median / 1e9 if case.flops else None
+    peak = peak_tflops(ctx["device_name"], case.peak)
+    row.update(ms=t.median, p20=t.p20, p80=t.p80, timer=t.method, gbs=gbs,
+               pct_copy=100 * gbs / copy.gbs(case.nbytes, graph), tflops=tflops,
+               pct_peak=None if tflops is None or peak is None else 100 * tflops / peak)
+    return row
+
+
+def _matmul_line(case: cases.Case, row: dict[str, Any], m: int) -> list[object]:
+    if row.get("ms") is None:
+        return [case.label, m, case.config, "-", "skipped", "-", "-", "-", "-", "-", "-",
+                row["note"]]
+    err = ({True: "exact", False: "NOT exact"}[case.exact] if case.exact is not None
+           else fmt(case.err, ".1e"))
     return [
-        ("w4a16 int4 g128 asym",
-         lambda b: ops.quant_linear_matmul(x, qweight, scales, qzeros, None, w4, backend=b),
-         _nbytes(x, qweight, scales, qzeros) + out_bytes),
-        ("w8a8 int8 token/channel",
-         lambda b: ops.int8_matmul(xq, sx, wq, sw, None, torch.float16, backend=b),
-         _nbytes(xq, sx, wq, sw) + out_bytes),
-        ("fp8 e4m3 token/channel",
-         lambda b: ops.fp8_matmul(xf, sxf, wf, swf, None, torch.float16, backend=b),
-         _nbytes(xf, sxf, wf, swf) + out_bytes),
+        case.label, m, case.config, row["timer"],
+        f"{row['ms']:.4f} ({row['p20']:.4f}-{row['p80']:.4f})", f"{row['gbs']:.1f}",
+        fmt(row["pct_copy"], ".1f", "%"), fmt(row["tflops"], ".1f"),
+        fmt(row["pct_peak"], ".1f", "%"), fmt(row["speedup_vs_cublas"], ".2f", "x"), err,
+        row["note"],
     ]
 
 
-def bench_matmuls(device: torch.device, quick: bool, reps: int) -> list[MatmulRow]:
-    """Every fused matmul at every (M, (N, K)) against fp16 ``torch.matmul``."""
-    on_gpu = device.type == "cuda"
-    ms_list = MATMUL_M_GPU if on_gpu else MATMUL_M_CPU
-    nks = GPU_SHAPES if on_gpu else MATMUL_NK_CPU
-    if quick:
-        nks = nks[:1]
-    rows: list[MatmulRow] = []
-    for n, k in nks:
-        for m in ms_list:
-            a = torch.randn(m, k, dtype=torch.float16, device=device)  # (M, K)
-            b = torch.randn(n, k, dtype=torch.float16, device=device)  # (N, K)
-            baseline_ms = _time_ms(lambda: torch.matmul(a, b.T), on_gpu, reps)
-            for label, run, nbytes in _matmul_cases(m, n, k, device):
-                want = run("torch").float()
-                err = (run("triton").float() - want).abs().max() / want.abs().max().clamp_min(1e-30)
-                triton_ms = _time_ms(lambda r=run: r("triton"), on_gpu, reps)
-                rows.append(MatmulRow(label, m, (n, k), triton_ms, baseline_ms, nbytes, err.item()))
-    return rows
+def _parse_list(text: str | None, convert: Callable[[str], Any]) -> list[Any] | None:
+    return None if text is None else [convert(t) for t in text.split(",") if t.strip()]
 
 
-def format_matmul_table(rows: list[MatmulRow], copy_gbs: float) -> str:
-    """Markdown table of :func:`bench_matmuls` (times carry their unit in the cell)."""
-    lines = [
-        "| kernel | M | N x K | triton ms | fp16 torch.matmul ms | speedup | TFLOP/s | GB/s "
-        "| % of copy bw | max rel err |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        n, k = r.nk
-        tflops = 2 * r.m * n * k / r.triton_ms / 1e9
-        gbs = r.nbytes / r.triton_ms / 1e6
-        lines.append(
-            f"| {r.kernel} | {r.m} | {n}x{k} | {r.triton_ms:.4f} ms | {r.baseline_ms:.4f} ms "
-            f"| {r.baseline_ms / r.triton_ms:.2f}x | {tflops:.2f} | {gbs:.1f} "
-            f"| {100 * gbs / copy_gbs:.1f}% | {r.max_rel_err:.1e} |"
-        )
-    return "\n".join(lines)
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        n, k = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must be NxK, e.g. 4096x4096, got {text!r}") from None
+    return n, k
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({os.cpu_count()} cores)"
+def _choice(allowed: tuple[str, ...], what: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise argparse.ArgumentTypeError(f"{what} {value!r} unknown; valid: {', '.join(allowed)}")
+        return value
+    return check
+
+
+def plan(args: argparse.Namespace, on_gpu: bool) -> tuple[list, list]:
+    """``(op shapes, matmul blocks)``; a block is ``(shape, dtype, ms, grids, extras)``."""
+    shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
+    ms = GPU_M if on_gpu else CPU_M
+    custom = any(v is not None for v in (args.shapes, args.m, args.dtypes, args.grids, args.extras))
+    if args.preset == "check" and not custom:
+        blocks = [(s, d, ms, g, e) for s, d, g, e in CHECK_PLAN]
+        return shapes[:1], blocks
+    shapes = args.shapes or (shapes[:1] if args.quick else shapes)
+    grids = tuple(args.grids or ALL_GRIDS)
+    extras = tuple(args.extras if args.extras is not None else cases.EXTRAS)
+    dtypes = args.dtypes or (["fp16", "bf16"] if on_gpu else ["fp16"])
+    ms = tuple(args.m or ms)
+    blocks = [(s, d, ms, grids, extras) for s in shapes for d in dtypes]
+    return shapes, blocks
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="first shape only, fewer reps")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="also write the report here (markdown)"
-    )
-    parser.add_argument(
-        "--device", default=None,
-        help="cuda or cpu (default: cuda when available and TRITON_INTERPRET is not set)",
-    )
-    return parser.parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="first shape only (CPU smoke)")
+    p.add_argument("--preset", choices=("full", "check"), default="full",
+                   help="check: the subset of make gpu-check (ignored when a filter is given)")
+    p.add_argument("--shapes", type=lambda s: _parse_list(s, _shape), help="NxK,NxK,...")
+    p.add_argument("--m", type=lambda s: _parse_list(s, int), help="M values, e.g. 1,16")
+    p.add_argument("--dtypes", type=lambda s: _parse_list(s, _choice(tuple(DTYPES), "dtype")))
+    p.add_argument("--grids", type=lambda s: _parse_list(s, _choice(ALL_GRIDS, "grid")),
+                   help=f"weight grids of the dequant matmul: {', '.join(ALL_GRIDS)}")
+    p.add_argument("--extras", type=lambda s: _parse_list(s, _choice(cases.EXTRAS, "extra")),
+                   help=f"other row groups: {', '.join(cases.EXTRAS)} (empty string: none)")
+    p.add_argument("--no-ops", action="store_true", help="skip the element-wise ops table")
+    p.add_argument("--markdown", "--out", dest="markdown", type=Path, help="write the report here")
+    p.add_argument("--json", type=Path, help="write the rows as JSON here")
+    p.add_argument("--kernels-json", type=Path, help="write the compiled kernels it ran here")
+    p.add_argument("--deadline", type=float, help="stop starting rows after this many seconds")
+    p.add_argument("--device", help="cuda or cpu (default: cuda unless TRITON_INTERPRET=1)")
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> str:
     """Run the benchmark, print the report and return it."""
     args = parse_args(argv)
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    default = "cuda" if torch.cuda.is_available() and not interpret else "cpu"
-    device = torch.device(args.device or default)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not interpret else "cpu"))
     on_gpu = device.type == "cuda"
     if on_gpu and interpret:
         raise SystemExit("unset TRITON_INTERPRET to benchmark kernels on a GPU")
     use_triton = on_gpu or interpret
-    shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
-    if args.quick:
-        shapes = shapes[:1]
-    reps = 2 if args.quick else 5  # CPU wall-clock repetitions (do_bench picks its own)
+    op_shapes, blocks = plan(args, on_gpu)
+    reps = 2 if args.quick else 5  # wall-clock repetitions on a CPU (GPU timers pick their own)
+    report = Report(args.markdown, args.json)
+    from benchlib import device_name
 
-    copy_gbs = copy_bandwidth_gbs(device, COPY_BYTES_GPU if on_gpu else COPY_BYTES_CPU, reps)
-    results = [row for shape in shapes for row in bench_shape(shape, device, use_triton, reps)]
-    if use_triton:
-        matmul_table = format_matmul_table(bench_matmuls(device, args.quick, reps), copy_gbs)
-    else:
-        matmul_table = "(fused matmuls skipped: they need a GPU or TRITON_INTERPRET=1)"
-    mode = "" if on_gpu else (
-        " (smoke run: Triton interpreter)" if use_triton else " (smoke run: torch only)"
-    )
-    report = "\n".join([
-        f"# quantkit kernel benchmark{mode}",
-        "",
-        f"- device: {_device_name(device)}",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- torch {torch.__version__}, triton {_triton_version()}",
-        f"- device-to-device copy bandwidth: {copy_gbs:.1f} GB/s",
-        "",
-        format_table(results, copy_gbs),
-        "",
-        "## fused low-bit matmuls vs fp16 torch.matmul",
-        "",
-        matmul_table,
-        "",
-    ])
-    print(report)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
-    return report
+    ctx = dict(report=report, device=device, device_name=device_name(device), reps=reps,
+               use_triton=use_triton, copy=CopyReference(device, reps),
+               deadline=Deadline(args.deadline), failures=[])
+    mode = "" if on_gpu else (" (smoke run: Triton interpreter)" if use_triton
+                              else " (smoke run: torch only)")
+    report.meta.update(device=ctx["device_name"], on_gpu=on_gpu, use_triton=use_triton)
+    report.set("head", "\n".join([f"# quantkit kernel benchmark{mode}", "", *environment(device)]))
+    big = 1 << 30 if on_gpu else 1 << 24
+    report.set("copy", f"- device-to-device copy bandwidth: {ctx['copy'].gbs(2 * big, False):.1f} "
+                       f"GB/s ({big >> 20} MiB copied)\n")
+    if not args.no_ops:
+        bench_ops(op_shapes, ctx)
+    if not use_triton:
+        report.set("mm-note", "\n(quantkit matmul rows skipped: they need a GPU or TRITON_INTERPRET=1)\n")
+    report.set("mm", "\n## Matmuls\n")
+    for shape, dtype_name, ms, grids, extras in blocks:
+        bench_matmul_block(shape, dtype_name, ms, grids, extras, ctx)
+    report.set("copies", f"\ncopy references (bytes copied, timer): {ctx['copy'].describe()}\n")
+    if ctx["failures"]:
+        body = "\n\n".join(f"```\n{f[-3000:]}\n```" for f in ctx["failures"])
+        report.set("failures", f"\n## Failures ({len(ctx['failures'])})\n\n{body}\n")
+    if args.kernels_json is not None and on_gpu:
+        from kernel_inventory import loaded_kernels
 
-
-def _triton_version() -> str:
-    import triton
-
-    return triton.__version__
+        args.kernels_json.write_text(json.dumps(loaded_kernels(), indent=1, default=str))
+    text = report.text()
+    print(text)
+    return text
 
 
 if __name__ == "__main__":

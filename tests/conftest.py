@@ -3,17 +3,30 @@
 TRITON_INTERPRET must be set before any module that defines a ``@triton.jit`` kernel is
 imported, so it is set here at import time of the test session (pytest imports conftest
 first). The Makefile and .ci/run set the same variables.
+
+``QUANTKIT_TEST_DEVICE=cuda`` (``scripts/gpu_check.py`` on a GPU machine) runs the same tests
+with compiled kernels instead: TRITON_INTERPRET stays unset and tensors are created on the
+GPU by default, so kernels, references and comparisons all run there.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+_DEVICE = os.environ.get("QUANTKIT_TEST_DEVICE", "cpu")
+if _DEVICE not in ("cpu", "cuda"):
+    raise ValueError(f"QUANTKIT_TEST_DEVICE must be cpu or cuda, got {_DEVICE!r}")
+if _DEVICE == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
+    raise RuntimeError("QUANTKIT_TEST_DEVICE=cuda runs compiled kernels: unset TRITON_INTERPRET")
+if _DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if _DEVICE == "cuda":
+    torch.set_default_device("cuda")
 
 
 @pytest.fixture(autouse=True)
