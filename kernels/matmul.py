@@ -28,7 +28,8 @@ Two paths, one kernel (``_dequant_matmul_kernel``) specialised by constexprs:
 * GEMM (``M > 8``; a single 16-row tile up to ``M = 16``): ``(BLOCK_M, BLOCK_N)`` output tiles
   in grouped launch order for L2 reuse of weight tiles, the ``(BLOCK_N, BLOCK_K)`` weight tile
   dequantized in registers then ``tl.dot`` in x's dtype (fp16/bf16 tensor cores; fp32 x uses
-  an IEEE fp32 dot, not tf32).
+  a 3xTF32 dot: fp32-accurate products from three tensor-core MMAs, where an IEEE fp32 dot
+  would run on CUDA cores and spill).
 
 Both split K over ``SPLIT_K`` programs (fp32 atomics into a zeroed workspace, then one cast)
 when the output has too few tiles to give every SM two programs: decode steps, and
@@ -54,14 +55,14 @@ import triton
 import triton.language as tl
 
 from quantkit.kernels._launch import Launch, Target, run_all
-from quantkit.kernels._triton_math import bf16_bits, minifloat_decode
+from quantkit.kernels._triton_math import bf16_bits, minifloat_decode, packed_code_at
+from quantkit.kernels.gemv import GemvConfig, plan_dequant_gemv
 from quantkit.kernels.quantize import check_matrix, check_scheme
 from quantkit.packing import PACK_BITS, packed_cols
 from quantkit.scheme import QuantScheme
 
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-GEMV_MAX_M = 8  # at most this many rows: broadcast-and-reduce without tensor cores
 DOT16_MAX_M = 16  # up to this many rows: one 16-row tensor-core tile (decode batches)
 
 
@@ -69,8 +70,9 @@ DOT16_MAX_M = 16  # up to this many rows: one 16-row tensor-core tile (decode ba
 class MatmulConfig:
     """Tile sizes and launch parameters of one matmul launch.
 
-    ``block_m < 16`` selects the GEMV inner product (no ``tl.dot``); ``split_k > 1`` splits the
-    K-tiles over programs that accumulate into an fp32 workspace with atomics.
+    Every tile is a ``tl.dot`` (``block_m``, ``block_n``, ``block_k >= 16``); ``split_k > 1``
+    splits the K-tiles over programs whose fp32 partial tiles are summed in split order by a
+    second kernel (deterministic: the same bits on every run).
     """
 
     block_m: int
@@ -88,12 +90,12 @@ class MatmulConfig:
                 raise ValueError(
                     f"MatmulConfig.{name} must be a positive power of two, got {v!r}"
                 )
-        if self.block_k < 8:
-            raise ValueError(
-                f"MatmulConfig.block_k must be >= 8 (one run of packed codes), got {self.block_k}"
-            )
-        if self.block_m >= 16 and (self.block_n < 16 or self.block_k < 16):
-            raise ValueError("tl.dot tiles (block_m >= 16) need block_n and block_k >= 16")
+        for name in ("block_m", "block_n", "block_k"):
+            if getattr(self, name) < 16:
+                raise ValueError(
+                    f"MatmulConfig.{name} must be >= 16 (the smallest tl.dot tile), "
+                    f"got {getattr(self, name)}"
+                )
 
 
 @triton.jit
@@ -135,25 +137,6 @@ def store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K
         tl.store(o_ptrs, bf16_bits(acc).to(tl.int16), mask=mask)
     else:
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def packed_code_at(row_ptrs, idx, mask, BITS: tl.constexpr, SIGNED: tl.constexpr):
-    """Code number ``idx`` of packed rows starting at ``row_ptrs`` (same shapes), as int32.
-
-    Code ``idx`` occupies bits ``[b, b + BITS)`` of its run's little-endian word with
-    ``b = (idx % 8) * BITS``, i.e. at most two consecutive bytes of the row.
-    """
-    bit = (idx % 8) * BITS
-    byte = (idx // 8) * BITS + bit // 8
-    v = tl.load(row_ptrs + byte, mask=mask, other=0).to(tl.int32)
-    if BITS < 8:
-        straddles = (bit % 8) + BITS > 8  # int3 codes 2 and 5 cross a byte boundary
-        hi = tl.load(row_ptrs + byte + 1, mask=mask & straddles, other=0).to(tl.int32)
-        v = ((v | (hi << 8)) >> (bit % 8)) & ((1 << BITS) - 1)
-    if SIGNED:
-        v = (v << (32 - BITS)) >> (32 - BITS)  # sign-extend the field
-    return v
 
 
 @triton.jit
@@ -254,14 +237,10 @@ def _dequant_matmul_kernel(
         else:
             w_op = w
             x_op = x.to(tl.float32)
-        if BLOCK_M >= 16:
-            if DOT == "fp16" or DOT == "bf16":
-                acc = tl.dot(x_op, tl.trans(w_op), acc)
-            else:
-                acc = tl.dot(x_op, tl.trans(w_op), acc, input_precision="ieee")
-        else:  # GEMV: (BLOCK_M, 1, BLOCK_K) * (1, BLOCK_N, BLOCK_K) reduced along K
-            prod = x_op.to(tl.float32)[:, None, :] * w_op.to(tl.float32)[None, :, :]
-            acc += tl.sum(prod, axis=2)
+        if DOT == "fp16" or DOT == "bf16":
+            acc = tl.dot(x_op, tl.trans(w_op), acc)
+        else:
+            acc = tl.dot(x_op, tl.trans(w_op), acc, input_precision="tf32x3")
 
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BLOCK_N,)
@@ -288,30 +267,28 @@ def _fit_groups(block_k: int, group_size: int, K: int, min_block_k: int) -> int:
     return block_k
 
 
-def default_config(M: int, N: int, K: int, group_size: int, target: Target) -> MatmulConfig:
-    """Fixed tiles for H100/H200 (and large single tiles for the interpreter).
+def default_config(M: int, N: int, K: int, group_size: int, target: Target, *,
+                   x_dtype: torch.dtype = torch.float16) -> MatmulConfig:
+    """Tensor-core tiles for H100/H200 (and large single tiles for the interpreter).
 
-    GPU: ``M <= 8`` GEMV, ``BLOCK_M * BLOCK_N * BLOCK_K = 8192`` products per step (64 or 32
-    weight rows, 32..128 columns); ``M <= 16`` a 16 x 64 x 128 tensor-core tile; larger ``M``
-    64/128 x 128 x 64 (8 warps for 128 x 128), 3 pipeline stages. ``BLOCK_K`` drops to the
-    group size (>= 32) so that a K-tile has one scale per row. Small grids are split over K.
+    GPU: ``M <= 16`` a 16 x 64 x 128 tile (decode batches the GEMV does not take); larger ``M``
+    64/128 x 128 x 64 (8 warps for 128 x 128), 3 pipeline stages; fp32 activations (a 3xTF32
+    dot, three MMAs per step) halve ``BLOCK_K`` so the operands fit in registers without
+    spilling. ``BLOCK_K`` drops to the group size (>= 32) so that a K-tile has one scale per
+    row. Small grids are split over K.
     """
     if not target.gpu:  # interpreter: few, large block operations
-        block_m = triton.next_power_of_2(M)
-        if M > GEMV_MAX_M:
-            block_m = max(16, min(64, block_m))
+        block_m = max(16, min(64, triton.next_power_of_2(M)))
         block_n = max(16, min(128, triton.next_power_of_2(N)))
         block_k = _fit_groups(max(16, min(256, triton.next_power_of_2(K))), group_size, K, 16)
         return MatmulConfig(block_m, block_n, block_k, num_warps=4, num_stages=1)
-    if M <= GEMV_MAX_M:
-        block_m = triton.next_power_of_2(M)
-        block_n = 64 if block_m <= 2 else 32
-        block_k, warps = max(32, 8192 // (block_m * block_n)), 4
-    elif M <= DOT16_MAX_M:
+    if M <= DOT16_MAX_M:
         block_m, block_n, block_k, warps = 16, 64, 128, 4
     else:
         block_m = 64 if M <= 64 else 128
         block_n, block_k, warps = 128, 64, 8 if block_m == 128 else 4
+    if x_dtype == torch.float32:
+        block_k = max(32, block_k // 2)
     block_k = _fit_groups(block_k, group_size, K, 32)
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     split = split_k_for(tiles, triton.cdiv(K, block_k), target)
@@ -369,7 +346,7 @@ def quant_linear_matmul(
     bias: torch.Tensor | None,
     scheme: QuantScheme,
     *,
-    config: MatmulConfig | None = None,
+    config: MatmulConfig | GemvConfig | None = None,
 ) -> torch.Tensor:
     """``y = x @ dequant(qweight, scales, qzeros).T + bias`` in one fused kernel.
 
@@ -420,8 +397,10 @@ def quant_linear_matmul(
     elif qzeros is not None:
         raise ValueError(f"qzeros must be None: {scheme.describe()} has no zero point")
     bias = check_bias(bias, N, x.device)
-    if config is not None and not isinstance(config, MatmulConfig):
-        raise TypeError(f"config must be a MatmulConfig or None, got {type(config).__name__}")
+    if config is not None and not isinstance(config, (MatmulConfig, GemvConfig)):
+        raise TypeError(
+            f"config must be a MatmulConfig, a GemvConfig or None, got {type(config).__name__}"
+        )
     out, launches = plan_quant_linear_matmul(
         x, qweight, scales, qzeros, bias, scheme, Target.of(x.device), config=config,
     )
@@ -438,17 +417,23 @@ def plan_quant_linear_matmul(
     scheme: QuantScheme,
     target: Target,
     *,
-    config: MatmulConfig | None = None,
+    config: MatmulConfig | GemvConfig | None = None,
 ) -> tuple[torch.Tensor, list[Launch]]:
     """The output buffer and launches of :func:`quant_linear_matmul` on ``target`` (arguments
     already validated; tensors may live on the ``meta`` device for the static inspection).
 
     The buffer is fp32 when the launches accumulate over K splits into it (the caller casts).
     """
+    if not isinstance(config, MatmulConfig):  # None or a GemvConfig: the decode GEMV if it applies
+        gemv = plan_dequant_gemv(x, qweight, scales, qzeros, bias, scheme, target, config=config)
+        if gemv is not None:
+            return gemv
+        if config is not None:
+            raise ValueError(f"{config!r} given but the GEMV does not apply to these arguments")
     M, K = x.shape
     N = qweight.shape[0]
     group_size = scheme.group_cols(K)
-    cfg = config or default_config(M, N, K, group_size, target)
+    cfg = config or default_config(M, N, K, group_size, target, x_dtype=x.dtype)
     stride_sn, stride_sg = (0 if n == 1 else st for n, st in zip(scales.shape, scales.stride()))
     stride_zn = 0 if qzeros is None or qzeros.shape[0] == 1 else qzeros.stride(0)
     if cfg.split_k > 1:
