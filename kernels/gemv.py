@@ -327,6 +327,16 @@ class GemvConfig:
 MAX_M = 4
 
 
+def weight_constexprs(scheme: QuantScheme) -> dict:
+    """The constexprs describing packed weights of ``scheme`` (shared by the matmul kernels)."""
+    dt = scheme.dtype
+    return dict(
+        BITS=scheme.bits, SIGNED=dt.is_int and not scheme.unsigned, HAS_ZERO=scheme.has_zero,
+        IS_FLOAT=dt.is_float, EXP_BITS=dt.exponent_bits, MANT_BITS=dt.mantissa_bits,
+        EXP_BIAS=dt.exponent_bias,
+    )
+
+
 def chunk_codes(bits: int) -> int:
     """Codes per lane and weight row in one K-tile: a 128-bit load (int3: a 96-bit unit)."""
     return 32 if bits == 3 else 128 // bits
@@ -391,17 +401,14 @@ def plan_dequant_gemv(
     stride_sn, stride_sg = (0 if n == 1 else st for n, st in zip(scales.shape, scales.stride()))
     stride_zn = 0 if qzeros is None or qzeros.shape[0] == 1 else qzeros.stride(0)
     words = qweight.view(torch.int32)  # (N, row_bytes / 4)
-    dt = scheme.dtype
     args = (
         x, words, scales, qweight if qzeros is None else qzeros, x if bias is None else bias,
         out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
         M, N, K, row_bytes // 4, group_size,
         x.stride(0), words.stride(0), stride_sn, stride_sg, stride_zn, out.stride(0), out.stride(1),
     )
-    constexprs = dict(
-        BITS=bits, SIGNED=dt.is_int and not scheme.unsigned, HAS_ZERO=scheme.has_zero,
-        IS_FLOAT=dt.is_float, EXP_BITS=dt.exponent_bits, MANT_BITS=dt.mantissa_bits,
-        EXP_BIAS=dt.exponent_bias, SCALE_PER_WORD=per_word, HAS_BIAS=bias is not None,
+    constexprs = weight_constexprs(scheme) | dict(
+        SCALE_PER_WORD=per_word, HAS_BIAS=bias is not None,
         OUT_BF16=out.dtype == torch.bfloat16, XV=xv,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, T=cfg.lanes,
     )

@@ -56,7 +56,7 @@ import triton.language as tl
 
 from quantkit.kernels._launch import Launch, Target, run_all
 from quantkit.kernels._triton_math import bf16_bits, minifloat_decode, packed_code_at
-from quantkit.kernels.gemv import GemvConfig, plan_dequant_gemv
+from quantkit.kernels.gemv import GemvConfig, plan_dequant_gemv, weight_constexprs
 from quantkit.kernels.quantize import check_matrix, check_scheme
 from quantkit.packing import PACK_BITS, packed_cols
 from quantkit.scheme import QuantScheme
@@ -64,6 +64,11 @@ from quantkit.scheme import QuantScheme
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DOT16_MAX_M = 16  # up to this many rows: one 16-row tensor-core tile (decode batches)
+# From this many rows on a GPU the weight is dequantized once and multiplied by cuBLAS: the fused
+# kernel dequantizes every weight tile once per 128-row M-tile (~11 SASS per weight element
+# each time on sm90), so at M = 512 that is ~44 instructions per weight against ~3 plus a
+# 2-byte store for one pass, while both GEMMs run on the same tensor cores.
+DEQUANT_GEMM_MIN_M = 512
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,44 @@ def load_code_tile(q_rows, n_ok, k0, K, BITS: tl.constexpr, BYTES_P2: tl.constex
 
 
 @triton.jit
+def dequant_tile(q_rows, s_rows, z_rows, n_ok, k0, K, group_size, stride_sg,
+                 BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 IS_FLOAT: tl.constexpr, EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr,
+                 EXP_BIAS: tl.constexpr, TILE_GROUPS: tl.constexpr, BYTES_P2: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 weights ``(BLOCK_N, BLOCK_K)`` of columns ``k0 .. k0 + BLOCK_K`` of the packed rows
+    ``q_rows``: ``(q - z) * s`` or ``value(q) * s`` as :func:`quantkit.reference.dequantize`.
+
+    ``TILE_GROUPS``: no K-tile straddles two groups (one scale per weight row and tile);
+    otherwise scales (and zeros) are gathered per element.
+    """
+    offs_k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+    k_ok = offs_k < K
+    c = load_code_tile(q_rows, n_ok, k0, K, BITS, BYTES_P2, BLOCK_N, BLOCK_K)  # (N, K) int32
+    if IS_FLOAT:
+        q = minifloat_decode(c, EXP_BITS, MANT_BITS, EXP_BIAS)  # (BLOCK_N, BLOCK_K) fp32
+    else:
+        if SIGNED:
+            c = (c << (32 - BITS)) >> (32 - BITS)
+        q = c.to(tl.float32)
+    if TILE_GROUPS:  # one group per tile: a (BLOCK_N, 1) scale
+        g = k0 // group_size
+        s = tl.load(s_rows + g * stride_sg, mask=n_ok, other=1.0).to(tl.float32)[:, None]
+        if HAS_ZERO:
+            z = packed_code_at(z_rows, g + tl.zeros_like(n_ok.to(tl.int32)), n_ok, BITS, SIGNED)
+            q = q - z.to(tl.float32)[:, None]
+    else:  # groups change inside the tile: gather per element
+        g = offs_k // group_size  # (BLOCK_K,)
+        wmask = n_ok[:, None] & k_ok[None, :]
+        s = tl.load(s_rows[:, None] + g[None, :] * stride_sg, mask=wmask, other=1.0)
+        s = s.to(tl.float32)  # (BLOCK_N, BLOCK_K)
+        if HAS_ZERO:
+            z = packed_code_at(z_rows[:, None], g[None, :], wmask, BITS, SIGNED)
+            q = q - z.to(tl.float32)
+    return q * s
+
+
+@triton.jit
 def _dequant_matmul_kernel(
     # pointers
     x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_ptr,
@@ -179,9 +222,8 @@ def _dequant_matmul_kernel(
 ):
     """One ``(BLOCK_M, BLOCK_N)`` output tile over this program's share of the K-tiles.
 
-    ``DOT``: ``"fp16"`` / ``"bf16"`` (tensor cores in that dtype), ``"fp32"`` (IEEE fp32 dot),
+    ``DOT``: ``"fp16"`` / ``"bf16"`` (tensor cores in that dtype), ``"fp32"`` (3xTF32 dot),
     ``"bf16_emulated"`` (fp32 dot of bf16-rounded values: the interpreter's bf16 path).
-    ``TILE_GROUPS``: no K-tile straddles two groups (one scale per weight row and tile).
     """
     offs_m, offs_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)  # (BLOCK_M,), (BLOCK_N,)
     pid_k = tl.program_id(1)
@@ -202,28 +244,9 @@ def _dequant_matmul_kernel(
         x = tl.load(x_rows[:, None] + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
 
-        c = load_code_tile(q_rows, n_ok, k0, K, BITS, BYTES_P2, BLOCK_N, BLOCK_K)  # (N, K) int32
-        if IS_FLOAT:
-            q = minifloat_decode(c, EXP_BITS, MANT_BITS, EXP_BIAS)  # (BLOCK_N, BLOCK_K) fp32
-        else:
-            if SIGNED:
-                c = (c << (32 - BITS)) >> (32 - BITS)
-            q = c.to(tl.float32)
-        if TILE_GROUPS:  # one group per tile: a (BLOCK_N, 1) scale
-            g = k0 // group_size
-            s = tl.load(s_rows + g * stride_sg, mask=n_ok, other=1.0).to(tl.float32)[:, None]
-            if HAS_ZERO:
-                z = packed_code_at(z_rows, g + tl.zeros_like(offs_n), n_ok, BITS, SIGNED)
-                q = q - z.to(tl.float32)[:, None]
-        else:  # groups change inside the tile: gather per element
-            g = offs_k // group_size  # (BLOCK_K,)
-            wmask = n_ok[:, None] & k_ok[None, :]
-            s = tl.load(s_rows[:, None] + g[None, :] * stride_sg, mask=wmask, other=1.0)
-            s = s.to(tl.float32)  # (BLOCK_N, BLOCK_K)
-            if HAS_ZERO:
-                z = packed_code_at(z_rows[:, None], g[None, :], wmask, BITS, SIGNED)
-                q = q - z.to(tl.float32)
-        w = q * s  # (BLOCK_N, BLOCK_K) fp32, as reference.dequantize
+        w = dequant_tile(q_rows, s_rows, z_rows, n_ok, k0, K, group_size, stride_sg, BITS,
+                         SIGNED, HAS_ZERO, IS_FLOAT, EXP_BITS, MANT_BITS, EXP_BIAS, TILE_GROUPS,
+                         BYTES_P2, BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K) fp32
 
         if DOT == "fp16":
             w_op = w.to(tl.float16)
@@ -247,6 +270,40 @@ def _dequant_matmul_kernel(
         if pid_k == 0:  # split-K: exactly one program adds the bias
             acc += b[None, :]
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K, OUT_BF16)
+
+
+@triton.jit
+def _dequant_packed_kernel(
+    # pointers
+    qweight_ptr, scales_ptr, qzeros_ptr, out_ptr,
+    # sizes
+    N, K, group_size,
+    # strides
+    stride_qn, stride_sn, stride_sg, stride_zn, stride_on,
+    # quantization
+    BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, IS_FLOAT: tl.constexpr,
+    EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr, EXP_BIAS: tl.constexpr,
+    TILE_GROUPS: tl.constexpr,
+    # meta
+    OUT_BF16: tl.constexpr, BYTES_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``out[n, k] = W[n, k]`` rounded once to the output dtype, one ``(BLOCK_N, BLOCK_K)`` tile
+    per program: the first step of the dequantize-then-cuBLAS path for large M."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    n_ok = offs_n < N
+    rows64 = offs_n.to(tl.int64)
+    w = dequant_tile(qweight_ptr + rows64 * stride_qn, scales_ptr + rows64 * stride_sn,
+                     qzeros_ptr + rows64 * stride_zn, n_ok, k0, K, group_size, stride_sg, BITS,
+                     SIGNED, HAS_ZERO, IS_FLOAT, EXP_BITS, MANT_BITS, EXP_BIAS, TILE_GROUPS,
+                     BYTES_P2, BLOCK_N, BLOCK_K)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = n_ok[:, None] & (offs_k < K)[None, :]
+    o_ptrs = out_ptr + rows64[:, None] * stride_on + offs_k[None, :]
+    if OUT_BF16:  # out_ptr is an int16 view of the bf16 output
+        tl.store(o_ptrs, bf16_bits(w).to(tl.int16), mask=mask)
+    else:
+        tl.store(o_ptrs, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def split_k_for(tiles: int, k_tiles: int, target: Target) -> int:
@@ -401,11 +458,64 @@ def quant_linear_matmul(
         raise TypeError(
             f"config must be a MatmulConfig, a GemvConfig or None, got {type(config).__name__}"
         )
+    target = Target.of(x.device)
+    if config is None and target.gpu and M >= DEQUANT_GEMM_MIN_M:
+        return dequant_then_gemm(x, qweight, scales, qzeros, bias, scheme, target)
     out, launches = plan_quant_linear_matmul(
-        x, qweight, scales, qzeros, bias, scheme, Target.of(x.device), config=config,
+        x, qweight, scales, qzeros, bias, scheme, target, config=config,
     )
     run_all(launches, x.device)
     return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def dequant_then_gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scheme: QuantScheme,
+    target: Target,
+) -> torch.Tensor:
+    """The large-M path: the weight dequantized once into ``x.dtype``, then one dense GEMM
+    (cuBLAS on a GPU), with the bias rounded to ``x.dtype`` and added in its epilogue."""
+    w, launches = plan_dequantize_packed(qweight, scales, qzeros, scheme, x.shape[1], x.dtype,
+                                         target)
+    run_all(launches, x.device)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def plan_dequantize_packed(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    scheme: QuantScheme,
+    K: int,
+    out_dtype: torch.dtype,
+    target: Target,
+) -> tuple[torch.Tensor, list[Launch]]:
+    """The ``(N, K)`` weight buffer of ``out_dtype`` and the launch of
+    :func:`_dequant_packed_kernel` that fills it (arguments validated by the caller)."""
+    N = qweight.shape[0]
+    group_size = scheme.group_cols(K)
+    block_n, block_k = (32, 128) if target.gpu else (triton.next_power_of_2(min(N, 64)), 256)
+    block_k = _fit_groups(block_k, group_size, K, 32)
+    out = torch.empty(N, K, dtype=out_dtype, device=qweight.device)
+    stride_sn, stride_sg = (0 if n == 1 else st for n, st in zip(scales.shape, scales.stride()))
+    stride_zn = 0 if qzeros is None or qzeros.shape[0] == 1 else qzeros.stride(0)
+    args = (
+        qweight, scales, qweight if qzeros is None else qzeros,
+        out.view(torch.int16) if out_dtype == torch.bfloat16 else out,
+        N, K, group_size, qweight.stride(0), stride_sn, stride_sg, stride_zn, out.stride(0),
+    )
+    constexprs = weight_constexprs(scheme) | dict(
+        TILE_GROUPS=group_size % block_k == 0 or group_size >= K,
+        OUT_BF16=out_dtype == torch.bfloat16, BYTES_P2=triton.next_power_of_2(scheme.bits),
+        BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    info = dict(weights_per_iter=None, weight_bits=scheme.bits)
+    return out, [Launch(_dequant_packed_kernel, grid, args, constexprs, 4, 1, info)]
 
 
 def plan_quant_linear_matmul(
@@ -440,7 +550,6 @@ def plan_quant_linear_matmul(
         out = torch.zeros(M, N, dtype=torch.float32, device=x.device)  # atomics accumulate here
     else:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    dt = scheme.dtype
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), cfg.split_k)
     args = (
         x, qweight, scales, qweight if qzeros is None else qzeros,
@@ -450,10 +559,8 @@ def plan_quant_linear_matmul(
         x.stride(0), x.stride(1), qweight.stride(0), stride_sn, stride_sg, stride_zn,
         out.stride(0), out.stride(1),
     )
-    constexprs = dict(
-        BITS=scheme.bits, SIGNED=dt.is_int and not scheme.unsigned, HAS_ZERO=scheme.has_zero,
-        IS_FLOAT=dt.is_float, EXP_BITS=dt.exponent_bits, MANT_BITS=dt.mantissa_bits,
-        EXP_BIAS=dt.exponent_bias, TILE_GROUPS=group_size % cfg.block_k == 0 or group_size >= K,
+    constexprs = weight_constexprs(scheme) | dict(
+        TILE_GROUPS=group_size % cfg.block_k == 0 or group_size >= K,
         HAS_BIAS=bias is not None, DOT=dot_kind(x.dtype, target.gpu),
         OUT_BF16=out.dtype == torch.bfloat16, BYTES_P2=triton.next_power_of_2(scheme.bits),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,

@@ -14,8 +14,14 @@ import torch
 
 from quantkit.kernels._launch import H200, INTERPRETER, run_all
 from quantkit.kernels.gemv import MAX_M, GemvConfig, _dequant_gemv_kernel, gemv_config
-from quantkit.kernels.matmul import plan_quant_linear_matmul, quant_linear_matmul
-from quantkit.matmul_reference import quant_linear_matmul_reference
+from quantkit import reference
+from quantkit.kernels.matmul import (
+    dequant_then_gemm,
+    plan_dequantize_packed,
+    plan_quant_linear_matmul,
+    quant_linear_matmul,
+)
+from quantkit.matmul_reference import quant_linear_matmul_reference, unpack_weight
 from quantkit.scheme import QuantScheme
 from tests.test_kernels_matmul import _assert_close, _weight_storage
 
@@ -139,3 +145,40 @@ def test_gemv_h200_grid(m: int, n: int, k: int) -> None:
     assert warps >= 8 * H200.sm_count or cfg.block_n == 1, cfg
     tile = cfg.lanes * 32
     assert k >= tile // 2 or cfg.num_warps == 1, cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Large M: the weight dequantized once (bit-exact), then one dense GEMM
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        pytest.param(QuantScheme("int4", "per_group", 64, has_zero=True), id="int4-g64-asym"),
+        pytest.param(QuantScheme("int3", "per_group", 7, unsigned=True), id="int3-g7-gathered"),
+        pytest.param(QuantScheme("int8", "per_channel"), id="int8-channel"),
+        pytest.param(QuantScheme("fp4", "per_group", 32), id="fp4"),
+        pytest.param(QuantScheme("fp8", "per_tensor"), id="fp8-tensor"),
+    ],
+)
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_dequantize_packed_is_bit_exact(scheme: QuantScheme, out_dtype: torch.dtype) -> None:
+    """``W = (q - z) * s`` in fp32, rounded once to the output dtype: the reference's bits."""
+    qweight, scales, qzeros = _weight_storage(scheme, N, 200)
+    w, launches = plan_dequantize_packed(qweight, scales, qzeros, scheme, 200, out_dtype,
+                                         INTERPRETER)
+    run_all(launches, qweight.device)
+    codes, scale, zero = unpack_weight(qweight, scales, qzeros, scheme, 200)
+    assert torch.equal(w, reference.dequantize(codes, scale, zero, scheme, out_dtype=out_dtype))
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_dequant_then_gemm(x_dtype: torch.dtype) -> None:
+    """The path a GPU takes from ``DEQUANT_GEMM_MIN_M`` rows (run here on the CPU)."""
+    scheme = QuantScheme("int4", "per_group", 32, has_zero=True)
+    qweight, scales, qzeros = _weight_storage(scheme, N, 200)
+    x = torch.randn(20, 200).to(x_dtype)
+    b = torch.randn(N).half()
+    got = dequant_then_gemm(x, qweight, scales, qzeros, b, scheme, INTERPRETER)
+    _assert_close(got, quant_linear_matmul_reference(x, qweight, scales, qzeros, b, scheme, 200))
