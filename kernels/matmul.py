@@ -20,20 +20,19 @@ Storage read as :class:`quantkit.quant_linear.QuantLinear` keeps it (layout of
 
 No divisibility constraints on M, N, K or the group size.
 
-Two paths, one kernel (``_dequant_matmul_kernel``) specialised by constexprs:
+Three paths, chosen by :func:`plan_quant_linear_matmul` / :func:`quant_linear_matmul`:
 
-* GEMV (decode, ``M <= 8``): no tensor cores; a program owns ``BLOCK_N`` output columns and
-  streams its rows of the weight once, ``acc += sum_k x[m, k] * W[n, k]`` as a broadcast
-  product reduced along K.
-* GEMM (``M > 8``; a single 16-row tile up to ``M = 16``): ``(BLOCK_M, BLOCK_N)`` output tiles
-  in grouped launch order for L2 reuse of weight tiles, the ``(BLOCK_N, BLOCK_K)`` weight tile
-  dequantized in registers then ``tl.dot`` in x's dtype (fp16/bf16 tensor cores; fp32 x uses
-  a 3xTF32 dot: fp32-accurate products from three tensor-core MMAs, where an IEEE fp32 dot
-  would run on CUDA cores and spill).
-
-Both split K over ``SPLIT_K`` programs (fp32 atomics into a zeroed workspace, then one cast)
-when the output has too few tiles to give every SM two programs: decode steps, and
-``M = 128`` on 4096-wide layers.
+* decode (``M <= 4``, word-aligned rows): the GEMV of :mod:`quantkit.kernels.gemv`;
+* ``_dequant_matmul_kernel`` otherwise: ``(BLOCK_M, BLOCK_N)`` output tiles in grouped launch
+  order for L2 reuse of weight tiles, the ``(BLOCK_N, BLOCK_K)`` weight tile dequantized in
+  registers (:func:`dequant_tile`) then ``tl.dot`` in x's dtype (fp16/bf16 tensor cores; fp32
+  x uses a 3xTF32 dot: fp32-accurate products from three tensor-core MMAs, where an IEEE fp32
+  dot would run on CUDA cores and spill). When the output has too few tiles to give every SM
+  two programs (``M = 16 .. 128`` on 4096-wide layers) K is split over programs that store fp32
+  partial tiles, summed in split order by ``_split_k_reduce_kernel`` (a second launch; the same
+  bits on every run, unlike atomics);
+* from :data:`DEQUANT_GEMM_MIN_M` rows on a GPU: the weight dequantized once
+  (``_dequant_packed_kernel``) and one cuBLAS GEMM.
 
 Each K-tile loads ``BLOCK_K / 8`` runs of ``bits`` bytes per weight row, rebuilds each run's
 word with shifts and extracts the 8 codes. Scales and zeros: when no K-tile straddles two
@@ -131,17 +130,85 @@ def k_tile_range(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
 @triton.jit
 def store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K: tl.constexpr,
                OUT_BF16: tl.constexpr):
-    """Store an fp32 (or int32) ``(BLOCK_M, BLOCK_N)`` tile: atomically added into a workspace
-    of its dtype when split over K, else rounded once to the output dtype (bf16 through its
-    int16 bits)."""
+    """Store an fp32 (or int32) ``(BLOCK_M, BLOCK_N)`` tile: into slab ``pid_k`` of a
+    ``(SPLIT_K, M, N)`` partials workspace of its dtype when split over K (summed in split order
+    by :func:`_split_k_reduce_kernel`: deterministic, unlike atomics), else rounded once to the
+    output dtype (bf16 through its int16 bits)."""
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
     if SPLIT_K > 1:
-        tl.atomic_add(o_ptrs, acc, mask=mask, sem="relaxed")
+        slab = tl.program_id(1).to(tl.int64) * M * N
+        tl.store(o_ptrs + slab, acc, mask=mask)
     elif OUT_BF16:
         tl.store(o_ptrs, bf16_bits(acc).to(tl.int16), mask=mask)
     else:
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    # pointers
+    part_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+    # sizes
+    M, N,
+    # strides (the partials are a contiguous (SPLIT_K, M, N) workspace)
+    stride_sxm, stride_swn, stride_om, stride_on,
+    # meta
+    SPLIT_K: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    OUT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``out = sum_s part[s]`` in split order (int32 partials sum exactly), then the epilogue:
+    ``(acc * x_scale[m]) * w_scale[n]`` when ``SCALED``, ``+ bias[n]``, rounded once."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    mask = m_ok[:, None] & n_ok[None, :]
+    p_ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    acc = tl.load(p_ptrs, mask=mask, other=0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(p_ptrs + s * M * N, mask=mask, other=0)
+    y = acc.to(tl.float32)
+    if SCALED:
+        sx = tl.load(x_scale_ptr + offs_m * stride_sxm, mask=m_ok, other=0.0).to(tl.float32)
+        sw = tl.load(w_scale_ptr + offs_n * stride_swn, mask=n_ok, other=0.0).to(tl.float32)
+        y = (y * sx[:, None]) * sw[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    if OUT_BF16:
+        tl.store(o_ptrs, bf16_bits(y).to(tl.int16), mask=mask)
+    else:
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def plan_split_k_reduce(
+    partials: torch.Tensor,
+    out: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: Target,
+    *,
+    x_scale: torch.Tensor | None = None,
+    w_scale: torch.Tensor | None = None,
+) -> Launch:
+    """The launch summing a ``(SPLIT_K, M, N)`` partials workspace into ``out (M, N)`` (with the
+    int8/fp8 scale epilogue when ``x_scale``/``w_scale`` are given, broadcast along size-1 dims)."""
+    split, M, N = partials.shape
+    scaled = x_scale is not None
+    stride_sxm = 0 if not scaled or x_scale.shape[0] == 1 else x_scale.stride(0)
+    stride_swn = 0 if not scaled or w_scale.shape[0] == 1 else w_scale.stride(0)
+    block_m = min(16, triton.next_power_of_2(M))
+    block_n = 256 if target.gpu else min(256, triton.next_power_of_2(N))
+    args = (
+        partials, x_scale if scaled else partials, w_scale if scaled else partials,
+        partials if bias is None else bias,
+        out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
+        M, N, stride_sxm, stride_swn, out.stride(0), out.stride(1),
+    )
+    constexprs = dict(SPLIT_K=split, SCALED=scaled, HAS_BIAS=bias is not None,
+                      OUT_BF16=out.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    return Launch(_split_k_reduce_kernel, grid, args, constexprs, 4, 1, dict(weights_per_iter=None))
 
 
 @triton.jit
@@ -265,10 +332,8 @@ def _dequant_matmul_kernel(
         else:
             acc = tl.dot(x_op, tl.trans(w_op), acc, input_precision="tf32x3")
 
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BLOCK_N,)
-        if pid_k == 0:  # split-K: exactly one program adds the bias
-            acc += b[None, :]
+    if HAS_BIAS and SPLIT_K == 1:  # split over K: the reduction adds the bias
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K, OUT_BF16)
 
 
@@ -465,7 +530,7 @@ def quant_linear_matmul(
         x, qweight, scales, qzeros, bias, scheme, target, config=config,
     )
     run_all(launches, x.device)
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    return out
 
 
 def dequant_then_gemm(
@@ -529,11 +594,8 @@ def plan_quant_linear_matmul(
     *,
     config: MatmulConfig | GemvConfig | None = None,
 ) -> tuple[torch.Tensor, list[Launch]]:
-    """The output buffer and launches of :func:`quant_linear_matmul` on ``target`` (arguments
-    already validated; tensors may live on the ``meta`` device for the static inspection).
-
-    The buffer is fp32 when the launches accumulate over K splits into it (the caller casts).
-    """
+    """The output and launches of :func:`quant_linear_matmul` on ``target`` (arguments already
+    validated; tensors may live on the ``meta`` device for the static inspection)."""
     if not isinstance(config, MatmulConfig):  # None or a GemvConfig: the decode GEMV if it applies
         gemv = plan_dequant_gemv(x, qweight, scales, qzeros, bias, scheme, target, config=config)
         if gemv is not None:
@@ -546,27 +608,29 @@ def plan_quant_linear_matmul(
     cfg = config or default_config(M, N, K, group_size, target, x_dtype=x.dtype)
     stride_sn, stride_sg = (0 if n == 1 else st for n, st in zip(scales.shape, scales.stride()))
     stride_zn = 0 if qzeros is None or qzeros.shape[0] == 1 else qzeros.stride(0)
-    if cfg.split_k > 1:
-        out = torch.zeros(M, N, dtype=torch.float32, device=x.device)  # atomics accumulate here
-    else:
-        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    # split over K: each split stores its fp32 partial tile, one more launch sums them in order
+    dest = torch.empty(cfg.split_k, M, N, dtype=torch.float32, device=x.device) if (
+        cfg.split_k > 1) else out
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), cfg.split_k)
     args = (
         x, qweight, scales, qweight if qzeros is None else qzeros,
         qweight if bias is None else bias,
-        out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
+        dest.view(torch.int16) if dest.dtype == torch.bfloat16 else dest,
         M, N, K, group_size,
         x.stride(0), x.stride(1), qweight.stride(0), stride_sn, stride_sg, stride_zn,
-        out.stride(0), out.stride(1),
+        dest.stride(-2), dest.stride(-1),
     )
     constexprs = weight_constexprs(scheme) | dict(
         TILE_GROUPS=group_size % cfg.block_k == 0 or group_size >= K,
         HAS_BIAS=bias is not None, DOT=dot_kind(x.dtype, target.gpu),
-        OUT_BF16=out.dtype == torch.bfloat16, BYTES_P2=triton.next_power_of_2(scheme.bits),
+        OUT_BF16=dest.dtype == torch.bfloat16, BYTES_P2=triton.next_power_of_2(scheme.bits),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
     )
     info = dict(config=cfg, weights_per_iter=cfg.block_n * cfg.block_k, weight_bits=scheme.bits)
-    launch = Launch(_dequant_matmul_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages,
-                    info)
-    return out, [launch]
+    launches = [Launch(_dequant_matmul_kernel, grid, args, constexprs, cfg.num_warps,
+                       cfg.num_stages, info)]
+    if cfg.split_k > 1:
+        launches.append(plan_split_k_reduce(dest, out, bias, target))
+    return out, launches

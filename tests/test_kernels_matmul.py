@@ -23,11 +23,12 @@ from quantkit.kernels.fp8_matmul import fp8_matmul
 from quantkit.kernels.int8_matmul import int8_matmul
 from quantkit.kernels._launch import H200
 from quantkit.kernels.int8_matmul import scaled_mm_config
-from quantkit.kernels._launch import run_all
+from quantkit.kernels._launch import INTERPRETER, run_all
 from quantkit.kernels.gemv import MAX_M as GEMV_MAX_M
 from quantkit.kernels.gemv import GemvConfig, _dequant_gemv_kernel, gemv_config
 from quantkit.kernels.matmul import (
     MatmulConfig,
+    _split_k_reduce_kernel,
     default_config,
     plan_quant_linear_matmul,
     quant_linear_matmul,
@@ -145,6 +146,26 @@ def test_dequant_matmul_configs(m: int, config: MatmulConfig | GemvConfig, bits:
 
 
 
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_split_k_partials_are_summed_in_order(x_dtype: torch.dtype) -> None:
+    """Split-K stores one fp32 partial tile per split (no atomics) and a second launch sums
+    them in split order, adds the bias and rounds once: bit-identical to that sum."""
+    scheme = QuantScheme("int4", "per_group", 32, has_zero=True)
+    qweight, scales, qzeros = _weight_storage(scheme, N, K)
+    x = torch.randn(12, K).to(x_dtype)
+    b = torch.randn(N).half()
+    out, launches = plan_quant_linear_matmul(x, qweight, scales, qzeros, b, scheme, INTERPRETER,
+                                             config=MatmulConfig(16, 16, 32, split_k=3))
+    matmul, reduce = launches
+    assert reduce.kernel is _split_k_reduce_kernel
+    run_all([matmul], x.device)
+    partials = matmul.args[5]  # (3, M, N) fp32 workspace
+    want = ((partials[0] + partials[1]) + partials[2]) + b.float()
+    run_all([reduce], x.device)
+    assert torch.equal(out, want.to(x_dtype))
+    _assert_close(out, quant_linear_matmul_reference(x, qweight, scales, qzeros, b, scheme, K))
 
 @pytest.mark.parametrize("m", [1, 5, 12, 40])
 def test_gpu_configs_run_in_the_interpreter(m: int) -> None:
