@@ -116,30 +116,37 @@ def field_at(w0, w1, w2, w3, J: tl.constexpr, BITS: tl.constexpr, TO: tl.constex
 
 
 @triton.jit
-def code_value(w0, w1, w2, w3, J: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr,
-               IS_FLOAT: tl.constexpr, EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr):
+def code_value(w0, w1, w2, w3, field_mask, one_bits, J: tl.constexpr, BITS: tl.constexpr,
+               SIGNED: tl.constexpr, IS_FLOAT: tl.constexpr, EXP_BITS: tl.constexpr,
+               MANT_BITS: tl.constexpr):
     """fp32 ``(BLOCK_N, T)`` stand-in of code ``J`` of each lane's chunk.
 
     int grids: ``1 + c_u / 2**BITS`` with ``c_u`` the code (signed codes offset by
-    ``2**(BITS - 1)``), built in the fp32 bits. Float grids: ``value(c) * 2**(BIAS - 15)`` from the
-    code's fields placed into fp16 bits.
+    ``2**(BITS - 1)``), built in the fp32 bits: the field moved to the top of the mantissa, masked
+    with ``field_mask`` and or-ed (signed: xor-ed, which also flips the code's sign bit) with
+    ``one_bits``. Both constants arrive as kernel arguments on purpose: a LOP3 has one immediate
+    slot, and with two literals ptxas rematerialises the second into a register before most
+    codes (measured ~0.55 SASS per weight); as arguments one stays in a register for the whole
+    loop. Float grids: ``value(c) * 2**(BIAS - 15)`` from the code's fields placed into fp16 bits.
     """
     if IS_FLOAT:
         MAG: tl.constexpr = EXP_BITS + MANT_BITS  # the code is sign | exponent | mantissa
-        mag = field_at(w0, w1, w2, w3, J, BITS, 10 - MANT_BITS) & (((1 << MAG) - 1) << (10 - MANT_BITS))
+        LO: tl.constexpr = 10 - MANT_BITS  # fp16 mantissa bits end at bit 10
+        mag = field_at(w0, w1, w2, w3, J, BITS, LO) & (((1 << MAG) - 1) << LO)
         sign = field_at(w0, w1, w2, w3, J, BITS, 15 - MAG) & 0x8000
         h = (mag | sign).to(tl.uint16).to(tl.float16, bitcast=True)
         return h.to(tl.float32)
     else:
         TOP: tl.constexpr = 23 - BITS  # the field fills the top BITS mantissa bits
-        v = field_at(w0, w1, w2, w3, J, BITS, TOP) & (((1 << BITS) - 1) << TOP)
+        v = field_at(w0, w1, w2, w3, J, BITS, TOP) & field_mask
         if SIGNED:
-            v = v ^ (1 << 22)  # flip the sign bit: c_u = c_s + 2**(BITS - 1)
-        return (v | 0x3F800000).to(tl.float32, bitcast=True)
+            return (v ^ one_bits).to(tl.float32, bitcast=True)
+        return (v | one_bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def chunk_dot(w0, w1, w2, w3, x_lane, k_lane, m_ok, K, C0: tl.constexpr, NC: tl.constexpr,
+def chunk_dot(w0, w1, w2, w3, field_mask, one_bits, x_lane, k_lane, m_ok, K, C0: tl.constexpr,
+              NC: tl.constexpr,
               XV: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr, IS_FLOAT: tl.constexpr,
               EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr):
     """``(sum_c x[c] * f(code c), sum_c x[c])`` over codes ``C0 .. C0 + NC`` of the lanes' chunks:
@@ -178,7 +185,8 @@ def chunk_dot(w0, w1, w2, w3, x_lane, k_lane, m_ok, K, C0: tl.constexpr, NC: tl.
                 xv = x6
             else:
                 xv = x7
-            f = code_value(w0, w1, w2, w3, C + v, BITS, SIGNED, IS_FLOAT, EXP_BITS, MANT_BITS)
+            f = code_value(w0, w1, w2, w3, field_mask, one_bits, C + v, BITS, SIGNED, IS_FLOAT,
+                           EXP_BITS, MANT_BITS)
             part += f[None, :, :] * xv[:, None, :]  # (M, N, T)
         if not IS_FLOAT:  # float codes carry no offset to take out
             xsum += xs[:, None, :]
@@ -227,6 +235,8 @@ def _dequant_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_ptr,
     # sizes
     M, N, K, K_WORDS, group_size,
+    # code-to-float constants (see code_value)
+    field_mask, one_bits,
     # strides (qweight in 32-bit words)
     stride_xm, stride_qn, stride_sn, stride_sg, stride_zn, stride_om, stride_on,
     # quantization
@@ -262,6 +272,9 @@ def _dequant_gemv_kernel(
     s_rows = scales_ptr + rows64 * stride_sn  # (BLOCK_N,)
     z_rows = qzeros_ptr + rows64 * stride_zn
 
+    # The code mask is computed, not a literal, so that ptxas keeps it in one register (LOP3 has
+    # a single immediate slot, which the exponent of 1.0 takes); as a literal, ptxas
+    # rematerialises it before most codes (~0.6 SASS per weight). K >= 0, so K >> 31 == 0.
     acc = tl.zeros((BLOCK_M, BLOCK_N, T), tl.float32)
     for k0 in range(0, K, T * CHUNK):
         word0 = (k0 // CHUNK) * WORDS  # first word of this K-tile in each row
@@ -279,15 +292,17 @@ def _dequant_gemv_kernel(
         k_lane = (k0 + offs_t * CHUNK)[None, :, None]  # (1, T, 1)
         if SCALE_PER_WORD:
             for i in tl.static_range(CHUNK // CPW):
-                part, xsum = chunk_dot(w0, w1, w2, w3, x_lane + k0, k_lane, m_ok, K, i * CPW, CPW,
-                                       XV, BITS, SIGNED, IS_FLOAT, EXP_BITS, MANT_BITS)
+                part, xsum = chunk_dot(w0, w1, w2, w3, field_mask, one_bits, x_lane + k0, k_lane,
+                                       m_ok, K, i * CPW, CPW, XV, BITS, SIGNED, IS_FLOAT,
+                                       EXP_BITS, MANT_BITS)
                 s, zz = chunk_qparams(s_rows, z_rows, n_ok, k0 + offs_t * CHUNK + i * CPW, K,
                                       group_size, stride_sg, BITS, SIGNED, HAS_ZERO, IS_FLOAT,
                                       EXP_BIAS)
                 acc = accumulate(acc, part, xsum, s, zz, IS_FLOAT)
         else:
-            part, xsum = chunk_dot(w0, w1, w2, w3, x_lane + k0, k_lane, m_ok, K, 0, CHUNK, XV,
-                                   BITS, SIGNED, IS_FLOAT, EXP_BITS, MANT_BITS)
+            part, xsum = chunk_dot(w0, w1, w2, w3, field_mask, one_bits, x_lane + k0, k_lane,
+                                   m_ok, K, 0, CHUNK, XV, BITS, SIGNED, IS_FLOAT, EXP_BITS,
+                                   MANT_BITS)
             s, zz = chunk_qparams(s_rows, z_rows, n_ok, k0 + offs_t * CHUNK, K, group_size,
                                   stride_sg, BITS, SIGNED, HAS_ZERO, IS_FLOAT, EXP_BIAS)
             acc = accumulate(acc, part, xsum, s, zz, IS_FLOAT)
@@ -325,6 +340,8 @@ class GemvConfig:
 # per weight, int4 g128, 4096x4096: GEMV 5.0 / 6.3 / 9.0 / 17.6 at M = 1 / 2 / 4 / 8, the
 # 16-row tensor-core tile ~10 for any M <= 16).
 MAX_M = 4
+ONE_BITS = 0x3F800000  # fp32 1.0
+SIGN_FLIP = 1 << 22  # the top mantissa bit, where a signed code's sign bit lands
 
 
 def weight_constexprs(scheme: QuantScheme) -> dict:
@@ -405,6 +422,8 @@ def plan_dequant_gemv(
         x, words, scales, qweight if qzeros is None else qzeros, x if bias is None else bias,
         out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
         M, N, K, row_bytes // 4, group_size,
+        ((1 << bits) - 1) << (23 - bits),  # field_mask: the top `bits` mantissa bits
+        ONE_BITS | (SIGN_FLIP if scheme.dtype.is_int and not scheme.unsigned else 0),
         x.stride(0), words.stride(0), stride_sn, stride_sg, stride_zn, out.stride(0), out.stride(1),
     )
     constexprs = weight_constexprs(scheme) | dict(
