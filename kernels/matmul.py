@@ -233,40 +233,59 @@ def load_code_tile(q_rows, n_ok, k0, K, BITS: tl.constexpr, BYTES_P2: tl.constex
 
 
 @triton.jit
+def magic_float(v, HALF: tl.constexpr):
+    """``2**23 + v`` in fp32 (``2**10 + v`` in fp16 if ``HALF``) for ints ``0 <= v < 2**10``:
+    ``v`` or-ed into the mantissa, no slow-pipe I2F. The difference of two such values is
+    ``v1 - v2`` exactly."""
+    if HALF:
+        f = (v | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        f = (v | 0x4B000000).to(tl.float32, bitcast=True)
+    return f
+
+
+@triton.jit
 def dequant_tile(q_rows, s_rows, z_rows, n_ok, k0, K, group_size, stride_sg,
                  BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr,
                  IS_FLOAT: tl.constexpr, EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr,
                  EXP_BIAS: tl.constexpr, TILE_GROUPS: tl.constexpr, BYTES_P2: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 weights ``(BLOCK_N, BLOCK_K)`` of columns ``k0 .. k0 + BLOCK_K`` of the packed rows
+                 HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weights ``(BLOCK_N, BLOCK_K)`` of columns ``k0 .. k0 + BLOCK_K`` of the packed rows
     ``q_rows``: ``(q - z) * s`` or ``value(q) * s`` as :func:`quantkit.reference.dequantize`.
 
+    Integer codes: ``q - z = magic(c_u) - magic(z_u)`` exactly, where ``c_u = c + 2**(BITS-1)``
+    for signed grids (a flip of the code's top bit) and likewise for ``z``. fp32, or fp16 when
+    ``HALF`` (an integer grid with fp16 scales): ``q - z`` is exact in fp16 and the fp16 product
+    of two fp16 values is the fp32 product rounded once, i.e. the reference's
+    ``W.to(float16)``, at two weights per instruction.
     ``TILE_GROUPS``: no K-tile straddles two groups (one scale per weight row and tile);
     otherwise scales (and zeros) are gathered per element.
     """
     offs_k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
     k_ok = offs_k < K
     c = load_code_tile(q_rows, n_ok, k0, K, BITS, BYTES_P2, BLOCK_N, BLOCK_K)  # (N, K) int32
-    if IS_FLOAT:
-        q = minifloat_decode(c, EXP_BITS, MANT_BITS, EXP_BIAS)  # (BLOCK_N, BLOCK_K) fp32
-    else:
-        if SIGNED:
-            c = (c << (32 - BITS)) >> (32 - BITS)
-        q = c.to(tl.float32)
+    CT: tl.constexpr = tl.float16 if HALF else tl.float32
+    OFFSET: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
     if TILE_GROUPS:  # one group per tile: a (BLOCK_N, 1) scale
         g = k0 // group_size
-        s = tl.load(s_rows + g * stride_sg, mask=n_ok, other=1.0).to(tl.float32)[:, None]
+        s = tl.load(s_rows + g * stride_sg, mask=n_ok, other=1.0).to(CT)[:, None]
         if HAS_ZERO:
             z = packed_code_at(z_rows, g + tl.zeros_like(n_ok.to(tl.int32)), n_ok, BITS, SIGNED)
-            q = q - z.to(tl.float32)[:, None]
+            z = z[:, None]
     else:  # groups change inside the tile: gather per element
         g = offs_k // group_size  # (BLOCK_K,)
         wmask = n_ok[:, None] & k_ok[None, :]
         s = tl.load(s_rows[:, None] + g[None, :] * stride_sg, mask=wmask, other=1.0)
-        s = s.to(tl.float32)  # (BLOCK_N, BLOCK_K)
+        s = s.to(CT)  # (BLOCK_N, BLOCK_K)
         if HAS_ZERO:
             z = packed_code_at(z_rows[:, None], g[None, :], wmask, BITS, SIGNED)
-            q = q - z.to(tl.float32)
+    if IS_FLOAT:
+        q = minifloat_decode(c, EXP_BITS, MANT_BITS, EXP_BIAS)  # (BLOCK_N, BLOCK_K) fp32
+    elif HAS_ZERO:
+        q = magic_float(c ^ OFFSET, HALF) - magic_float(z + OFFSET, HALF)
+    else:
+        MAGIC: tl.constexpr = 1024.0 if HALF else 8388608.0
+        q = magic_float(c ^ OFFSET, HALF) - (MAGIC + OFFSET)
     return q * s
 
 
@@ -281,7 +300,7 @@ def _dequant_matmul_kernel(
     # quantization
     BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, IS_FLOAT: tl.constexpr,
     EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr, EXP_BIAS: tl.constexpr,
-    TILE_GROUPS: tl.constexpr,
+    TILE_GROUPS: tl.constexpr, HALF: tl.constexpr,
     # meta
     HAS_BIAS: tl.constexpr, DOT: tl.constexpr, OUT_BF16: tl.constexpr, BYTES_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -313,7 +332,7 @@ def _dequant_matmul_kernel(
 
         w = dequant_tile(q_rows, s_rows, z_rows, n_ok, k0, K, group_size, stride_sg, BITS,
                          SIGNED, HAS_ZERO, IS_FLOAT, EXP_BITS, MANT_BITS, EXP_BIAS, TILE_GROUPS,
-                         BYTES_P2, BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K) fp32
+                         BYTES_P2, HALF, BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K) fp32
 
         if DOT == "fp16":
             w_op = w.to(tl.float16)
@@ -348,7 +367,7 @@ def _dequant_packed_kernel(
     # quantization
     BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, IS_FLOAT: tl.constexpr,
     EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr, EXP_BIAS: tl.constexpr,
-    TILE_GROUPS: tl.constexpr,
+    TILE_GROUPS: tl.constexpr, HALF: tl.constexpr,
     # meta
     OUT_BF16: tl.constexpr, BYTES_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -361,7 +380,7 @@ def _dequant_packed_kernel(
     w = dequant_tile(qweight_ptr + rows64 * stride_qn, scales_ptr + rows64 * stride_sn,
                      qzeros_ptr + rows64 * stride_zn, n_ok, k0, K, group_size, stride_sg, BITS,
                      SIGNED, HAS_ZERO, IS_FLOAT, EXP_BITS, MANT_BITS, EXP_BIAS, TILE_GROUPS,
-                     BYTES_P2, BLOCK_N, BLOCK_K)
+                     BYTES_P2, HALF, BLOCK_N, BLOCK_K)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = n_ok[:, None] & (offs_k < K)[None, :]
     o_ptrs = out_ptr + rows64[:, None] * stride_on + offs_k[None, :]
@@ -415,6 +434,12 @@ def default_config(M: int, N: int, K: int, group_size: int, target: Target, *,
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     split = split_k_for(tiles, triton.cdiv(K, block_k), target)
     return MatmulConfig(block_m, block_n, block_k, split, num_warps=warps, num_stages=3)
+
+
+def half_weights(scheme: QuantScheme, scales: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether :func:`dequant_tile` may compute in fp16: an integer grid, fp16 scales and fp16
+    weights wanted (then every fp16 step is exact or the reference's single rounding)."""
+    return scheme.dtype.is_int and scales.dtype == torch.float16 and dtype == torch.float16
 
 
 def dot_kind(dtype: torch.dtype, on_gpu: bool) -> str:
@@ -575,6 +600,7 @@ def plan_dequantize_packed(
     )
     constexprs = weight_constexprs(scheme) | dict(
         TILE_GROUPS=group_size % block_k == 0 or group_size >= K,
+        HALF=half_weights(scheme, scales, out_dtype),
         OUT_BF16=out_dtype == torch.bfloat16, BYTES_P2=triton.next_power_of_2(scheme.bits),
         BLOCK_N=block_n, BLOCK_K=block_k,
     )
@@ -623,6 +649,7 @@ def plan_quant_linear_matmul(
     )
     constexprs = weight_constexprs(scheme) | dict(
         TILE_GROUPS=group_size % cfg.block_k == 0 or group_size >= K,
+        HALF=half_weights(scheme, scales, x.dtype),
         HAS_BIAS=bias is not None, DOT=dot_kind(x.dtype, target.gpu),
         OUT_BF16=dest.dtype == torch.bfloat16, BYTES_P2=triton.next_power_of_2(scheme.bits),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,

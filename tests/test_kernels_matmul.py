@@ -478,6 +478,7 @@ def _dequant_case(scheme: QuantScheme, x_dtype: torch.dtype, block_m: int, split
         "BITS": scheme.bits, "SIGNED": dt.is_int and not scheme.unsigned,
         "HAS_ZERO": scheme.has_zero, "IS_FLOAT": dt.is_float, "EXP_BITS": dt.exponent_bits,
         "MANT_BITS": dt.mantissa_bits, "EXP_BIAS": dt.exponent_bias, "TILE_GROUPS": tile_groups,
+        "HALF": dt.is_int and x_dtype == torch.float16,
         "HAS_BIAS": True, "DOT": {torch.float16: "fp16", torch.bfloat16: "bf16",
                                   torch.float32: "fp32"}[x_dtype],
         "OUT_BF16": x_dtype == torch.bfloat16 and split_k == 1,
