@@ -91,3 +91,22 @@ def bf16_bits(v):
     bits = v.to(tl.int32, bitcast=True)
     rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) & 0xFFFF
     return tl.where(v != v, 0x7FC0, rounded)
+
+
+@triton.jit
+def packed_code_at(row_ptrs, idx, mask, BITS: tl.constexpr, SIGNED: tl.constexpr):
+    """Code number ``idx`` of packed rows starting at ``row_ptrs`` (same shapes), as int32.
+
+    Code ``idx`` occupies bits ``[b, b + BITS)`` of its run's little-endian word with
+    ``b = (idx % 8) * BITS``, i.e. at most two consecutive bytes of the row.
+    """
+    bit = (idx % 8) * BITS
+    byte = (idx // 8) * BITS + bit // 8
+    v = tl.load(row_ptrs + byte, mask=mask, other=0).to(tl.int32)
+    if BITS < 8:
+        straddles = (bit % 8) + BITS > 8  # int3 codes 2 and 5 cross a byte boundary
+        hi = tl.load(row_ptrs + byte + 1, mask=mask & straddles, other=0).to(tl.int32)
+        v = ((v | (hi << 8)) >> (bit % 8)) & ((1 << BITS) - 1)
+    if SIGNED:
+        v = (v << (32 - BITS)) >> (32 - BITS)  # sign-extend the field
+    return v

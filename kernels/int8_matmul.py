@@ -22,8 +22,9 @@ output is bit-exact with the reference; in the Triton interpreter the fp32 epilo
 (``ACC_INT=False``: fp8 operands, fp32 accumulator promoted every 128 K; see there). Tiles:
 ``(BLOCK_M, BLOCK_N)`` outputs in grouped order, ``BLOCK_K = 128`` bytes of K per step (a full
 128-byte line of each operand row); for int8, decode-sized M uses 16-row tiles and splits K
-over programs (atomic adds into an int32/fp32 workspace: integer atomics keep the int32
-output exact). Configs must suit the 8-bit tensor cores (:func:`check_scaled_mm_config`):
+over programs, each storing its raw int32 accumulator tile; a second launch sums them in split
+order (exact) and applies the scales and bias once, so split-K results are bit-identical to the
+unsplit ones and the same on every run. Configs must suit the 8-bit tensor cores (:func:`check_scaled_mm_config`):
 ``block_m >= 16`` and ``block_k >= 32`` (an 8-bit MMA consumes 32 bytes of K; sm90 rejects
 smaller 8-bit dots), and the interpreter's default tiles obey the same rules.
 """
@@ -40,6 +41,7 @@ from quantkit.kernels.matmul import (
     check_broadcast,
     k_tile_range,
     output_tile,
+    plan_split_k_reduce,
     split_k_for,
     store_tile,
 )
@@ -108,7 +110,7 @@ def _scaled_mm_kernel(
                 b = tl.load(b_ptrs, mask=b_mask, other=0.0)
             acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=PROMOTE_K)
 
-    if RAW_ACC:
+    if RAW_ACC or SPLIT_K > 1:  # split over K: the reduction applies scales and bias
         y = acc
     else:
         sa = tl.load(sa_ptr + offs_m.to(tl.int64) * stride_sam, mask=m_ok, other=1.0)
@@ -116,9 +118,7 @@ def _scaled_mm_kernel(
         y = acc.to(tl.float32) * sa.to(tl.float32)[:, None]  # (BLOCK_M, BLOCK_N)
         y = y * sb.to(tl.float32)[None, :]
         if HAS_BIAS:
-            b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BLOCK_N,)
-            if pid_k == 0:  # split-K: exactly one program adds the bias
-                y = y + b[None, :]
+            y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     store_tile(out_ptr, y, offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K, OUT_BF16)
 
 
@@ -249,7 +249,7 @@ def scaled_mm(
         xq, x_scale, wq, w_scale, bias, out_dtype, Target.of(xq.device), config=config
     )
     run_all(launches, xq.device)
-    return out if out.dtype == out_dtype else out.to(out_dtype)
+    return out
 
 
 def plan_scaled_mm(
@@ -274,31 +274,38 @@ def plan_scaled_mm(
     stride_sam = broadcast_strides(x_scale)[0]
     stride_sbn = broadcast_strides(w_scale)[0]
     cfg = config or scaled_mm_config(M, N, K, target, xq.dtype)
-    if cfg.split_k > 1:  # atomics accumulate into an int32 (raw) or fp32 workspace
-        out = torch.zeros(M, N, dtype=torch.int32 if raw else torch.float32, device=xq.device)
-    else:
-        out = torch.empty(M, N, dtype=out_dtype, device=xq.device)
+    out = torch.empty(M, N, dtype=out_dtype, device=xq.device)
+    # split over K: each split stores its raw accumulator tile (int32: exact), one more launch
+    # sums them in split order and applies the scales and bias once
+    acc_dtype = torch.int32 if xq.dtype == torch.int8 else torch.float32
+    dest = torch.empty(cfg.split_k, M, N, dtype=acc_dtype, device=xq.device) if (
+        cfg.split_k > 1) else out
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), cfg.split_k)
     fp8 = xq.dtype == torch.float8_e4m3fn
     codes_u8 = fp8 and not target.gpu  # the interpreter loads fp8 codes as bytes
     args = (
         *(t.view(torch.uint8) if codes_u8 else t for t in (xq, wq)),
         x_scale, w_scale, x_scale if bias is None else bias,
-        out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
+        dest.view(torch.int16) if dest.dtype == torch.bfloat16 else dest,
         M, N, K,
         xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), stride_sam, stride_sbn,
-        out.stride(0), out.stride(1),
+        dest.stride(-2), dest.stride(-1),
     )
     constexprs = dict(
         ACC_INT=not fp8, CODES_U8=codes_u8, PROMOTE_K=FP8_PROMOTE_K if fp8 else 0,
         RAW_ACC=raw, HAS_BIAS=bias is not None,
-        OUT_BF16=out.dtype == torch.bfloat16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        OUT_BF16=dest.dtype == torch.bfloat16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
     )
     info = dict(config=cfg, weights_per_iter=cfg.block_n * cfg.block_k, weight_bits=8)
-    launch = Launch(_scaled_mm_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages,
-                    info)
-    return out, [launch]
+    launches = [Launch(_scaled_mm_kernel, grid, args, constexprs, cfg.num_warps,
+                       cfg.num_stages, info)]
+    if cfg.split_k > 1:
+        launches.append(plan_split_k_reduce(
+            dest, out, None if raw else bias, target,
+            **({} if raw else dict(x_scale=x_scale, w_scale=w_scale)),
+        ))
+    return out, launches
 
 
 def int8_matmul(

@@ -20,19 +20,19 @@ Storage read as :class:`quantkit.quant_linear.QuantLinear` keeps it (layout of
 
 No divisibility constraints on M, N, K or the group size.
 
-Two paths, one kernel (``_dequant_matmul_kernel``) specialised by constexprs:
+Three paths, chosen by :func:`plan_quant_linear_matmul` / :func:`quant_linear_matmul`:
 
-* GEMV (decode, ``M <= 8``): no tensor cores; a program owns ``BLOCK_N`` output columns and
-  streams its rows of the weight once, ``acc += sum_k x[m, k] * W[n, k]`` as a broadcast
-  product reduced along K.
-* GEMM (``M > 8``; a single 16-row tile up to ``M = 16``): ``(BLOCK_M, BLOCK_N)`` output tiles
-  in grouped launch order for L2 reuse of weight tiles, the ``(BLOCK_N, BLOCK_K)`` weight tile
-  dequantized in registers then ``tl.dot`` in x's dtype (fp16/bf16 tensor cores; fp32 x uses
-  an IEEE fp32 dot, not tf32).
-
-Both split K over ``SPLIT_K`` programs (fp32 atomics into a zeroed workspace, then one cast)
-when the output has too few tiles to give every SM two programs: decode steps, and
-``M = 128`` on 4096-wide layers.
+* decode (``M <= 4``, word-aligned rows): the GEMV of :mod:`quantkit.kernels.gemv`;
+* ``_dequant_matmul_kernel`` otherwise: ``(BLOCK_M, BLOCK_N)`` output tiles in grouped launch
+  order for L2 reuse of weight tiles, the ``(BLOCK_N, BLOCK_K)`` weight tile dequantized in
+  registers (:func:`dequant_tile`) then ``tl.dot`` in x's dtype (fp16/bf16 tensor cores; fp32
+  x uses a 3xTF32 dot: fp32-accurate products from three tensor-core MMAs, where an IEEE fp32
+  dot would run on CUDA cores and spill). When the output has too few tiles to give every SM
+  two programs (``M = 16 .. 128`` on 4096-wide layers) K is split over programs that store fp32
+  partial tiles, summed in split order by ``_split_k_reduce_kernel`` (a second launch; the same
+  bits on every run, unlike atomics);
+* from :data:`DEQUANT_GEMM_MIN_M` rows on a GPU: the weight dequantized once
+  (``_dequant_packed_kernel``) and one cuBLAS GEMM.
 
 Each K-tile loads ``BLOCK_K / 8`` runs of ``bits`` bytes per weight row, rebuilds each run's
 word with shifts and extracts the 8 codes. Scales and zeros: when no K-tile straddles two
@@ -54,23 +54,29 @@ import triton
 import triton.language as tl
 
 from quantkit.kernels._launch import Launch, Target, run_all
-from quantkit.kernels._triton_math import bf16_bits, minifloat_decode
+from quantkit.kernels._triton_math import bf16_bits, minifloat_decode, packed_code_at
+from quantkit.kernels.gemv import GemvConfig, plan_dequant_gemv, weight_constexprs
 from quantkit.kernels.quantize import check_matrix, check_scheme
 from quantkit.packing import PACK_BITS, packed_cols
 from quantkit.scheme import QuantScheme
 
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-GEMV_MAX_M = 8  # at most this many rows: broadcast-and-reduce without tensor cores
 DOT16_MAX_M = 16  # up to this many rows: one 16-row tensor-core tile (decode batches)
+# From this many rows on a GPU the weight is dequantized once and multiplied by cuBLAS: the fused
+# kernel dequantizes every weight tile once per 128-row M-tile (~11 SASS per weight element
+# each time on sm90), so at M = 512 that is ~44 instructions per weight against ~3 plus a
+# 2-byte store for one pass, while both GEMMs run on the same tensor cores.
+DEQUANT_GEMM_MIN_M = 512
 
 
 @dataclass(frozen=True)
 class MatmulConfig:
     """Tile sizes and launch parameters of one matmul launch.
 
-    ``block_m < 16`` selects the GEMV inner product (no ``tl.dot``); ``split_k > 1`` splits the
-    K-tiles over programs that accumulate into an fp32 workspace with atomics.
+    Every tile is a ``tl.dot`` (``block_m``, ``block_n``, ``block_k >= 16``); ``split_k > 1``
+    splits the K-tiles over programs whose fp32 partial tiles are summed in split order by a
+    second kernel (deterministic: the same bits on every run).
     """
 
     block_m: int
@@ -88,12 +94,12 @@ class MatmulConfig:
                 raise ValueError(
                     f"MatmulConfig.{name} must be a positive power of two, got {v!r}"
                 )
-        if self.block_k < 8:
-            raise ValueError(
-                f"MatmulConfig.block_k must be >= 8 (one run of packed codes), got {self.block_k}"
-            )
-        if self.block_m >= 16 and (self.block_n < 16 or self.block_k < 16):
-            raise ValueError("tl.dot tiles (block_m >= 16) need block_n and block_k >= 16")
+        for name in ("block_m", "block_n", "block_k"):
+            if getattr(self, name) < 16:
+                raise ValueError(
+                    f"MatmulConfig.{name} must be >= 16 (the smallest tl.dot tile), "
+                    f"got {getattr(self, name)}"
+                )
 
 
 @triton.jit
@@ -124,13 +130,15 @@ def k_tile_range(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
 @triton.jit
 def store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K: tl.constexpr,
                OUT_BF16: tl.constexpr):
-    """Store an fp32 (or int32) ``(BLOCK_M, BLOCK_N)`` tile: atomically added into a workspace
-    of its dtype when split over K, else rounded once to the output dtype (bf16 through its
-    int16 bits)."""
+    """Store an fp32 (or int32) ``(BLOCK_M, BLOCK_N)`` tile: into slab ``pid_k`` of a
+    ``(SPLIT_K, M, N)`` partials workspace of its dtype when split over K (summed in split order
+    by :func:`_split_k_reduce_kernel`: deterministic, unlike atomics), else rounded once to the
+    output dtype (bf16 through its int16 bits)."""
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
     if SPLIT_K > 1:
-        tl.atomic_add(o_ptrs, acc, mask=mask, sem="relaxed")
+        slab = tl.program_id(1).to(tl.int64) * M * N
+        tl.store(o_ptrs + slab, acc, mask=mask)
     elif OUT_BF16:
         tl.store(o_ptrs, bf16_bits(acc).to(tl.int16), mask=mask)
     else:
@@ -138,22 +146,72 @@ def store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K
 
 
 @triton.jit
-def packed_code_at(row_ptrs, idx, mask, BITS: tl.constexpr, SIGNED: tl.constexpr):
-    """Code number ``idx`` of packed rows starting at ``row_ptrs`` (same shapes), as int32.
+def _split_k_reduce_kernel(
+    # pointers
+    part_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+    # sizes
+    M, N,
+    # strides (the partials are a contiguous (SPLIT_K, M, N) workspace)
+    stride_sxm, stride_swn, stride_om, stride_on,
+    # meta
+    SPLIT_K: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    OUT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``out = sum_s part[s]`` in split order (int32 partials sum exactly), then the epilogue:
+    ``(acc * x_scale[m]) * w_scale[n]`` when ``SCALED``, ``+ bias[n]``, rounded once."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    mask = m_ok[:, None] & n_ok[None, :]
+    p_ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    acc = tl.load(p_ptrs, mask=mask, other=0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(p_ptrs + s * M * N, mask=mask, other=0)
+    if out_ptr.dtype.element_ty == tl.int32:  # the raw int8 accumulator: exact
+        y = acc
+    else:
+        y = acc.to(tl.float32)
+    if SCALED:
+        sx = tl.load(x_scale_ptr + offs_m * stride_sxm, mask=m_ok, other=0.0).to(tl.float32)
+        sw = tl.load(w_scale_ptr + offs_n * stride_swn, mask=n_ok, other=0.0).to(tl.float32)
+        y = (y * sx[:, None]) * sw[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    if OUT_BF16:
+        tl.store(o_ptrs, bf16_bits(y).to(tl.int16), mask=mask)
+    else:
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
-    Code ``idx`` occupies bits ``[b, b + BITS)`` of its run's little-endian word with
-    ``b = (idx % 8) * BITS``, i.e. at most two consecutive bytes of the row.
-    """
-    bit = (idx % 8) * BITS
-    byte = (idx // 8) * BITS + bit // 8
-    v = tl.load(row_ptrs + byte, mask=mask, other=0).to(tl.int32)
-    if BITS < 8:
-        straddles = (bit % 8) + BITS > 8  # int3 codes 2 and 5 cross a byte boundary
-        hi = tl.load(row_ptrs + byte + 1, mask=mask & straddles, other=0).to(tl.int32)
-        v = ((v | (hi << 8)) >> (bit % 8)) & ((1 << BITS) - 1)
-    if SIGNED:
-        v = (v << (32 - BITS)) >> (32 - BITS)  # sign-extend the field
-    return v
+
+def plan_split_k_reduce(
+    partials: torch.Tensor,
+    out: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: Target,
+    *,
+    x_scale: torch.Tensor | None = None,
+    w_scale: torch.Tensor | None = None,
+) -> Launch:
+    """The launch summing a ``(SPLIT_K, M, N)`` partials workspace into ``out (M, N)`` (with the
+    int8/fp8 scale epilogue when ``x_scale``/``w_scale`` are given, broadcast along size-1 dims)."""
+    split, M, N = partials.shape
+    scaled = x_scale is not None
+    stride_sxm = 0 if not scaled or x_scale.shape[0] == 1 else x_scale.stride(0)
+    stride_swn = 0 if not scaled or w_scale.shape[0] == 1 else w_scale.stride(0)
+    block_m = min(16, triton.next_power_of_2(M))
+    block_n = 256 if target.gpu else min(256, triton.next_power_of_2(N))
+    args = (
+        partials, x_scale if scaled else partials, w_scale if scaled else partials,
+        partials if bias is None else bias,
+        out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
+        M, N, stride_sxm, stride_swn, out.stride(0), out.stride(1),
+    )
+    constexprs = dict(SPLIT_K=split, SCALED=scaled, HAS_BIAS=bias is not None,
+                      OUT_BF16=out.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    return Launch(_split_k_reduce_kernel, grid, args, constexprs, 4, 1, dict(weights_per_iter=None))
 
 
 @triton.jit
@@ -178,6 +236,63 @@ def load_code_tile(q_rows, n_ok, k0, K, BITS: tl.constexpr, BYTES_P2: tl.constex
 
 
 @triton.jit
+def magic_float(v, HALF: tl.constexpr):
+    """``2**23 + v`` in fp32 (``2**10 + v`` in fp16 if ``HALF``) for ints ``0 <= v < 2**10``:
+    ``v`` or-ed into the mantissa, no slow-pipe I2F. The difference of two such values is
+    ``v1 - v2`` exactly."""
+    if HALF:
+        f = (v | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        f = (v | 0x4B000000).to(tl.float32, bitcast=True)
+    return f
+
+
+@triton.jit
+def dequant_tile(q_rows, s_rows, z_rows, n_ok, k0, K, group_size, stride_sg,
+                 BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 IS_FLOAT: tl.constexpr, EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr,
+                 EXP_BIAS: tl.constexpr, TILE_GROUPS: tl.constexpr, BYTES_P2: tl.constexpr,
+                 HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weights ``(BLOCK_N, BLOCK_K)`` of columns ``k0 .. k0 + BLOCK_K`` of the packed rows
+    ``q_rows``: ``(q - z) * s`` or ``value(q) * s`` as :func:`quantkit.reference.dequantize`.
+
+    Integer codes: ``q - z = magic(c_u) - magic(z_u)`` exactly, where ``c_u = c + 2**(BITS-1)``
+    for signed grids (a flip of the code's top bit) and likewise for ``z``. fp32, or fp16 when
+    ``HALF`` (an integer grid with fp16 scales): ``q - z`` is exact in fp16 and the fp16 product
+    of two fp16 values is the fp32 product rounded once, i.e. the reference's
+    ``W.to(float16)``, at two weights per instruction.
+    ``TILE_GROUPS``: no K-tile straddles two groups (one scale per weight row and tile);
+    otherwise scales (and zeros) are gathered per element.
+    """
+    offs_k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+    k_ok = offs_k < K
+    c = load_code_tile(q_rows, n_ok, k0, K, BITS, BYTES_P2, BLOCK_N, BLOCK_K)  # (N, K) int32
+    CT: tl.constexpr = tl.float16 if HALF else tl.float32
+    OFFSET: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
+    if TILE_GROUPS:  # one group per tile: a (BLOCK_N, 1) scale
+        g = k0 // group_size
+        s = tl.load(s_rows + g * stride_sg, mask=n_ok, other=1.0).to(CT)[:, None]
+        if HAS_ZERO:
+            z = packed_code_at(z_rows, g + tl.zeros_like(n_ok.to(tl.int32)), n_ok, BITS, SIGNED)
+            z = z[:, None]
+    else:  # groups change inside the tile: gather per element
+        g = offs_k // group_size  # (BLOCK_K,)
+        wmask = n_ok[:, None] & k_ok[None, :]
+        s = tl.load(s_rows[:, None] + g[None, :] * stride_sg, mask=wmask, other=1.0)
+        s = s.to(CT)  # (BLOCK_N, BLOCK_K)
+        if HAS_ZERO:
+            z = packed_code_at(z_rows[:, None], g[None, :], wmask, BITS, SIGNED)
+    if IS_FLOAT:
+        q = minifloat_decode(c, EXP_BITS, MANT_BITS, EXP_BIAS)  # (BLOCK_N, BLOCK_K) fp32
+    elif HAS_ZERO:
+        q = magic_float(c ^ OFFSET, HALF) - magic_float(z + OFFSET, HALF)
+    else:
+        MAGIC: tl.constexpr = 1024.0 if HALF else 8388608.0
+        q = magic_float(c ^ OFFSET, HALF) - (MAGIC + OFFSET)
+    return q * s
+
+
+@triton.jit
 def _dequant_matmul_kernel(
     # pointers
     x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_ptr,
@@ -188,7 +303,7 @@ def _dequant_matmul_kernel(
     # quantization
     BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, IS_FLOAT: tl.constexpr,
     EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr, EXP_BIAS: tl.constexpr,
-    TILE_GROUPS: tl.constexpr,
+    TILE_GROUPS: tl.constexpr, HALF: tl.constexpr,
     # meta
     HAS_BIAS: tl.constexpr, DOT: tl.constexpr, OUT_BF16: tl.constexpr, BYTES_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -196,9 +311,8 @@ def _dequant_matmul_kernel(
 ):
     """One ``(BLOCK_M, BLOCK_N)`` output tile over this program's share of the K-tiles.
 
-    ``DOT``: ``"fp16"`` / ``"bf16"`` (tensor cores in that dtype), ``"fp32"`` (IEEE fp32 dot),
+    ``DOT``: ``"fp16"`` / ``"bf16"`` (tensor cores in that dtype), ``"fp32"`` (3xTF32 dot),
     ``"bf16_emulated"`` (fp32 dot of bf16-rounded values: the interpreter's bf16 path).
-    ``TILE_GROUPS``: no K-tile straddles two groups (one scale per weight row and tile).
     """
     offs_m, offs_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)  # (BLOCK_M,), (BLOCK_N,)
     pid_k = tl.program_id(1)
@@ -219,28 +333,9 @@ def _dequant_matmul_kernel(
         x = tl.load(x_rows[:, None] + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
 
-        c = load_code_tile(q_rows, n_ok, k0, K, BITS, BYTES_P2, BLOCK_N, BLOCK_K)  # (N, K) int32
-        if IS_FLOAT:
-            q = minifloat_decode(c, EXP_BITS, MANT_BITS, EXP_BIAS)  # (BLOCK_N, BLOCK_K) fp32
-        else:
-            if SIGNED:
-                c = (c << (32 - BITS)) >> (32 - BITS)
-            q = c.to(tl.float32)
-        if TILE_GROUPS:  # one group per tile: a (BLOCK_N, 1) scale
-            g = k0 // group_size
-            s = tl.load(s_rows + g * stride_sg, mask=n_ok, other=1.0).to(tl.float32)[:, None]
-            if HAS_ZERO:
-                z = packed_code_at(z_rows, g + tl.zeros_like(offs_n), n_ok, BITS, SIGNED)
-                q = q - z.to(tl.float32)[:, None]
-        else:  # groups change inside the tile: gather per element
-            g = offs_k // group_size  # (BLOCK_K,)
-            wmask = n_ok[:, None] & k_ok[None, :]
-            s = tl.load(s_rows[:, None] + g[None, :] * stride_sg, mask=wmask, other=1.0)
-            s = s.to(tl.float32)  # (BLOCK_N, BLOCK_K)
-            if HAS_ZERO:
-                z = packed_code_at(z_rows[:, None], g[None, :], wmask, BITS, SIGNED)
-                q = q - z.to(tl.float32)
-        w = q * s  # (BLOCK_N, BLOCK_K) fp32, as reference.dequantize
+        w = dequant_tile(q_rows, s_rows, z_rows, n_ok, k0, K, group_size, stride_sg, BITS,
+                         SIGNED, HAS_ZERO, IS_FLOAT, EXP_BITS, MANT_BITS, EXP_BIAS, TILE_GROUPS,
+                         BYTES_P2, HALF, BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K) fp32
 
         if DOT == "fp16":
             w_op = w.to(tl.float16)
@@ -254,20 +349,48 @@ def _dequant_matmul_kernel(
         else:
             w_op = w
             x_op = x.to(tl.float32)
-        if BLOCK_M >= 16:
-            if DOT == "fp16" or DOT == "bf16":
-                acc = tl.dot(x_op, tl.trans(w_op), acc)
-            else:
-                acc = tl.dot(x_op, tl.trans(w_op), acc, input_precision="ieee")
-        else:  # GEMV: (BLOCK_M, 1, BLOCK_K) * (1, BLOCK_N, BLOCK_K) reduced along K
-            prod = x_op.to(tl.float32)[:, None, :] * w_op.to(tl.float32)[None, :, :]
-            acc += tl.sum(prod, axis=2)
+        if DOT == "fp16" or DOT == "bf16":
+            acc = tl.dot(x_op, tl.trans(w_op), acc)
+        else:
+            acc = tl.dot(x_op, tl.trans(w_op), acc, input_precision="tf32x3")
 
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BLOCK_N,)
-        if pid_k == 0:  # split-K: exactly one program adds the bias
-            acc += b[None, :]
+    if HAS_BIAS and SPLIT_K == 1:  # split over K: the reduction adds the bias
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on, SPLIT_K, OUT_BF16)
+
+
+@triton.jit
+def _dequant_packed_kernel(
+    # pointers
+    qweight_ptr, scales_ptr, qzeros_ptr, out_ptr,
+    # sizes
+    N, K, group_size,
+    # strides
+    stride_qn, stride_sn, stride_sg, stride_zn, stride_on,
+    # quantization
+    BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, IS_FLOAT: tl.constexpr,
+    EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr, EXP_BIAS: tl.constexpr,
+    TILE_GROUPS: tl.constexpr, HALF: tl.constexpr,
+    # meta
+    OUT_BF16: tl.constexpr, BYTES_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``out[n, k] = W[n, k]`` rounded once to the output dtype, one ``(BLOCK_N, BLOCK_K)`` tile
+    per program: the first step of the dequantize-then-cuBLAS path for large M."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    n_ok = offs_n < N
+    rows64 = offs_n.to(tl.int64)
+    w = dequant_tile(qweight_ptr + rows64 * stride_qn, scales_ptr + rows64 * stride_sn,
+                     qzeros_ptr + rows64 * stride_zn, n_ok, k0, K, group_size, stride_sg, BITS,
+                     SIGNED, HAS_ZERO, IS_FLOAT, EXP_BITS, MANT_BITS, EXP_BIAS, TILE_GROUPS,
+                     BYTES_P2, HALF, BLOCK_N, BLOCK_K)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = n_ok[:, None] & (offs_k < K)[None, :]
+    o_ptrs = out_ptr + rows64[:, None] * stride_on + offs_k[None, :]
+    if OUT_BF16:  # out_ptr is an int16 view of the bf16 output
+        tl.store(o_ptrs, bf16_bits(w).to(tl.int16), mask=mask)
+    else:
+        tl.store(o_ptrs, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def split_k_for(tiles: int, k_tiles: int, target: Target) -> int:
@@ -288,34 +411,38 @@ def _fit_groups(block_k: int, group_size: int, K: int, min_block_k: int) -> int:
     return block_k
 
 
-def default_config(M: int, N: int, K: int, group_size: int, target: Target) -> MatmulConfig:
-    """Fixed tiles for H100/H200 (and large single tiles for the interpreter).
+def default_config(M: int, N: int, K: int, group_size: int, target: Target, *,
+                   x_dtype: torch.dtype = torch.float16) -> MatmulConfig:
+    """Tensor-core tiles for H100/H200 (and large single tiles for the interpreter).
 
-    GPU: ``M <= 8`` GEMV, ``BLOCK_M * BLOCK_N * BLOCK_K = 8192`` products per step (64 or 32
-    weight rows, 32..128 columns); ``M <= 16`` a 16 x 64 x 128 tensor-core tile; larger ``M``
-    64/128 x 128 x 64 (8 warps for 128 x 128), 3 pipeline stages. ``BLOCK_K`` drops to the
-    group size (>= 32) so that a K-tile has one scale per row. Small grids are split over K.
+    GPU: ``M <= 16`` a 16 x 64 x 128 tile (decode batches the GEMV does not take); larger ``M``
+    64/128 x 128 x 64 (8 warps for 128 x 128), 3 pipeline stages; fp32 activations (a 3xTF32
+    dot, three MMAs per step) halve ``BLOCK_K`` so the operands fit in registers without
+    spilling. ``BLOCK_K`` drops to the group size (>= 32) so that a K-tile has one scale per
+    row. Small grids are split over K.
     """
     if not target.gpu:  # interpreter: few, large block operations
-        block_m = triton.next_power_of_2(M)
-        if M > GEMV_MAX_M:
-            block_m = max(16, min(64, block_m))
+        block_m = max(16, min(64, triton.next_power_of_2(M)))
         block_n = max(16, min(128, triton.next_power_of_2(N)))
         block_k = _fit_groups(max(16, min(256, triton.next_power_of_2(K))), group_size, K, 16)
         return MatmulConfig(block_m, block_n, block_k, num_warps=4, num_stages=1)
-    if M <= GEMV_MAX_M:
-        block_m = triton.next_power_of_2(M)
-        block_n = 64 if block_m <= 2 else 32
-        block_k, warps = max(32, 8192 // (block_m * block_n)), 4
-    elif M <= DOT16_MAX_M:
+    if M <= DOT16_MAX_M:
         block_m, block_n, block_k, warps = 16, 64, 128, 4
     else:
         block_m = 64 if M <= 64 else 128
         block_n, block_k, warps = 128, 64, 8 if block_m == 128 else 4
+    if x_dtype == torch.float32:
+        block_k = max(32, block_k // 2)
     block_k = _fit_groups(block_k, group_size, K, 32)
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     split = split_k_for(tiles, triton.cdiv(K, block_k), target)
     return MatmulConfig(block_m, block_n, block_k, split, num_warps=warps, num_stages=3)
+
+
+def half_weights(scheme: QuantScheme, scales: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether :func:`dequant_tile` may compute in fp16: an integer grid, fp16 scales and fp16
+    weights wanted (then every fp16 step is exact or the reference's single rounding)."""
+    return scheme.dtype.is_int and scales.dtype == torch.float16 and dtype == torch.float16
 
 
 def dot_kind(dtype: torch.dtype, on_gpu: bool) -> str:
@@ -369,7 +496,7 @@ def quant_linear_matmul(
     bias: torch.Tensor | None,
     scheme: QuantScheme,
     *,
-    config: MatmulConfig | None = None,
+    config: MatmulConfig | GemvConfig | None = None,
 ) -> torch.Tensor:
     """``y = x @ dequant(qweight, scales, qzeros).T + bias`` in one fused kernel.
 
@@ -420,13 +547,69 @@ def quant_linear_matmul(
     elif qzeros is not None:
         raise ValueError(f"qzeros must be None: {scheme.describe()} has no zero point")
     bias = check_bias(bias, N, x.device)
-    if config is not None and not isinstance(config, MatmulConfig):
-        raise TypeError(f"config must be a MatmulConfig or None, got {type(config).__name__}")
+    if config is not None and not isinstance(config, (MatmulConfig, GemvConfig)):
+        raise TypeError(
+            f"config must be a MatmulConfig, a GemvConfig or None, got {type(config).__name__}"
+        )
+    target = Target.of(x.device)
+    if config is None and target.gpu and M >= DEQUANT_GEMM_MIN_M:
+        return dequant_then_gemm(x, qweight, scales, qzeros, bias, scheme, target)
     out, launches = plan_quant_linear_matmul(
-        x, qweight, scales, qzeros, bias, scheme, Target.of(x.device), config=config,
+        x, qweight, scales, qzeros, bias, scheme, target, config=config,
     )
     run_all(launches, x.device)
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    return out
+
+
+def dequant_then_gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scheme: QuantScheme,
+    target: Target,
+) -> torch.Tensor:
+    """The large-M path: the weight dequantized once into ``x.dtype``, then one dense GEMM
+    (cuBLAS on a GPU), with the bias rounded to ``x.dtype`` and added in its epilogue."""
+    w, launches = plan_dequantize_packed(qweight, scales, qzeros, scheme, x.shape[1], x.dtype,
+                                         target)
+    run_all(launches, x.device)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def plan_dequantize_packed(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    scheme: QuantScheme,
+    K: int,
+    out_dtype: torch.dtype,
+    target: Target,
+) -> tuple[torch.Tensor, list[Launch]]:
+    """The ``(N, K)`` weight buffer of ``out_dtype`` and the launch of
+    :func:`_dequant_packed_kernel` that fills it (arguments validated by the caller)."""
+    N = qweight.shape[0]
+    group_size = scheme.group_cols(K)
+    block_n, block_k = (32, 128) if target.gpu else (triton.next_power_of_2(min(N, 64)), 256)
+    block_k = _fit_groups(block_k, group_size, K, 32)
+    out = torch.empty(N, K, dtype=out_dtype, device=qweight.device)
+    stride_sn, stride_sg = (0 if n == 1 else st for n, st in zip(scales.shape, scales.stride()))
+    stride_zn = 0 if qzeros is None or qzeros.shape[0] == 1 else qzeros.stride(0)
+    args = (
+        qweight, scales, qweight if qzeros is None else qzeros,
+        out.view(torch.int16) if out_dtype == torch.bfloat16 else out,
+        N, K, group_size, qweight.stride(0), stride_sn, stride_sg, stride_zn, out.stride(0),
+    )
+    constexprs = weight_constexprs(scheme) | dict(
+        TILE_GROUPS=group_size % block_k == 0 or group_size >= K,
+        HALF=half_weights(scheme, scales, out_dtype),
+        OUT_BF16=out_dtype == torch.bfloat16, BYTES_P2=triton.next_power_of_2(scheme.bits),
+        BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    info = dict(weights_per_iter=None, weight_bits=scheme.bits)
+    return out, [Launch(_dequant_packed_kernel, grid, args, constexprs, 4, 1, info)]
 
 
 def plan_quant_linear_matmul(
@@ -438,43 +621,46 @@ def plan_quant_linear_matmul(
     scheme: QuantScheme,
     target: Target,
     *,
-    config: MatmulConfig | None = None,
+    config: MatmulConfig | GemvConfig | None = None,
 ) -> tuple[torch.Tensor, list[Launch]]:
-    """The output buffer and launches of :func:`quant_linear_matmul` on ``target`` (arguments
-    already validated; tensors may live on the ``meta`` device for the static inspection).
-
-    The buffer is fp32 when the launches accumulate over K splits into it (the caller casts).
-    """
+    """The output and launches of :func:`quant_linear_matmul` on ``target`` (arguments already
+    validated; tensors may live on the ``meta`` device for the static inspection)."""
+    if not isinstance(config, MatmulConfig):  # None or a GemvConfig: the decode GEMV if it applies
+        gemv = plan_dequant_gemv(x, qweight, scales, qzeros, bias, scheme, target, config=config)
+        if gemv is not None:
+            return gemv
+        if config is not None:
+            raise ValueError(f"{config!r} given but the GEMV does not apply to these arguments")
     M, K = x.shape
     N = qweight.shape[0]
     group_size = scheme.group_cols(K)
-    cfg = config or default_config(M, N, K, group_size, target)
+    cfg = config or default_config(M, N, K, group_size, target, x_dtype=x.dtype)
     stride_sn, stride_sg = (0 if n == 1 else st for n, st in zip(scales.shape, scales.stride()))
     stride_zn = 0 if qzeros is None or qzeros.shape[0] == 1 else qzeros.stride(0)
-    if cfg.split_k > 1:
-        out = torch.zeros(M, N, dtype=torch.float32, device=x.device)  # atomics accumulate here
-    else:
-        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    dt = scheme.dtype
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    # split over K: each split stores its fp32 partial tile, one more launch sums them in order
+    dest = torch.empty(cfg.split_k, M, N, dtype=torch.float32, device=x.device) if (
+        cfg.split_k > 1) else out
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), cfg.split_k)
     args = (
         x, qweight, scales, qweight if qzeros is None else qzeros,
         qweight if bias is None else bias,
-        out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
+        dest.view(torch.int16) if dest.dtype == torch.bfloat16 else dest,
         M, N, K, group_size,
         x.stride(0), x.stride(1), qweight.stride(0), stride_sn, stride_sg, stride_zn,
-        out.stride(0), out.stride(1),
+        dest.stride(-2), dest.stride(-1),
     )
-    constexprs = dict(
-        BITS=scheme.bits, SIGNED=dt.is_int and not scheme.unsigned, HAS_ZERO=scheme.has_zero,
-        IS_FLOAT=dt.is_float, EXP_BITS=dt.exponent_bits, MANT_BITS=dt.mantissa_bits,
-        EXP_BIAS=dt.exponent_bias, TILE_GROUPS=group_size % cfg.block_k == 0 or group_size >= K,
+    constexprs = weight_constexprs(scheme) | dict(
+        TILE_GROUPS=group_size % cfg.block_k == 0 or group_size >= K,
+        HALF=half_weights(scheme, scales, x.dtype),
         HAS_BIAS=bias is not None, DOT=dot_kind(x.dtype, target.gpu),
-        OUT_BF16=out.dtype == torch.bfloat16, BYTES_P2=triton.next_power_of_2(scheme.bits),
+        OUT_BF16=dest.dtype == torch.bfloat16, BYTES_P2=triton.next_power_of_2(scheme.bits),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
     )
     info = dict(config=cfg, weights_per_iter=cfg.block_n * cfg.block_k, weight_bits=scheme.bits)
-    launch = Launch(_dequant_matmul_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages,
-                    info)
-    return out, [launch]
+    launches = [Launch(_dequant_matmul_kernel, grid, args, constexprs, cfg.num_warps,
+                       cfg.num_stages, info)]
+    if cfg.split_k > 1:
+        launches.append(plan_split_k_reduce(dest, out, bias, target))
+    return out, launches

@@ -23,7 +23,16 @@ from quantkit.kernels.fp8_matmul import fp8_matmul
 from quantkit.kernels.int8_matmul import int8_matmul
 from quantkit.kernels._launch import H200
 from quantkit.kernels.int8_matmul import scaled_mm_config
-from quantkit.kernels.matmul import MatmulConfig, default_config, quant_linear_matmul
+from quantkit.kernels._launch import INTERPRETER, run_all
+from quantkit.kernels.gemv import MAX_M as GEMV_MAX_M
+from quantkit.kernels.gemv import GemvConfig, _dequant_gemv_kernel, gemv_config
+from quantkit.kernels.matmul import (
+    MatmulConfig,
+    _split_k_reduce_kernel,
+    default_config,
+    plan_quant_linear_matmul,
+    quant_linear_matmul,
+)
 from quantkit.kernels.smooth_quant import smooth_quantize_per_token
 from quantkit.matmul_reference import (
     fp8_matmul_reference,
@@ -117,45 +126,80 @@ def test_dequant_matmul_float_grids(name: str, m: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "m, config",
+    "m, config, bits",
     [
-        pytest.param(3, MatmulConfig(4, 16, 32, split_k=3), id="gemv-split-k"),
-        pytest.param(12, MatmulConfig(16, 16, 64, split_k=2), id="dot16-split-k"),
-        pytest.param(40, MatmulConfig(16, 16, 64, group_m=2), id="many-tiles-grouped"),
-        pytest.param(20, MatmulConfig(32, 32, 64), id="tile-straddles-groups"),
-        pytest.param(1, MatmulConfig(1, 64, 8), id="one-run-per-step"),
+        pytest.param(3, GemvConfig(4, 2, 1), 4, id="gemv-few-rows"),
+        pytest.param(4, GemvConfig(4, 1, 2), 8, id="gemv-one-row-two-warps"),
+        pytest.param(12, MatmulConfig(16, 16, 64, split_k=2), 3, id="dot16-split-k"),
+        pytest.param(40, MatmulConfig(16, 16, 64, group_m=2), 3, id="many-tiles-grouped"),
+        pytest.param(20, MatmulConfig(32, 32, 64), 3, id="tile-straddles-groups"),
+        pytest.param(1, MatmulConfig(16, 16, 16), 3, id="dot-for-one-row"),
     ],
 )
 @pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_dequant_matmul_configs(m: int, config: MatmulConfig, x_dtype: torch.dtype) -> None:
-    """Split-K (atomics into an fp32 workspace), many programs, gathered scales, tiny K-steps."""
-    scheme = QuantScheme("int3", "per_group", 32, has_zero=True)
+def test_dequant_matmul_configs(m: int, config: MatmulConfig | GemvConfig, bits: int,
+                                x_dtype: torch.dtype) -> None:
+    """GEMV launch shapes, split-K, many programs, gathered scales, tiny K-steps (int3 rows of
+    K=200 are not word-aligned, so they always take the tensor-core kernel)."""
+    scheme = QuantScheme(f"int{bits}", "per_group", 32, has_zero=True)
     _check_dequant_matmul(scheme, m, x_dtype, config)
 
 
 
 
+
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_split_k_partials_are_summed_in_order(x_dtype: torch.dtype) -> None:
+    """Split-K stores one fp32 partial tile per split (no atomics) and a second launch sums
+    them in split order, adds the bias and rounds once: bit-identical to that sum."""
+    scheme = QuantScheme("int4", "per_group", 32, has_zero=True)
+    qweight, scales, qzeros = _weight_storage(scheme, N, K)
+    x = torch.randn(12, K).to(x_dtype)
+    b = torch.randn(N).half()
+    out, launches = plan_quant_linear_matmul(x, qweight, scales, qzeros, b, scheme, INTERPRETER,
+                                             config=MatmulConfig(16, 16, 32, split_k=3))
+    matmul, reduce = launches
+    assert reduce.kernel is _split_k_reduce_kernel
+    run_all([matmul], x.device)
+    partials = matmul.args[5]  # (3, M, N) fp32 workspace
+    want = ((partials[0] + partials[1]) + partials[2]) + b.float()
+    run_all([reduce], x.device)
+    assert torch.equal(out, want.to(x_dtype))
+    _assert_close(out, quant_linear_matmul_reference(x, qweight, scales, qzeros, b, scheme, K))
+
 @pytest.mark.parametrize("m", [1, 5, 12, 40])
 def test_gpu_configs_run_in_the_interpreter(m: int) -> None:
-    """The tiles chosen for an H200 compute the right result (run here in the interpreter)."""
+    """The launches planned for an H200 compute the right result (run here in the interpreter):
+    the decode GEMV up to 8 rows, tensor-core tiles above."""
     scheme = QuantScheme("int4", "per_group", 64, has_zero=True)
-    config = default_config(m, N, K, 64, H200)
-    assert (config.block_m < 16) == (m <= 8)  # GEMV below 9 rows, tensor cores above
-    _check_dequant_matmul(scheme, m, torch.float16, config)
+    qweight, scales, qzeros = _weight_storage(scheme, N, K)
+    x = torch.randn(m, K).half()
+    out, launches = plan_quant_linear_matmul(x, qweight, scales, qzeros, None, scheme, H200)
+    assert (launches[0].kernel is _dequant_gemv_kernel) == (m <= GEMV_MAX_M)
+    run_all(launches, x.device)
+    want = quant_linear_matmul_reference(x, qweight, scales, qzeros, None, scheme, K)
+    _assert_close(out.to(x.dtype), want)
     xq, sx, wq, sw = _int8_operands(m, False)
     config = scaled_mm_config(m, N, K, H200)
     assert torch.equal(int8_matmul(xq, sx, wq, sw, None, torch.int32, config=config),
                        int8_matmul_reference(xq, sx, wq, sw, None, torch.int32))
 
 
-@pytest.mark.parametrize("m", [1, 16, 128, 4096])
+@pytest.mark.parametrize("m", [1, 4, 16, 128, 4096])
 @pytest.mark.parametrize("n, k", [(4096, 4096), (14336, 4096), (4096, 14336)])
 def test_gpu_configs_fill_an_h200(m: int, n: int, k: int) -> None:
-    """Benchmark shapes launch at least one program per SM (split-K where tiles are few) and
-    keep one scale per K-tile for g128."""
-    dequant = default_config(m, n, k, 128, H200)
-    assert 128 % dequant.block_k == 0, dequant  # K-tiles never straddle a group
-    for config in (dequant, scaled_mm_config(m, n, k, H200)):
+    """Benchmark shapes give every SM work: the GEMV at least 8 warps per SM without splitting
+    K, the tensor-core tiles a program per SM (split-K where tiles are few) with one scale per
+    K-tile for g128."""
+    if m <= GEMV_MAX_M:
+        gemv = gemv_config(m, n, k, 4, H200)
+        assert -(-n // gemv.block_n) * gemv.num_warps >= 8 * H200.sm_count, gemv
+        configs = [scaled_mm_config(m, n, k, H200)]
+    else:
+        dequant = default_config(m, n, k, 128, H200)
+        assert 128 % dequant.block_k == 0, dequant  # K-tiles never straddle a group
+        configs = [dequant, scaled_mm_config(m, n, k, H200)]
+    for config in configs:
         programs = -(-m // config.block_m) * -(-n // config.block_n) * config.split_k
         assert programs >= H200.sm_count, config
 
@@ -212,14 +256,18 @@ def test_int8_matmul_exact(m: int, per_tensor: bool) -> None:
 
 
 def test_int8_matmul_split_k_and_extreme_codes() -> None:
-    """int32 atomics keep split-K exact; all -128 codes give the largest accumulators."""
+    """Split-K sums exact int32 partials and applies the scale epilogue once: bit-identical to
+    the unsplit kernel and the reference; all -128 codes give the largest accumulators."""
     xq, sx, wq, sw = _int8_operands(5, False)
     config = MatmulConfig(16, 16, 32, split_k=4)
     want = int8_matmul_reference(xq, sx, wq, sw, None, torch.int32)
     assert torch.equal(int8_matmul(xq, sx, wq, sw, None, torch.int32, config=config), want)
     bias = torch.randn(N)
-    _assert_close(int8_matmul(xq, sx, wq, sw, bias, torch.float32, config=config),
-                  int8_matmul_reference(xq, sx, wq, sw, bias, torch.float32))
+    for out_dtype in (torch.float32, torch.bfloat16):
+        split = int8_matmul(xq, sx, wq, sw, bias, out_dtype, config=config)
+        whole = int8_matmul(xq, sx, wq, sw, bias, out_dtype, config=MatmulConfig(16, 16, 32))
+        assert torch.equal(split, whole)
+        assert torch.equal(split, int8_matmul_reference(xq, sx, wq, sw, bias, out_dtype))
     full = torch.full((3, K), -128, dtype=torch.int8)
     acc = int8_matmul(full, sx[:3], full, sx[:3], None, torch.int32)
     assert torch.all(acc == 128 * 128 * K)
@@ -361,9 +409,9 @@ def test_dequant_matmul_rejects_bad_input(args: tuple, error: type, match: str) 
 def test_matmul_config_validation() -> None:
     with pytest.raises(ValueError, match="block_n must be a positive power of two"):
         MatmulConfig(16, 48, 32)
-    with pytest.raises(ValueError, match="block_k must be >= 8"):
-        MatmulConfig(1, 16, 4)
-    with pytest.raises(ValueError, match="need block_n and block_k >= 16"):
+    with pytest.raises(ValueError, match="block_m must be >= 16"):
+        MatmulConfig(8, 16, 16)
+    with pytest.raises(ValueError, match="block_k must be >= 16"):
         MatmulConfig(16, 16, 8)
 
 
@@ -383,8 +431,6 @@ _XQ, _SX, _WQ, _SW = _int8_operands(3, False)
                      "x_scale must be float32", id="int8-x-scale-float64"),
         pytest.param(int8_matmul, (_XQ, _SX, _WQ, _SW, None, torch.float64), {}, ValueError,
                      "out_dtype must be one of", id="int8-out-float64"),
-        pytest.param(int8_matmul, (_XQ, _SX, _WQ, _SW), {"config": MatmulConfig(8, 16, 16)},
-                     ValueError, r"config.block_m must be >= 16", id="int8-gemv-config"),
         pytest.param(fp8_matmul, (_XQ, _SX, _WQ, _SW), {}, TypeError,
                      "xq must be float8_e4m3fn", id="fp8-int8-codes"),
         pytest.param(fp8_matmul, (_XQ.view(torch.uint8), _SX, _WQ.view(torch.uint8), _SW,
@@ -436,12 +482,12 @@ def _dequant_case(scheme: QuantScheme, x_dtype: torch.dtype, block_m: int, split
         "BITS": scheme.bits, "SIGNED": dt.is_int and not scheme.unsigned,
         "HAS_ZERO": scheme.has_zero, "IS_FLOAT": dt.is_float, "EXP_BITS": dt.exponent_bits,
         "MANT_BITS": dt.mantissa_bits, "EXP_BIAS": dt.exponent_bias, "TILE_GROUPS": tile_groups,
+        "HALF": dt.is_int and x_dtype == torch.float16,
         "HAS_BIAS": True, "DOT": {torch.float16: "fp16", torch.bfloat16: "bf16",
                                   torch.float32: "fp32"}[x_dtype],
         "OUT_BF16": x_dtype == torch.bfloat16 and split_k == 1,
         "BYTES_P2": 1 << (scheme.bits - 1).bit_length(),
-        "BLOCK_M": block_m, "BLOCK_N": 64 if block_m < 64 else 128,
-        "BLOCK_K": max(32, 256 // block_m) if block_m < 16 else 64,
+        "BLOCK_M": block_m, "BLOCK_N": 64 if block_m < 64 else 128, "BLOCK_K": 64,
         "SPLIT_K": split_k, "GROUP_M": 8,
     }
     signature |= {k: "constexpr" for k in constexprs}
@@ -492,7 +538,7 @@ def _smooth_case(scheme: QuantScheme, single: bool) -> Case:
 def test_kernels_compile_for_sm90() -> None:
     fp16, bf16, fp32 = torch.float16, torch.bfloat16, torch.float32
     cases = [  # each compile costs ~1.5 s of CPU: one case per distinct code path
-        _dequant_case(QuantScheme("int4", "per_group", 128, has_zero=True), fp16, 1, split_k=8),
+        _dequant_case(QuantScheme("int4", "per_group", 128, has_zero=True), fp16, 16, split_k=8),
         _dequant_case(QuantScheme("int4", "per_group", 128, has_zero=True), fp16, 128),
         _dequant_case(QuantScheme("int3", "per_group", 64, unsigned=True), bf16, 64),
         _dequant_case(QuantScheme("int8", "per_group", 100), fp16, 16, split_k=2,

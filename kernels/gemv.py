@@ -1,0 +1,437 @@
+"""Decode GEMV on packed low-bit weights: ``y = x @ dequant(W).T + bias`` for ``M <= 4`` rows.
+
+Math (the reference is :func:`quantkit.matmul_reference.quant_linear_matmul_reference`)::
+
+    W[n, k] = (q[n, k] - z[n, g]) * s[n, g]      int grids (no zero point: q * s)
+    W[n, k] = value(q[n, k]) * s[n, g]           float grids (fp4 e2m1, fp8 e4m3fn / e5m2)
+    y[m, n] = sum_k x[m, k] * W[n, k] + bias[n]  fp32 accumulation, rounded once to x.dtype
+
+Storage as :mod:`quantkit.packing` lays it out, read as 32-bit words: for 2/4/8 bits code ``j``
+of a word occupies bits ``[j*bits, (j+1)*bits)`` (``32 / bits`` codes per word); for 3 bits a
+*unit* of three words holds 32 codes, code ``j`` at bit ``3*j`` of the 96-bit little-endian
+value (codes 10 and 21 straddle two words). Requirements (the planner checks them and otherwise
+uses the tensor-core kernel of :mod:`quantkit.kernels.matmul`): every weight row starts on a
+4-byte boundary, ``x`` is contiguous along K, and a group holds a whole number of words.
+
+Why it is laid out this way (a decode step is a pure weight stream: at H200 bandwidth a 4-bit
+weight leaves about 3.5 thread-instructions per element, so the loop must be lean):
+
+* Lane ``t`` of the ``T = 32 * num_warps`` lanes of a program owns a *chunk* of
+  ``CHUNK = 4 * 32 / bits`` consecutive codes per weight row (one 128-bit load; int3: one
+  96-bit unit of 32 codes) and the same ``CHUNK`` activations. Lanes and warps both run along
+  K, so a program's K-tile is ``T * CHUNK`` codes (4096 int4 codes with 4 warps) and it owns
+  ``BLOCK_N`` whole rows. ``x`` is loaded as ``CHUNK / XV`` tiles of ``XV`` contiguous values
+  (16 bytes) per lane, which is exactly the lane-to-K map of the weight words: no layout
+  conversion, shared memory or barrier in the loop.
+* The accumulator keeps the packed-word layout ``(BLOCK_M, BLOCK_N, T)`` and is reduced across
+  lanes once, after the loop (no shuffles inside it).
+* Integer codes become floats without a conversion instruction: the code's field is shifted
+  to the top of an fp32 mantissa and or-ed with the bits of 1.0, giving ``f = 1 + c / 2**bits``
+  exactly (a shift and a LOP3; signed codes get their sign bit flipped in the same LOP3, which
+  adds ``2**(bits-1)``). Then ``sum_j x_j (c_j - z) = 2**bits * (sum_j x_j f_j) - (2**bits + z)
+  * sum_j x_j``: one FFMA per weight, and the zero point and scale cost two FFMAs per chunk.
+  Every product ``x * f`` is exact in fp32 (11 + bits + 1 significant bits).
+* Float codes (fp4/fp8) are placed into fp16 bit positions (subnormals included, which fp16
+  hardware converts exactly), widened to fp32 and scaled back by ``2**(15 - bias)``.
+* Scales and zero points are loaded once per chunk (or once per word for groups shorter than a
+  chunk), never per element. Weights are streamed with an evict-first cache policy.
+* No split-K: the planner picks ``BLOCK_N`` so that the grid has programs for every SM, which
+  keeps the result independent of the launch and bit-reproducible run to run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from quantkit.kernels._launch import Launch, Target
+from quantkit.kernels._triton_math import bf16_bits, packed_code_at
+from quantkit.scheme import QuantScheme
+
+
+@triton.jit
+def split2(t):
+    """The two halves of the last (size-2) dimension of ``t``."""
+    return tl.split(t)
+
+
+@triton.jit
+def split4(t):
+    """Elements ``0..3`` of the last (size-4) dimension of ``t``."""
+    even, odd = tl.split(tl.reshape(t, t.shape[:-1] + (2, 2)))
+    t0, t2 = tl.split(even)
+    t1, t3 = tl.split(odd)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def split8(t):
+    """Elements ``0..7`` of the last (size-8) dimension of ``t``."""
+    even, odd = tl.split(tl.reshape(t, t.shape[:-1] + (4, 2)))
+    t0, t2, t4, t6 = split4(even)
+    t1, t3, t5, t7 = split4(odd)
+    return t0, t1, t2, t3, t4, t5, t6, t7
+
+
+@triton.jit
+def pick(w0, w1, w2, w3, I: tl.constexpr):
+    """``(w0, w1, w2, w3)[I]`` for a constexpr ``I``."""
+    if I == 0:
+        return w0
+    elif I == 1:
+        return w1
+    elif I == 2:
+        return w2
+    else:
+        return w3
+
+
+@triton.jit
+def shift_to(w, FROM: tl.constexpr, TO: tl.constexpr):
+    """``w`` (uint32) shifted so that bit ``FROM`` lands on bit ``TO`` (bits shifted out vanish)."""
+    if TO >= FROM:
+        return w << (TO - FROM)
+    else:
+        return w >> (FROM - TO)
+
+
+@triton.jit
+def field_at(w0, w1, w2, w3, J: tl.constexpr, BITS: tl.constexpr, TO: tl.constexpr):
+    """Code ``J`` of a lane's chunk moved to bits ``[TO, TO + BITS)`` of a uint32 (other bits are
+    garbage: mask them). Chunks are 4 words of ``32 / BITS`` codes, or one 3-word int3 unit."""
+    if BITS == 3:
+        LO: tl.constexpr = 3 * J
+        Q: tl.constexpr = LO // 32
+        OFF: tl.constexpr = LO % 32
+        v = shift_to(pick(w0, w1, w2, w3, Q), OFF, TO)
+        if OFF + 3 > 32:  # codes 10 and 21: the high bits come from the next word
+            v = v | (pick(w0, w1, w2, w3, Q + 1) << (32 - OFF + TO))
+        return v
+    else:
+        CPW: tl.constexpr = 32 // BITS
+        return shift_to(pick(w0, w1, w2, w3, J // CPW), (J % CPW) * BITS, TO)
+
+
+@triton.jit
+def code_value(w0, w1, w2, w3, field_mask, one_bits, J: tl.constexpr, BITS: tl.constexpr,
+               SIGNED: tl.constexpr, IS_FLOAT: tl.constexpr, EXP_BITS: tl.constexpr,
+               MANT_BITS: tl.constexpr):
+    """fp32 ``(BLOCK_N, T)`` stand-in of code ``J`` of each lane's chunk.
+
+    int grids: ``1 + c_u / 2**BITS`` with ``c_u`` the code (signed codes offset by
+    ``2**(BITS - 1)``), built in the fp32 bits: the field moved to the top of the mantissa, masked
+    with ``field_mask`` and or-ed (signed: xor-ed, which also flips the code's sign bit) with
+    ``one_bits``. Both constants arrive as kernel arguments on purpose: a LOP3 has one immediate
+    slot, and with two literals ptxas rematerialises the second into a register before most
+    codes (measured ~0.55 SASS per weight); as arguments one stays in a register for the whole
+    loop. Float grids: ``value(c) * 2**(BIAS - 15)`` from the code's fields placed into fp16 bits.
+    """
+    if IS_FLOAT:
+        MAG: tl.constexpr = EXP_BITS + MANT_BITS  # the code is sign | exponent | mantissa
+        LO: tl.constexpr = 10 - MANT_BITS  # fp16 mantissa bits end at bit 10
+        mag = field_at(w0, w1, w2, w3, J, BITS, LO) & (((1 << MAG) - 1) << LO)
+        sign = field_at(w0, w1, w2, w3, J, BITS, 15 - MAG) & 0x8000
+        h = (mag | sign).to(tl.uint16).to(tl.float16, bitcast=True)
+        return h.to(tl.float32)
+    else:
+        TOP: tl.constexpr = 23 - BITS  # the field fills the top BITS mantissa bits
+        v = field_at(w0, w1, w2, w3, J, BITS, TOP) & field_mask
+        if SIGNED:
+            return (v ^ one_bits).to(tl.float32, bitcast=True)
+        return (v | one_bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def chunk_dot(w0, w1, w2, w3, field_mask, one_bits, x_lane, k_lane, m_ok, K, C0: tl.constexpr,
+              NC: tl.constexpr,
+              XV: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr, IS_FLOAT: tl.constexpr,
+              EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr):
+    """``(sum_c x[c] * f(code c), sum_c x[c])`` over codes ``C0 .. C0 + NC`` of the lanes' chunks:
+    ``(BLOCK_M, BLOCK_N, T)`` and ``(BLOCK_M, 1, T)`` fp32.
+
+    ``x_lane (BLOCK_M, T, 1)`` points at each lane's first activation of the chunk, which is
+    activation ``k_lane (1, T, 1)``; activations are read ``XV`` at a time (16 bytes).
+    """
+    offs_v = tl.arange(0, XV)[None, None, :]
+    part = tl.zeros((x_lane.shape[0], w0.shape[0], w0.shape[1]), tl.float32)
+    xsum = tl.zeros((x_lane.shape[0], 1, w0.shape[1]), tl.float32)
+    for xc in tl.static_range(NC // XV):
+        C = C0 + xc * XV
+        xmask = m_ok & (k_lane + (C + offs_v) < K)
+        x = tl.load(x_lane + (C + offs_v), mask=xmask, other=0.0).to(tl.float32)  # (M, T, XV)
+        if XV == 8:
+            x0, x1, x2, x3, x4, x5, x6, x7 = split8(x)
+            xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        else:
+            x0, x1, x2, x3 = split4(x)
+            xs = (x0 + x1) + (x2 + x3)
+        for v in tl.static_range(XV):
+            if v == 0:
+                xv = x0
+            elif v == 1:
+                xv = x1
+            elif v == 2:
+                xv = x2
+            elif v == 3:
+                xv = x3
+            elif v == 4:
+                xv = x4
+            elif v == 5:
+                xv = x5
+            elif v == 6:
+                xv = x6
+            else:
+                xv = x7
+            f = code_value(w0, w1, w2, w3, field_mask, one_bits, C + v, BITS, SIGNED, IS_FLOAT,
+                           EXP_BITS, MANT_BITS)
+            part += f[None, :, :] * xv[:, None, :]  # (M, N, T)
+        if not IS_FLOAT:  # float codes carry no offset to take out
+            xsum += xs[:, None, :]
+    return part, xsum
+
+
+@triton.jit
+def chunk_qparams(s_rows, z_rows, n_ok, k, K, group_size, stride_sg, BITS: tl.constexpr,
+                  SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, IS_FLOAT: tl.constexpr,
+                  EXP_BIAS: tl.constexpr):
+    """Effective scale and zero ``(BLOCK_N, T)`` of the group holding activation ``k (T,)`` in each
+    row, such that the group's contribution is ``s * (part - zz * xsum)`` for :func:`chunk_dot`'s
+    sums (lanes past ``K`` get a zero scale)."""
+    mask = n_ok[:, None] & (k < K)[None, :]
+    g = k // group_size
+    s = tl.load(s_rows[:, None] + g[None, :] * stride_sg, mask=mask, other=0.0).to(tl.float32)
+    if IS_FLOAT:  # part sums value * 2**(BIAS - 15): scale back (exact power of two)
+        return s * (1 << (15 - EXP_BIAS)), tl.zeros_like(s)
+    # part sums 1 + c_u / 2**BITS with c_u = c (+ 2**(BITS - 1) if signed); the weight is c - z
+    zu = tl.zeros_like(s)
+    if SIGNED:
+        zu += 1 << (BITS - 1)
+    if HAS_ZERO:
+        zu += packed_code_at(z_rows[:, None], g[None, :], mask, BITS, SIGNED).to(tl.float32)
+    return s * (1 << BITS), 1.0 + zu * (1.0 / (1 << BITS))
+
+
+@triton.jit
+def load_words(ptrs, mask):
+    """One ``(BLOCK_N, T)`` uint32 word per lane from ``(BLOCK_N, T, 1)`` pointers."""
+    w = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
+    return tl.reshape(w, (w.shape[0], w.shape[1])).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def accumulate(acc, part, xsum, s, zz, IS_FLOAT: tl.constexpr):
+    """``acc + s * (part - zz * xsum)``: one group's contribution (see :func:`chunk_qparams`)."""
+    if IS_FLOAT:
+        return acc + s[None, :, :] * part
+    return acc + s[None, :, :] * (part - zz[None, :, :] * xsum)
+
+
+@triton.jit
+def _dequant_gemv_kernel(
+    # pointers
+    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_ptr,
+    # sizes
+    M, N, K, K_WORDS, group_size,
+    # code-to-float constants (see code_value)
+    field_mask, one_bits,
+    # strides (qweight in 32-bit words)
+    stride_xm, stride_qn, stride_sn, stride_sg, stride_zn, stride_om, stride_on,
+    # quantization
+    BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, IS_FLOAT: tl.constexpr,
+    EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr, EXP_BIAS: tl.constexpr,
+    SCALE_PER_WORD: tl.constexpr,
+    # meta
+    HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr, XV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+):
+    """``BLOCK_M`` rows of ``x`` times ``BLOCK_N`` whole weight rows (see the module docstring).
+
+    ``SCALE_PER_WORD``: the group changes inside a lane's chunk (groups shorter than a chunk),
+    so scales and zeros are applied per 32-bit word instead of per chunk.
+    """
+    WORDS: tl.constexpr = 3 if BITS == 3 else 4  # 32-bit words per lane and row in a tile
+    CHUNK: tl.constexpr = 32 if BITS == 3 else 128 // BITS  # codes per lane and row in a tile
+    CPW: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per scale step with SCALE_PER_WORD
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    offs_t = tl.arange(0, T)  # (T,) lanes along K
+    n_ok = offs_n < N
+    rows64 = offs_n.to(tl.int64)  # N * row stride can exceed 2**31
+    m_ok = (offs_m < M)[:, None, None]  # (M, 1, 1)
+    # each lane's chunk of every row: 4 contiguous words (128 bits), or an int3 unit of 3 words
+    # read as three (BLOCK_N, T) tiles (12-byte units are not 16-byte aligned)
+    offs_w = tl.arange(0, 4) if BITS != 3 else tl.arange(0, 1)
+    w_ptrs = (qweight_ptr + rows64[:, None, None] * stride_qn
+              + (offs_t * WORDS)[None, :, None] + offs_w[None, None, :])  # (BLOCK_N, T, 4 | 1)
+    x_lane = (x_ptr + offs_m.to(tl.int64)[:, None, None] * stride_xm
+              + (offs_t * CHUNK)[None, :, None])  # (M, T, 1)
+    s_rows = scales_ptr + rows64 * stride_sn  # (BLOCK_N,)
+    z_rows = qzeros_ptr + rows64 * stride_zn
+
+    # The code mask is computed, not a literal, so that ptxas keeps it in one register (LOP3 has
+    # a single immediate slot, which the exponent of 1.0 takes); as a literal, ptxas
+    # rematerialises it before most codes (~0.6 SASS per weight). K >= 0, so K >> 31 == 0.
+    acc = tl.zeros((BLOCK_M, BLOCK_N, T), tl.float32)
+    for k0 in range(0, K, T * CHUNK):
+        word0 = (k0 // CHUNK) * WORDS  # first word of this K-tile in each row
+        word = (word0 + offs_t * WORDS)[None, :, None] + offs_w[None, None, :]
+        row_ok = n_ok[:, None, None]
+        if BITS == 3:
+            w0 = load_words(w_ptrs + word0, row_ok & (word < K_WORDS))
+            w1 = load_words(w_ptrs + (word0 + 1), row_ok & (word + 1 < K_WORDS))
+            w2 = load_words(w_ptrs + (word0 + 2), row_ok & (word + 2 < K_WORDS))
+            w3 = w2  # unused
+        else:
+            w = tl.load(w_ptrs + word0, mask=row_ok & (word < K_WORDS), other=0,
+                        eviction_policy="evict_first")
+            w0, w1, w2, w3 = split4(w.to(tl.uint32, bitcast=True))  # (BLOCK_N, T) each
+        k_lane = (k0 + offs_t * CHUNK)[None, :, None]  # (1, T, 1)
+        if SCALE_PER_WORD:
+            for i in tl.static_range(CHUNK // CPW):
+                part, xsum = chunk_dot(w0, w1, w2, w3, field_mask, one_bits, x_lane + k0, k_lane,
+                                       m_ok, K, i * CPW, CPW, XV, BITS, SIGNED, IS_FLOAT,
+                                       EXP_BITS, MANT_BITS)
+                s, zz = chunk_qparams(s_rows, z_rows, n_ok, k0 + offs_t * CHUNK + i * CPW, K,
+                                      group_size, stride_sg, BITS, SIGNED, HAS_ZERO, IS_FLOAT,
+                                      EXP_BIAS)
+                acc = accumulate(acc, part, xsum, s, zz, IS_FLOAT)
+        else:
+            part, xsum = chunk_dot(w0, w1, w2, w3, field_mask, one_bits, x_lane + k0, k_lane,
+                                   m_ok, K, 0, CHUNK, XV, BITS, SIGNED, IS_FLOAT, EXP_BITS,
+                                   MANT_BITS)
+            s, zz = chunk_qparams(s_rows, z_rows, n_ok, k0 + offs_t * CHUNK, K, group_size,
+                                  stride_sg, BITS, SIGNED, HAS_ZERO, IS_FLOAT, EXP_BIAS)
+            acc = accumulate(acc, part, xsum, s, zz, IS_FLOAT)
+
+    y = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N): the only cross-lane reduction
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    mask = (offs_m < M)[:, None] & n_ok[None, :]
+    o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    if OUT_BF16:  # out_ptr is an int16 view of the bf16 output
+        tl.store(o_ptrs, bf16_bits(y).to(tl.int16), mask=mask)
+    else:
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch shape of :func:`_dequant_gemv_kernel`: ``block_m`` activation rows and ``block_n``
+    weight rows per program, ``num_warps`` warps whose ``32 * num_warps`` lanes run along K."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+
+    @property
+    def lanes(self) -> int:
+        return 32 * self.num_warps
+
+
+# More activation rows: the tensor-core kernel amortises the dequantization better (sm90 SASS
+# per weight, int4 g128, 4096x4096: GEMV 5.0 / 6.3 / 9.0 / 17.6 at M = 1 / 2 / 4 / 8, the
+# 16-row tensor-core tile ~10 for any M <= 16).
+MAX_M = 4
+ONE_BITS = 0x3F800000  # fp32 1.0
+SIGN_FLIP = 1 << 22  # the top mantissa bit, where a signed code's sign bit lands
+
+
+def weight_constexprs(scheme: QuantScheme) -> dict:
+    """The constexprs describing packed weights of ``scheme`` (shared by the matmul kernels)."""
+    dt = scheme.dtype
+    return dict(
+        BITS=scheme.bits, SIGNED=dt.is_int and not scheme.unsigned, HAS_ZERO=scheme.has_zero,
+        IS_FLOAT=dt.is_float, EXP_BITS=dt.exponent_bits, MANT_BITS=dt.mantissa_bits,
+        EXP_BIAS=dt.exponent_bias,
+    )
+
+
+def chunk_codes(bits: int) -> int:
+    """Codes per lane and weight row in one K-tile: a 128-bit load (int3: a 96-bit unit)."""
+    return 32 if bits == 3 else 128 // bits
+
+
+def word_codes(bits: int) -> int:
+    """Codes per 32-bit word (int3: per 3-word unit): the finest scale step the kernel handles."""
+    return 32 if bits == 3 else 32 // bits
+
+
+def scale_per_word(group_size: int, K: int, bits: int) -> bool | None:
+    """Whether scales change inside a lane's chunk (True), not (False), or inside a word (None:
+    this kernel cannot serve the group size)."""
+    if group_size >= K or group_size % chunk_codes(bits) == 0:
+        return False
+    if group_size % word_codes(bits) == 0:
+        return True
+    return None
+
+
+def gemv_config(M: int, N: int, K: int, bits: int, target: Target) -> GemvConfig:
+    """Warps to cover K with few masked lanes (at most 4), then ``block_n`` (8 rows share each
+    activation load) lowered until the grid gives every SM 8 warps."""
+    block_m = triton.next_power_of_2(M)
+    chunks = triton.cdiv(K, chunk_codes(bits))
+    warps = max(1, min(4, triton.next_power_of_2(triton.cdiv(chunks, 32))))
+    block_n = 8
+    if not target.gpu:  # interpreter: fewer, larger block operations
+        return GemvConfig(block_m, min(32, triton.next_power_of_2(N)), warps)
+    while block_n > 1 and triton.cdiv(N, block_n) * warps < 8 * target.sm_count:
+        block_n //= 2
+    return GemvConfig(block_m, block_n, warps)
+
+
+def plan_dequant_gemv(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scheme: QuantScheme,
+    target: Target,
+    *,
+    config: GemvConfig | None = None,
+) -> tuple[torch.Tensor, list[Launch]] | None:
+    """The output and launch of the GEMV for validated :func:`quant_linear_matmul` arguments,
+    or None where this kernel does not apply (more than :data:`MAX_M` rows, rows not 4-byte
+    aligned, ``x`` strided along K, groups that split a word)."""
+    M, K = x.shape
+    N, row_bytes = qweight.shape
+    bits = scheme.bits
+    group_size = scheme.group_cols(K)
+    per_word = scale_per_word(group_size, K, bits)
+    aligned = row_bytes % 4 == 0 and qweight.stride(0) % 4 == 0 and qweight.data_ptr() % 4 == 0
+    if M > MAX_M or not aligned or x.stride(1) != 1 or per_word is None:
+        return None
+    cfg = config or gemv_config(M, N, K, bits, target)
+    xv = 16 // x.element_size()
+    if per_word:
+        xv = min(xv, word_codes(bits))
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    stride_sn, stride_sg = (0 if n == 1 else st for n, st in zip(scales.shape, scales.stride()))
+    stride_zn = 0 if qzeros is None or qzeros.shape[0] == 1 else qzeros.stride(0)
+    words = qweight.view(torch.int32)  # (N, row_bytes / 4)
+    args = (
+        x, words, scales, qweight if qzeros is None else qzeros, x if bias is None else bias,
+        out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
+        M, N, K, row_bytes // 4, group_size,
+        ((1 << bits) - 1) << (23 - bits),  # field_mask: the top `bits` mantissa bits
+        ONE_BITS | (SIGN_FLIP if scheme.dtype.is_int and not scheme.unsigned else 0),
+        x.stride(0), words.stride(0), stride_sn, stride_sg, stride_zn, out.stride(0), out.stride(1),
+    )
+    constexprs = weight_constexprs(scheme) | dict(
+        SCALE_PER_WORD=per_word, HAS_BIAS=bias is not None,
+        OUT_BF16=out.dtype == torch.bfloat16, XV=xv,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, T=cfg.lanes,
+    )
+    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m))
+    info = dict(config=cfg, weights_per_iter=cfg.block_n * cfg.lanes * chunk_codes(bits),
+                weight_bits=bits)
+    return out, [Launch(_dequant_gemv_kernel, grid, args, constexprs, cfg.num_warps, 1, info)]
