@@ -51,6 +51,8 @@ _CONFIGS = {
     # layer 1 dense: Qwen3-MoE mixes sparse and dense MLP layers
     "qwen3_moe": lambda: tf.Qwen3MoeConfig(**_COMMON, head_dim=16, moe_intermediate_size=48, num_experts=4,
                                            num_experts_per_tok=2, mlp_only_layers=[1]),
+    "qwen2_moe": lambda: tf.Qwen2MoeConfig(**_COMMON, moe_intermediate_size=48, shared_expert_intermediate_size=64,
+                                           num_experts=4, num_experts_per_tok=2),
     "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1,
                                   eos_token_id=2),
     "falcon": lambda: tf.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
@@ -105,13 +107,14 @@ def test_model_types_select_the_rows_named_after_them():
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
-def test_unfused_experts_compute_exactly_what_the_fused_ones_do(kind):
+def test_unfused_experts_compute_what_the_fused_ones_do(kind):
+    """Same routing and weights; gate and up run as two matmuls instead of one (float rounding)."""
     model = build(kind)
     ids = samples()
     before = logits(model, ids)
     _unfused(model, get_arch(kind))
     assert any(isinstance(m, UnfusedExperts) for m in model.modules())
-    assert torch.equal(logits(model, ids), before)
+    torch.testing.assert_close(logits(model, ids), before, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", SUPPORTED)
@@ -150,9 +153,9 @@ def test_folding_random_scales_into_every_group_leaves_float_logits_unchanged(ki
         "gemma3_text": {"input_layernorm": 2, "pre_feedforward_layernorm": 2, "mlp.up_proj": 2},
         "phi3": {"input_layernorm": 2, "self_attn.qkv_proj": 2, "post_attention_layernorm": 2, "mlp.gate_up_proj": 2},
         "mixtral": {"input_layernorm": 2, "post_attention_layernorm": 2,
-                    **{f"mlp.experts.{e}.gate_up_proj": 2 for e in range(4)}},
+                    **{f"mlp.experts.{e}.up_proj": 2 for e in range(4)}},
         "qwen3_moe": {"input_layernorm": 2, "post_attention_layernorm": 2, "mlp.up_proj": 1,
-                      **{f"mlp.experts.{e}.gate_up_proj": 1 for e in range(4)}},
+                      **{f"mlp.experts.{e}.up_proj": 1 for e in range(4)}},
     }
     assert folded == expected[kind]
 
@@ -193,7 +196,7 @@ def test_every_algorithm_quantizes_every_block_linear_of_the_new_families(kind, 
     if arch.experts is not None:  # every expert's two matrices; the router stays in full precision
         experts = [n for n in quantized if ".experts." in n]
         sparse_layers = 2 if kind == "mixtral" else 1
-        assert len(experts) == 2 * 4 * sparse_layers
+        assert len(experts) == 3 * 4 * sparse_layers
         assert all(isinstance(b.mlp.gate.weight, nn.Parameter) for b in model.model.layers if hasattr(b.mlp, "gate"))
     after = logits(model, ids)
     assert torch.isfinite(after).all()
@@ -218,7 +221,7 @@ def test_layer_sequential_gptq_runs_all_experts_down_proj_in_one_phase():
         quantize_model(model, get_arch("mixtral"), _algorithm("gptq"), samples(), "cpu", batch_size=2, progress=False)
     finally:
         pipeline._run_block = original
-    assert len(passes) == 2 * (4 + 1)  # per block: q/k/v, o, experts' gate_up, experts' down, final
+    assert len(passes) == 2 * (4 + 1)  # per block: q/k/v, o, experts' gate/up, experts' down, final
 
 
 def test_every_expert_is_calibrated_on_every_token_even_if_never_routed():
@@ -250,7 +253,8 @@ def test_every_expert_is_calibrated_on_every_token_even_if_never_routed():
     algorithm.make_group_observers = make_group_observers
     quantize_model(model, arch, algorithm, ids, "cpu", batch_size=2, progress=False)
     tokens = ids.numel()
-    assert seen["mlp.experts.3.gate_up_proj"] == 2 * tokens  # shared by the group: fed once per block
+    assert seen["mlp.experts.3.gate_proj"] == 2 * tokens  # the group's one observer: all tokens per block
+    assert "mlp.experts.3.up_proj" not in seen or seen["mlp.experts.3.up_proj"] == 2 * tokens
     assert seen["mlp.experts.3.down_proj"] == 2 * tokens  # its own input, all tokens
     assert isinstance(model.model.layers[0].mlp.experts[3].down_proj, QuantLinear)
     rel = float((logits(model, ids) - reference).norm() / reference.norm())
@@ -286,7 +290,7 @@ def test_capture_keeps_each_blocks_own_mask_and_positions():
 # ------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "falcon"])
+@pytest.mark.parametrize("kind", ["gpt2", "falcon", "qwen2_moe"])
 def test_unsupported_architectures_are_named(kind):
     with pytest.raises(ConfigError, match=f"unsupported architecture model_type='{kind}'.*ARCHS"):
         get_arch(_CONFIGS[kind]().model_type)
@@ -308,6 +312,7 @@ def test_unsupported_architectures_are_named(kind):
     ("gpt2", "gpt_neox", r"no decoder blocks at 'gpt_neox.layers'"),
     ("falcon", "gpt_neox", r"no decoder blocks at 'gpt_neox.layers'"),
     ("opt", "llama", r"no decoder blocks at 'model.layers'"),
+    ("qwen2_moe", "qwen3_moe", r"has linears the layout does not know: mlp.shared_expert.gate_proj"),
 ])
 @pytest.mark.parametrize("algo", ["rtn", "awq"])
 def test_a_model_that_does_not_follow_the_forced_layout_is_refused_before_any_change(kind, forced, message, algo):
@@ -367,3 +372,68 @@ def test_stray_and_wrongly_typed_linears_are_refused():
     model.model.layers[0].self_attn.q_proj = Conv1D(64, 64)  # GPT-2's kind of projection
     with pytest.raises(ConfigError, match=r"model.layers.0.self_attn.q_proj is a Conv1D \(not an nn.Linear\)"):
         verify_layout(model, get_arch("llama"))
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "phi3"])
+def test_quantized_new_families_save_and_load_to_identical_logits(kind, tmp_path):
+    from quantkit.serialization import load, save_quantized
+
+    model = build(kind)
+    quantize_model(model, get_arch(kind), _algorithm("rtn"), None, "cpu", progress=False)
+    save_quantized(model, None, tmp_path / "saved")
+    loaded = load(tmp_path / "saved")
+    ids = samples(seed=4)
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+
+
+# ------------------------------------------------------------- through the runner
+
+
+@pytest.fixture(scope="module")
+def gemma2_dir(tmp_path_factory):
+    """A tiny Gemma 2 checkpoint with the tiny models' byte-level tokenizer."""
+    from transformers import AutoTokenizer
+
+    from quantkit import models
+
+    root = tmp_path_factory.mktemp("gemma2")
+    tokenizer = AutoTokenizer.from_pretrained(models.build_tiny_llama(root / "llama"))
+    build("gemma2").save_pretrained(root / "gemma2")
+    tokenizer.save_pretrained(root / "gemma2")
+    return root / "gemma2"
+
+
+def _run_config(path, tmp_path, *overrides):
+    from quantkit.config import build_run_config
+    from tests.test_config import compose_dict
+
+    return build_run_config(compose_dict(
+        "model=hf", f"model.path={path}", "eval.seq_length=64", "eval.max_windows=2", "num_calibrate=4",
+        "calibrate_seq_length=32", "algo.groupsize=32", f"output_dir={tmp_path}", *overrides))
+
+
+def test_runner_refuses_a_contradicting_model_type_before_loading_weights(gemma2_dir, tmp_path, monkeypatch):
+    from quantkit import runner
+
+    monkeypatch.setattr(runner.models, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(ConfigError, match="model_type='llama' selects the llama layout.*model_type='gemma2'"):
+        runner.run(_run_config(gemma2_dir, tmp_path, "model_type=llama"))
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_runner_quantizes_gemma2_with_awq_end_to_end(gemma2_dir, tmp_path, monkeypatch):
+    from quantkit import runner
+
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
+    results = runner.run(_run_config(gemma2_dir, tmp_path, "algo=awq", "algo.n_grid=4", "eval.baseline=true"))
+    assert results["model_type"] == "gemma2" and results["quantized_layers"] == 2 * 7
+    assert results["perplexity"] < 1.5 * results["baseline_perplexity"]
+
+
+def test_min_input_dim_counts_the_attention_width_where_heads_times_head_dim_is_narrower():
+    from quantkit.arch import min_input_dim
+
+    config = tf.Gemma2Config(hidden_size=2304, intermediate_size=9216, num_attention_heads=8, head_dim=256)
+    assert min_input_dim(get_arch("gemma2"), config) == 2048  # o_proj reads 8 x 256
+    assert min_input_dim(get_arch("llama"), tf.LlamaConfig(hidden_size=576, intermediate_size=1536,
+                                                           num_attention_heads=9)) == 576

@@ -16,8 +16,8 @@ output must scale alike). The pipeline adds a probe of each fold on the real blo
 (:func:`quantkit.pipeline.verify_folds`).
 
 Mixture-of-experts rows name the fused expert tensors (:class:`ExpertsSpec`); the pipeline
-turns them into one ``nn.Linear`` per expert and matrix (:mod:`quantkit.experts`), and a
-``*`` in a group's names stands for every expert index.
+turns them into ``gate_proj``/``up_proj``/``down_proj`` linears per expert
+(:mod:`quantkit.experts`), and a ``*`` in a group's names stands for every expert index.
 """
 
 from __future__ import annotations
@@ -133,10 +133,9 @@ _MOE = ArchSpec(
     groups=_ATTENTION + (
         LinearGroup(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm", optional=True),  # dense layers
         LinearGroup(("mlp.down_proj",), "mlp.up_proj", optional=True),
-        LinearGroup(("mlp.experts.*.gate_up_proj",), "post_attention_layernorm", readers=("mlp.gate",),
-                    optional=True),
-        LinearGroup(("mlp.experts.*.down_proj",), "mlp.experts.*.gate_up_proj", prev_parts=2, optional=True,
-                    per_expert=True),
+        LinearGroup(("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"), "post_attention_layernorm",
+                    readers=("mlp.gate",), optional=True),
+        LinearGroup(("mlp.experts.*.down_proj",), "mlp.experts.*.up_proj", optional=True, per_expert=True),
     ),
     input_dims=_LLAMA.input_dims + ("moe_intermediate_size",),
     experts=ExpertsSpec("mlp.experts"),
@@ -294,7 +293,7 @@ def expand_groups(block: nn.Module, arch: ArchSpec) -> list[list[LinearGroup]]:
                                             prev=sub(group.prev, e), readers=tuple(sub(r, e) for r in group.readers))
                         for e in experts])
         else:
-            names = tuple(n.replace(EXPERT, str(e)) for n in group.linears for e in experts)
+            names = tuple(n.replace(EXPERT, str(e)) for e in experts for n in group.linears)
             out.append([dataclasses.replace(group, linears=names)] if names else [])
     return out
 

@@ -3,8 +3,11 @@
 transformers 5 keeps the experts of Mixtral, Qwen3-MoE and others as two 3D parameters,
 ``gate_up_proj (E, 2 * I, H)`` (``[gate; up]`` stacked) and ``down_proj (E, H, I)``.
 :func:`unfuse_experts` replaces such a module by :class:`UnfusedExperts`, a list of
-:class:`Expert` modules with ``gate_up_proj`` and ``down_proj`` linears holding the same
-weights; it computes what the fused module computes, token for token.
+:class:`Expert` modules with ``gate_proj``, ``up_proj`` and ``down_proj`` linears holding the
+same weights; it computes what the fused module computes, token for token (up to float
+rounding: gate and up are two matmuls instead of one). Quantizing
+``gate_proj`` and ``up_proj`` apart is quantizing the rows of ``[gate; up]`` (every weight
+scheme but ``per_tensor`` is per row), and the names are those of per-expert checkpoints.
 
 Calibration and experts. A router sends each token to ``top_k`` of ``E`` experts, so on a
 few hundred calibration samples a rarely chosen expert sees few or no tokens, and its
@@ -20,24 +23,25 @@ expert FLOPs during calibration only.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
 
 class Expert(nn.Module):
-    """One expert: ``down_proj(act(gate) * up)`` with ``gate, up = gate_up_proj(x).chunk(2)``."""
+    """One expert: ``down_proj(act(gate_proj(x)) * up_proj(x))``; the per-expert module names
+    of Qwen3-MoE checkpoints, and what llm-compressor quantizes."""
 
-    def __init__(self, gate_up_proj: nn.Linear, down_proj: nn.Linear, act_fn: nn.Module) -> None:
+    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, act_fn: nn.Module) -> None:
         super().__init__()
-        self.gate_up_proj = gate_up_proj
+        self.gate_proj = gate_proj
+        self.up_proj = up_proj
         self.down_proj = down_proj
         self.act_fn = act_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (tokens, I) each
-        return self.down_proj(self.act_fn(gate) * up)  # (tokens, H)
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))  # (tokens, H)
 
 
 class UnfusedExperts(nn.ModuleList):
@@ -91,10 +95,20 @@ def unfuse_experts(module: nn.Module, gate_up: str = "gate_up_proj", down: str =
     if problem is not None:
         raise ValueError(f"{type(module).__name__} {problem}")
     w1, w2 = getattr(module, gate_up), getattr(module, down)  # (E, 2I, H), (E, H, I)
-    experts = []
-    for e in range(w1.shape[0]):
-        experts.append(Expert(_linear(w1[e]), _linear(w2[e]), module.act_fn))
+    inter = w2.shape[2]
+    experts = [Expert(_linear(w1[e, :inter]), _linear(w1[e, inter:]), _linear(w2[e]), module.act_fn)
+               for e in range(w1.shape[0])]
     return UnfusedExperts(experts)
+
+
+def unfuse_where_named(model: nn.Module, names: Iterable[str], gate_up: str = "gate_up_proj",
+                       down: str = "down_proj") -> None:
+    """Unfuse every fused experts module of ``model`` that one of ``names`` reaches into
+    (``<path>.<expert>...``): a model built from its config before per-expert layers load."""
+    names = list(names)
+    for path, module in list(model.named_modules()):
+        if fused_layout_problem(module, gate_up, down) is None and any(n.startswith(path + ".") for n in names):
+            model.set_submodule(path, unfuse_experts(module, gate_up, down))
 
 
 def _linear(weight: torch.Tensor) -> nn.Linear:

@@ -60,7 +60,7 @@ def return_free_memory() -> None:
     Calibration allocates and frees tensors of a few MB per linear (weights, Hessians, block
     activations). glibc raises its mmap threshold to the largest block freed so far, so such
     tensors soon come from the heap arenas, and freed arena memory stays in the process: on
-    SmolLM2 GPTQ left ~0.7 GB of RSS that no tensor used. Trimming after each block keeps the
+    SmolLM2 GPTQ left ~0.7 GB of RSS that no tensor used. Trimming after each phase keeps the
     resident size near what is live; it changes no result.
     """
     try:
@@ -193,9 +193,12 @@ def fold_target(block: nn.Module, group: LinearGroup, arch: ArchSpec) -> FoldTar
                       tuple(block.get_submodule(r) for r in group.readers))
 
 
-def _unfuse(blocks: nn.ModuleList, arch: ArchSpec) -> None:
-    """Replace fused expert tensors by one linear per expert and matrix (same function)."""
-    spec = arch.experts
+def _unfuse(blocks: nn.ModuleList, arch: ArchSpec) -> list[tuple[nn.Module, nn.Module]]:
+    """Replace fused expert tensors by one linear per expert and matrix (same function);
+    returns ``(block, fused module)`` pairs for :func:`_refuse`."""
+    spec, done = arch.experts, []
+    if spec is None:
+        return done
     for index, block in enumerate(blocks):
         module = _submodule(block, spec.path)
         if module is None or isinstance(module, UnfusedExperts):
@@ -203,8 +206,17 @@ def _unfuse(blocks: nn.ModuleList, arch: ArchSpec) -> None:
         try:
             block.set_submodule(spec.path, unfuse_experts(module, spec.gate_up, spec.down))
         except ValueError as exc:
+            _refuse(done, spec.path)
             raise ConfigError(f"the model does not follow the {arch.layout} layout: "
                               f"{arch.blocks}.{index}.{spec.path}: {exc}") from None
+        done.append((block, module))
+    return done
+
+
+def _refuse(unfused: list[tuple[nn.Module, nn.Module]], path: str) -> None:
+    """Put the fused experts back: a refused model is left as it was given."""
+    for block, module in unfused:
+        block.set_submodule(path, module)
 
 
 @torch.inference_mode()
@@ -290,23 +302,29 @@ def quantize_model(
     """
     report = PipelineReport()
     blocks = get_blocks(model, arch)
-    if arch.experts is not None:
-        _unfuse(blocks, arch)
-    verify_layout(model, arch)
-    plans = [plan_block(block, i, arch, skip_layers, report) for i, block in enumerate(blocks)]
-    model.to(offload)
     calibrate = algorithm.needs_calibration
     if calibrate and samples is None:
         raise ValueError(f"algo={algorithm.name} needs calibration samples")
-    if calibrate and algorithm.folds_scales:
-        probe = capture_block_inputs(model, blocks, arch.blocks, samples[:1, :PROBE_TOKENS], device, offload, 1,
-                                     progress=False)
-        verify_folds(blocks, plans, arch, probe, device)
-        del probe
+    unfused = _unfuse(blocks, arch)
+    try:
+        verify_layout(model, arch)
+        plans = [plan_block(block, i, arch, skip_layers, report) for i, block in enumerate(blocks)]
+        model.to(offload)
+        if calibrate and algorithm.folds_scales:
+            probe = capture_block_inputs(model, blocks, arch.blocks, samples[:1, :PROBE_TOKENS], device, offload, 1,
+                                         progress=False)
+            verify_folds(blocks, plans, arch, probe, device)
+            del probe
+    except ConfigError:
+        _refuse(unfused, arch.experts.path if arch.experts else "")
+        raise
+    del unfused
     calib = capture_block_inputs(model, blocks, arch.blocks, samples, device, offload, batch_size) if calibrate else None
-    for i, (block, plan) in enumerate(tqdm(list(zip(blocks, plans)), desc=f"quantize ({algorithm.name})", disable=not progress)):
+    for i, block in enumerate(tqdm(blocks, desc=f"quantize ({algorithm.name})", disable=not progress)):
         block.to(device)
-        _quantize_block(block, i, plan, arch, algorithm, calib, device, offload, report, calibrate_dtype, reuse_outputs)
+        _quantize_block(block, i, plans[i], arch, algorithm, calib, device, offload, report, calibrate_dtype,
+                        reuse_outputs)
+        plans[i] = []  # it holds the replaced full-precision linears: let them go now, not after the last block
         block.to(offload)
         return_free_memory()
     _quantize_outside_blocks(model, arch, algorithm, skip_layers, report)
@@ -357,6 +375,7 @@ def _quantize_block(block: nn.Module, i: int, plan: list[Planned], arch: ArchSpe
                 report.quantized.append(f"{arch.blocks}.{i}.{name}")
         if replay is not None:  # scales folded into a producer change what contains it
             replay.invalidate([m for m, state in before if not unchanged(m, state)])
+        return_free_memory()
     if calib is not None and fp_outputs is None:
         with replay.active(set(), store=False) if replay else contextlib.nullcontext():
             _run_block(block, calib.hidden, kwargs, device, offload, False, autocast=calibrate_dtype,
