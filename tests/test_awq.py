@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import quantkit.algorithms.awq as awq
+from quantkit.algorithms.fold import FoldTarget, fold_scales
 from quantkit import models
 from quantkit import reference as ref
 from quantkit.algorithms.rtn import RTN, RTNConfig
@@ -228,32 +229,7 @@ def _linear(w):
     return lin
 
 
-# ---------------------------------------------------------------- fold
-
-
-def _fold_random_scales(model):
-    """Fold random positive scales into every foldable group; return how many groups changed."""
-    arch = get_arch(model.config.model_type)
-    folded = 0
-    for block in model.get_submodule(arch.blocks):
-        for group in arch.groups:
-            linears = [block.get_submodule(n) for n in group.linears]
-            prev = block.get_submodule(group.prev) if group.prev else None
-            if awq._fold_blocker(prev, linears) is None:
-                awq.fold_scales(prev, linears, torch.rand(linears[0].in_features) * 4 + 0.1)
-                folded += 1
-    return folded
-
-
-@pytest.mark.parametrize("kind, foldable", [("llama", 3), ("opt", 4)])  # llama: GQA o_proj cannot fold
-def test_folding_scales_leaves_full_precision_outputs_unchanged(tiny_dirs, kind, foldable):
-    model = load(tiny_dirs, kind)
-    ids = samples()
-    with torch.no_grad():
-        before = model(ids).logits
-        assert _fold_random_scales(model) == foldable * model.config.num_hidden_layers
-        after = model(ids).logits
-    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+# ---------------------------------------------------------------- fold (every family: test_arch.py)
 
 
 class _FoldOnly(awq.AWQ):
@@ -291,15 +267,15 @@ def test_gqa_group_keeps_unit_scales_but_is_clipped_and_quantized(tiny_dirs, cap
     obs.update(x)
     linears, observers = {"self_attn.o_proj": attn.o_proj}, {"self_attn.o_proj": obs}
     with caplog.at_level(logging.INFO, logger="quantkit.algorithms.awq"):
-        algo.prepare_group(linears, observers, attn.v_proj)
+        algo.prepare_group(linears, observers, FoldTarget(attn.v_proj))
     assert "grouped-query attention" in caplog.text
     assert torch.equal(attn.v_proj.weight, v_before) and torch.equal(attn.o_proj.weight, o_before)
-    q = algo.quantize_group(linears, observers, attn.v_proj)["self_attn.o_proj"]
+    q = algo.quantize_group(linears, observers, FoldTarget(attn.v_proj))["self_attn.o_proj"]
     assert isinstance(q, QuantLinear)
     assert output_loss(x, o_before, q.dequantized_weight()) <= output_loss(
         x, o_before, awq.fake_quantize_weight(o_before, algo.w_scheme)) * (1 + 1e-5)
     with pytest.raises(ValueError, match="grouped-query"):
-        awq.fold_scales(attn.v_proj, [attn.o_proj], torch.ones(64))
+        fold_scales(FoldTarget(attn.v_proj), [attn.o_proj], torch.ones(64))
 
 
 # ---------------------------------------------------------------- end to end

@@ -204,8 +204,8 @@ def test_layer_sequential_phases_stop_after_their_linears_and_share_group_observ
 
     # the same model without the early stop: identical quantized weights and activation scales
     monkeypatch_run = pipeline._run_block
-    pipeline._run_block = lambda block, calib, device, offload, keep, *_args, **_kwargs: monkeypatch_run(
-        block, calib, device, offload, keep)
+    pipeline._run_block = lambda block, hidden, kwargs, device, offload, keep, *_args, **options: monkeypatch_run(
+        block, hidden, kwargs, device, offload, keep, in_place=options.get("in_place", False))
     try:
         full = build_algorithm(algorithm.config, INT4, INT8)
         quantize_model(reference_model, get_arch("llama"), full, samples(), "cpu", batch_size=batches)

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantkit.experts import unfuse_where_named
 from quantkit.quant_linear import QuantLinear
 from quantkit.scheme import QuantScheme
 
@@ -323,6 +324,7 @@ def _skeleton(path: Path, manifest: dict[str, Any]) -> nn.Module:
         )
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unfuse_where_named(model, layers)  # MoE experts were saved as one linear per expert and matrix
     for name, layer in layers.items():
         try:
             original = model.get_submodule(name)

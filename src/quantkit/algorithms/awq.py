@@ -9,11 +9,11 @@ multiply them matter most. AWQ protects them without mixed precision:
    salient columns now use more of the quantization grid. ``alpha`` is picked on a grid in
    ``[0, 1)`` by the group's output error on calibration tokens; ``alpha=0`` (``s=1``, plain
    round-to-nearest) is on the grid, so the search never does worse than RTN on that loss.
-2. **Fold** (:func:`fold_scales`): the ``1/s`` on the input goes into the module producing it
-   (the norm's weight and bias, or the rows of the previous linear), so there is no runtime
-   divide. Where no exact fold exists (``prev`` is None, a GQA ``v_proj`` narrower than
-   ``o_proj``'s input, or ``prev`` already quantized under ``layer_sequential``) the group keeps
-   ``s=1`` and is still clipped.
+2. **Fold** (:func:`~quantkit.algorithms.fold.fold_scales`): the ``1/s`` on the input goes into
+   the module producing it (the norm's weight and bias, or the rows of the previous linear),
+   so there is no runtime divide. Where no exact fold exists (``prev`` is None, a GQA
+   ``v_proj`` narrower than ``o_proj``'s input, or ``prev`` already quantized under
+   ``layer_sequential``) the group keeps ``s=1`` and is still clipped.
 3. **Clip search** (:func:`search_clip`, the reference "auto_clip"): per output row and weight
    group, shrink the quantization range by a factor in ``[1 - max_shrink, 1]`` and keep the one
    with the smallest output error of that group on the calibration tokens.
@@ -38,6 +38,7 @@ from quantkit import reference
 from quantkit.algorithms.base import (
     Algorithm, ChannelRangeObserver, Observer, activation_scheme, check_weight_activation_keys, weight_scheme,
 )
+from quantkit.algorithms.fold import FoldTarget, fold_blocker, fold_scales
 from quantkit.algorithms.registry import register
 from quantkit.config import ConfigError, DTypeConfig, check
 from quantkit.quant_linear import QuantLinear, storage_scale, weight_qparams
@@ -266,51 +267,6 @@ def search_clip(
     return best.reshape(shape), None if zero is None else zero.reshape(shape)
 
 
-def _fold_blocker(prev: nn.Module | None, linears: Sequence[nn.Linear]) -> str | None:
-    """Why scales cannot be folded into ``prev`` for these linears (None: they can)."""
-    widths = {lin.in_features for lin in linears}
-    if len(widths) != 1:
-        return f"the group's linears read inputs of different widths {sorted(widths)}"
-    (width,) = widths
-    if prev is None:
-        return "no foldable producer of its input (prev=None)"
-    if isinstance(prev, QuantLinear):
-        return "its producer is already quantized (layer_sequential)"
-    if isinstance(prev, nn.Linear):
-        if prev.out_features != width:
-            return f"producer width {prev.out_features} != input width {width} (grouped-query attention)"
-        return None
-    weight = getattr(prev, "weight", None)
-    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (width,):
-        return f"cannot fold a per-channel scale into {type(prev).__name__}"
-    return None
-
-
-@torch.no_grad()
-def fold_scales(prev: nn.Module, linears: Sequence[nn.Linear], s: torch.Tensor) -> None:
-    """Divide ``prev``'s output channels by ``s (in,)`` and multiply the linears' input columns
-    by ``s``, in place: the full-precision function is unchanged.
-
-    ``prev`` is a norm (its ``weight`` and ``bias``, e.g. RMSNorm/LayerNorm computing
-    ``normalize(x) * weight + bias``) or an ``nn.Linear`` (its weight rows and bias); anything
-    between ``prev`` and the linears must commute with a positive per-channel scale (ReLU and
-    ``act(gate) * up`` do). Norms applying ``1 + weight`` (Gemma) cannot be folded this way.
-    """
-    reason = _fold_blocker(prev, linears)
-    if reason is not None:
-        raise ValueError(f"cannot fold AWQ scales: {reason}")
-    s = s.float()
-    if isinstance(prev, nn.Linear):
-        prev.weight.copy_(prev.weight.float() / s.to(prev.weight.device)[:, None])
-    else:
-        prev.weight.copy_(prev.weight.float() / s.to(prev.weight.device))
-    bias = getattr(prev, "bias", None)
-    if isinstance(bias, torch.Tensor):
-        bias.copy_(bias.float() / s.to(bias.device))
-    for lin in linears:
-        lin.weight.copy_(lin.weight.float() * s.to(lin.weight.device))
-
-
 @register("awq", AWQConfig)
 class AWQ(Algorithm):
     """Scale search and fold in :meth:`prepare_group`, clip search and packing in
@@ -327,33 +283,35 @@ class AWQ(Algorithm):
     def needs_calibration(self) -> bool:
         return self.w_scheme is not None
 
-    shares_group_observer = False  # prepare_group rescales each linear's observer on its own
+    @property
+    def folds_scales(self) -> bool:
+        return self.w_scheme is not None
 
     def make_observer(self, name: str, linear: nn.Linear) -> Observer | None:
         return AWQObserver(self.config.max_tokens, self.a_scheme if self.a_static else None)
 
     def prepare_group(
-        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: nn.Module | None
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None
     ) -> None:
         if self.w_scheme is None or not linears:
             return
         names = list(linears)
-        reason = _fold_blocker(prev, list(linears.values()))
+        reason = fold_blocker(prev, list(linears.values()))
         if reason is not None:
             log.info("awq: %s keep s=1 (no scale search): %s; clipping still applies", names, reason)
             return
-        obs = observers[names[0]]  # the group's linears all see the same input
+        obs = observers[names[0]]  # the group's linears all see the same input: one observer
         w = torch.cat([linears[n].weight.detach().float() for n in names])  # (sum_out, in)
         splits = [linears[n].out_features for n in names]
         s = search_scales(w, obs.rows, obs.mean_abs, self.w_scheme, self.config.n_grid, splits)
         if bool((s == 1).all()):
             return
         fold_scales(prev, list(linears.values()), s)
-        for n in names:
-            observers[n].rescale(s)
+        for observer in {id(o): o for o in (observers[n] for n in names)}.values():
+            observer.rescale(s)
 
     def quantize_group(
-        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: nn.Module | None
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None
     ) -> dict[str, nn.Module]:
         if not self.quantizes:
             return dict(linears)

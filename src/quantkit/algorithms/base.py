@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantkit.algorithms.fold import FoldTarget
 from quantkit.config import ConfigError, DTypeConfig, check, check_choice, check_groupsize
 from quantkit.quant_linear import QuantLinear
 from quantkit.scheme import QuantScheme, check_grid, has_symmetric_range
@@ -177,6 +178,12 @@ class Algorithm(ABC):
         return self.a_static
 
     @property
+    def folds_scales(self) -> bool:
+        """Whether :meth:`prepare_group` may fold scales into a group's producer (the pipeline
+        then probes every fold on the full-precision model first)."""
+        return False
+
+    @property
     def block_sequential(self) -> bool:
         return bool(getattr(self.config, "block_sequential", False))
 
@@ -203,15 +210,17 @@ class Algorithm(ABC):
         return {n: o for n, lin in linears.items() if (o := self.make_observer(n, lin)) is not None}
 
     def prepare_group(
-        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: nn.Module | None
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None
     ) -> None:
         """Transform a group before any group of the same phase is quantized (e.g. fold
         per-channel scales into ``prev``). The pipeline calls it for every group of a phase
-        first, so ``prev`` is still a full-precision module. Default: nothing."""
+        first, so ``prev`` is still a full-precision module (see
+        :class:`~quantkit.algorithms.fold.FoldTarget`; None where the table names no producer).
+        Default: nothing."""
 
     @abstractmethod
     def quantize_group(
-        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: nn.Module | None
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None
     ) -> dict[str, nn.Module]:
         """Replacement modules for the linears of one group (``prev`` feeds them, if foldable)."""
 

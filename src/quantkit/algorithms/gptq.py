@@ -45,6 +45,7 @@ from quantkit.algorithms.awq import AWQConfig, AWQObserver, search_scales
 from quantkit.algorithms.base import (
     A_QTYPES, ActRangeObserver, Algorithm, ChannelRangeObserver, Observer, activation_scheme, weight_scheme,
 )
+from quantkit.algorithms.fold import FoldTarget
 from quantkit.algorithms.smoothquant import check_alpha, search_and_fold, smooth_scales
 from quantkit.algorithms.registry import register
 from quantkit.config import ConfigError, DTypeConfig, check, check_choice, check_groupsize
@@ -379,6 +380,10 @@ class GPTQ(Algorithm):
     def needs_calibration(self) -> bool:
         return self.w_scheme is not None
 
+    @property
+    def folds_scales(self) -> bool:
+        return self.config.pre is not None and self.w_scheme is not None
+
     def make_observer(self, name: str, linear: nn.Linear) -> Observer | None:
         if self.config.pre is None:
             return HessianObserver(name, ActRangeObserver(self.a_scheme) if self.a_static else None)
@@ -387,7 +392,7 @@ class GPTQ(Algorithm):
         return PreHessianObserver(name, stats, self.a_static)
 
     def prepare_group(
-        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: nn.Module | None
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None
     ) -> None:
         """``pre``: search and fold the pre-algorithm's scales, and rescale the group's Hessian."""
         if self.config.pre is None or self.w_scheme is None or not linears:
@@ -405,7 +410,7 @@ class GPTQ(Algorithm):
             obs.rescale(s)
 
     def quantize_group(
-        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: nn.Module | None
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None
     ) -> dict[str, nn.Module]:
         out = {name: self._quantize_linear(name, linear, observers.get(name)) for name, linear in linears.items()}
         for name in linears:  # free the (in, in) Hessian the group's linears shared

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from quantkit.algorithms.base import Algorithm, Observer, activation_scheme, weight_scheme
+from quantkit.algorithms.fold import FoldTarget
 from quantkit.algorithms.registry import register
 from quantkit.config import DTypeConfig, check_groupsize
 
@@ -39,7 +40,7 @@ class RTN(Algorithm):
         self.a_scheme = activation_scheme(a_dtype, config.a_qtype)
 
     def quantize_group(
-        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: nn.Module | None
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None
     ) -> dict[str, nn.Module]:
         return {name: self._to_quant_linear(lin, observers.get(name)) for name, lin in linears.items()}
 

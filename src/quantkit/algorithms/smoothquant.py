@@ -11,7 +11,7 @@ and multiplies weight column ``j`` by ``s_j``: the product is unchanged in full 
 ``max|X_j|`` is the absmax over every calibration token (:class:`ChannelRangeObserver`),
 ``max|W_j|`` over the group's weights concatenated along rows. The ``1/s`` is folded into the
 module producing the input (norm weight and bias, or the rows of the previous linear, exactly
-as AWQ folds its scales: :func:`quantkit.algorithms.awq.fold_scales`), so nothing divides at
+as AWQ folds its scales: :func:`quantkit.algorithms.fold.fold_scales`), so nothing divides at
 run time. Groups without an exact fold (no ``prev``, a GQA ``v_proj`` narrower than
 ``o_proj``'s input, a ``prev`` already quantized under ``layer_sequential``) keep ``s = 1``;
 the log says which and why. Channels that never fire (``max|X_j| = 0``) or whose weights are
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantkit.algorithms.awq import _fold_blocker, fold_scales
 from quantkit.algorithms.base import ChannelRangeObserver, Observer, activation_scheme, check_weight_activation_keys
+from quantkit.algorithms.fold import FoldTarget, fold_blocker, fold_scales
 from quantkit.algorithms.registry import register
 from quantkit.algorithms.rtn import RTN
 from quantkit.config import DTypeConfig, check
@@ -84,7 +84,7 @@ def smooth_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float
 
 
 def search_and_fold(
-    prev: nn.Module | None,
+    prev: FoldTarget | None,
     linears: dict[str, nn.Linear],
     scales: Callable[[torch.Tensor, list[int]], torch.Tensor],
     tag: str,
@@ -97,7 +97,7 @@ def search_and_fold(
     The caller rescales its observers: the linears now read ``x / s``.
     """
     names = list(linears)
-    reason = _fold_blocker(prev, list(linears.values()))
+    reason = fold_blocker(prev, list(linears.values()))
     if reason is not None:
         log.info("%s: %s keep s=1: %s", tag, names, reason)
         return None
@@ -128,11 +128,15 @@ class SmoothQuant(RTN):
     def needs_calibration(self) -> bool:
         return True
 
+    @property
+    def folds_scales(self) -> bool:
+        return True
+
     def make_observer(self, name: str, linear: nn.Linear) -> Observer | None:
         return ChannelRangeObserver(self.a_scheme)
 
     def prepare_group(
-        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: nn.Module | None
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None
     ) -> None:
         if not linears:
             return
