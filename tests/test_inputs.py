@@ -113,6 +113,17 @@ def _split_dir(tmp: Path) -> Path:
     return d
 
 
+def _hub_task(tmp: Path) -> Path:
+    """A task folder whose task reads a hub dataset (as lm-eval's arc_easy does), found without
+    indexing lm-eval's own tasks."""
+    d = tmp / "tasks"
+    d.mkdir()
+    (d / "hub_arc.yaml").write_text(
+        "task: hub_arc\ndataset_path: allenai/ai2_arc\ndataset_name: ARC-Easy\noutput_type: multiple_choice\n"
+        "test_split: test\ndoc_to_text: '{{question}}'\ndoc_to_target: 0\ndoc_to_choice: ['a', 'b']\n")
+    return d
+
+
 # (id, overrides given tiny (the tiny Llama dir) and tmp, the key the message must name, what else it says)
 CASES: list[tuple[str, Callable[[Path, Path], list[str]], str, str]] = [
     # class 2: skip_layers and sequence lengths, checked on the model's config / meta module tree
@@ -184,8 +195,8 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], str, str]] = [
     ("task-ceval-offline", lambda t, p: ["eval.tasks=[ceval]"], "eval.ceval.path=DIR",
      "ceval/ceval-exam from the Hugging Face hub, but HF_DATASETS_OFFLINE"),
     ("task-boss-without-copy", lambda t, p: ["eval.tasks=[boss]"], "eval.boss.path", "no Hugging Face dataset"),
-    ("task-lm-eval-offline", lambda t, p: ["eval.tasks=[arc_easy]"], "eval.tasks entry 'arc_easy'",
-     "allenai/ai2_arc"),
+    ("task-lm-eval-offline", lambda t, p: ["eval.tasks=[hub_arc]", f"eval.task_paths=[{_hub_task(p)}]"],
+     "eval.tasks entry 'hub_arc'", "allenai/ai2_arc"),
     ("calib-ceval-offline", lambda t, p: ["algo=gptq", "calibrate_name=ceval"], "eval.ceval.path=DIR",
      "ceval/ceval-exam"),
     # config against the model (kept from before)

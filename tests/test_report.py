@@ -234,6 +234,8 @@ def test_report_without_any_tasks_has_no_task_plot(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_with_tasks_reports_columns_and_plot(tmp_path):
+    """The issue's check through scripts/run.py: gptq (and rtn) at the default int4 with a local
+    lm-eval task and CMMLU-shaped files write task scores, and the report shows them."""
     sweep = tmp_path / "sweep"
     fixtures = ROOT / "tests" / "fixtures"
     proc = run_cli("-m", *TINY, "algo=rtn,gptq", "algo.groupsize=32", "eval.baseline=true",

@@ -208,13 +208,3 @@ def test_tasks_score_the_quantized_model_in_memory_and_the_cached_baseline(tmp_p
 def test_run_without_tasks_records_none(tmp_path):
     results = runner.run(build_run_config(compose_dict(*TINY, "w_dtype=float16", f"output_dir={tmp_path}")))
     assert results["tasks"] == {} and results["baseline_tasks"] == {}
-
-
-@pytest.mark.slow
-def test_cli_gptq_run_writes_task_scores(tmp_path):
-    """The issue's check: ``run.py algo=gptq w_dtype=int4 eval.tasks=[<local task>]`` writes scores."""
-    proc = run_cli(*TINY, "algo=gptq", "w_dtype=int4", "algo.groupsize=32", "eval.tasks=[quantkit_tiny_mc]",
-                   f"eval.task_paths=[{FIXTURES / 'lm_eval_tasks'}]", f"hydra.run.dir={tmp_path}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    scores = json.loads((tmp_path / "results.json").read_text())["tasks"]["quantkit_tiny_mc"]
-    assert set(scores) >= {"acc", "acc_stderr", "n", "num_fewshot"} and scores["n"] == 6

@@ -107,3 +107,17 @@ def test_too_few_worked_examples_for_the_shots():
 def test_bad_task_keys_fail_when_the_config_is_built(kwargs, says):
     with pytest.raises(ConfigError, match=says):
         EvalConfig(**kwargs)
+
+
+def test_hub_dataset_offline_names_the_dataset_the_variable_and_the_local_alternative(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    (tmp_path / "hub_arc.yaml").write_text(
+        "task: hub_arc\ndataset_path: allenai/ai2_arc\ndataset_name: ARC-Easy\noutput_type: multiple_choice\n"
+        "test_split: test\ndoc_to_text: '{{question}}'\ndoc_to_target: 0\ndoc_to_choice: ['a', 'b']\n")
+    with pytest.raises(ConfigError) as info:
+        prepare_tasks(EvalConfig(tasks=("hub_arc",), task_paths=(str(tmp_path),)))
+    message = str(info.value)
+    for part in ("eval.tasks entry 'hub_arc'", "allenai/ai2_arc", "HF_DATASETS_OFFLINE", "eval.task_paths",
+                 "dataset_path: json"):
+        assert part in message, message
+    assert "\n" not in message
