@@ -1,6 +1,8 @@
 """Summarise a sweep: ``python scripts/report.py multirun/NAME`` -> report.md, report.csv, plots.
 
-Sweeps launched with ``scripts/run.py -m`` call the same code when they end.
+Runs with downstream tasks (``eval.tasks``) add a column per task metric and ``acc_vs_bits.png``;
+runs without tasks (or written before tasks existed) stay rows with those cells empty. Sweeps
+launched with ``scripts/run.py -m`` call the same code when they end.
 """
 
 from __future__ import annotations

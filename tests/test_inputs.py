@@ -113,6 +113,17 @@ def _split_dir(tmp: Path) -> Path:
     return d
 
 
+def _hub_task(tmp: Path) -> Path:
+    """A task folder whose task reads a hub dataset (as lm-eval's arc_easy does), found without
+    indexing lm-eval's own tasks."""
+    d = tmp / "tasks"
+    d.mkdir()
+    (d / "hub_arc.yaml").write_text(
+        "task: hub_arc\ndataset_path: allenai/ai2_arc\ndataset_name: ARC-Easy\noutput_type: multiple_choice\n"
+        "test_split: test\ndoc_to_text: '{{question}}'\ndoc_to_target: 0\ndoc_to_choice: ['a', 'b']\n")
+    return d
+
+
 # (id, overrides given tiny (the tiny Llama dir) and tmp, the key the message must name, what else it says)
 CASES: list[tuple[str, Callable[[Path, Path], list[str]], str, str]] = [
     # class 2: skip_layers and sequence lengths, checked on the model's config / meta module tree
@@ -172,6 +183,22 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], str, str]] = [
     ("model-type-llama-on-opt", lambda t, p: ["model=tiny-opt", "model_type=llama"], "model_type=llama",
      "the model's config says 'opt'"),
     ("model-type-unknown", lambda t, p: ["model_type=bloom"], "model_type='bloom'", "unsupported architecture"),
+    # downstream tasks (issue 15): names, keys and their data, before any weight loads
+    ("task-unknown", lambda t, p: ["eval.tasks=[arc_esy]"], "eval.tasks entry 'arc_esy'", "did you mean arc_easy"),
+    ("task-paths-missing", lambda t, p: ["eval.tasks=[quantkit_tiny_mc]", f"eval.task_paths=[{p / 'none'}]"],
+     "eval.task_paths entry", "does not exist"),
+    ("task-negative-shots", lambda t, p: ["eval.tasks=[ceval]", "eval.num_fewshot=-1"], "eval.num_fewshot=-1",
+     "must be >= 0"),
+    ("task-too-many-shots", lambda t, p: ["eval.tasks=[cmmlu]", "eval.num_fewshot=6"], "eval.num_fewshot=6",
+     "choose 0..5"),
+    ("task-limit-zero", lambda t, p: ["eval.tasks=[ceval]", "eval.limit=0"], "eval.limit=0", "must be >= 1"),
+    ("task-ceval-offline", lambda t, p: ["eval.tasks=[ceval]"], "eval.ceval.path=DIR",
+     "ceval/ceval-exam from the Hugging Face hub, but HF_DATASETS_OFFLINE"),
+    ("task-boss-without-copy", lambda t, p: ["eval.tasks=[boss]"], "eval.boss.path", "no Hugging Face dataset"),
+    ("task-lm-eval-offline", lambda t, p: ["eval.tasks=[hub_arc]", f"eval.task_paths=[{_hub_task(p)}]"],
+     "eval.tasks entry 'hub_arc'", "allenai/ai2_arc"),
+    ("calib-ceval-offline", lambda t, p: ["algo=gptq", "calibrate_name=ceval"], "eval.ceval.path=DIR",
+     "ceval/ceval-exam"),
     # config against the model (kept from before)
     ("groupsize-too-large", lambda t, p: ["algo.groupsize=4096"], "algo.groupsize=4096", "smallest layer input (64)"),
 ]

@@ -194,3 +194,62 @@ def test_sweep_end_writes_the_report_then_fails_if_a_job_failed(tmp_path):
     with pytest.raises(SystemExit, match="1 sweep job\\(s\\) failed: boom"):
         report.ReportCallback().on_multirun_end(config)
     assert "| boom | failed | ValueError: NaN in the Hessian |" in (tmp_path / "report.md").read_text()
+
+
+def _with_tasks(run_dir: Path, tasks: dict, baseline_tasks: dict | None = None) -> None:
+    record = json.loads((run_dir / RESULTS_FILE).read_text())
+    write_json_atomic(run_dir / RESULTS_FILE, {**record, "tasks": tasks, "baseline_tasks": baseline_tasks or {}})
+
+
+def test_task_metrics_become_columns_and_a_plot_and_runs_without_tasks_stay_rows(tmp_path):
+    base = {"arc_easy": {"acc": 0.6, "acc_stderr": 0.01, "n": 100}}
+    for name, bits, acc in (("rtn_int4", 4.25, 0.55), ("rtn_int3", 3.25, 0.41)):
+        _fake_results(tmp_path / name, "rtn", None, 15.0, bits)
+        _with_tasks(tmp_path / name, {"arc_easy": {"acc": acc, "acc_stderr": 0.02, "acc_norm": acc + 0.01, "n": 100,
+                                                   "num_fewshot": 0},
+                                      "ceval": {"acc": 0.3, "acc_stderr": None, "n": 5, "num_fewshot": 0,
+                                                "subjects": {"logic": {"acc": 0.3, "acc_stderr": None, "n": 5}}}},
+                    base)
+    _fake_results(tmp_path / "old", "gptq", None, 14.0)  # written before tasks existed: no "tasks" key
+
+    md = report.write_report(tmp_path).read_text()
+    rows = {r["run"]: r for r in _csv_rows(tmp_path)}
+    header = list(rows["old"])
+    assert header[-1] == "note" and header[header.index("quant_seconds") + 1:-1] == [
+        "arc_easy.acc", "arc_easy.acc_stderr", "arc_easy.acc_norm", "ceval.acc"]
+    assert float(rows["rtn_int3"]["arc_easy.acc"]) == 0.41 and float(rows["rtn_int4"]["arc_easy.acc_stderr"]) == 0.02
+    assert rows["old"]["arc_easy.acc"] == "" and rows["old"]["status"] == "complete"
+    table_header = next(line for line in md.splitlines() if line.startswith("| algo"))
+    assert "arc_easy.acc | arc_easy.acc_norm | ceval.acc |" in table_header and "stderr" not in table_header
+    assert "| 0.410 ± 0.020 |" in md and "float16 baseline tasks: arc_easy.acc 0.600" in md
+    assert (tmp_path / "acc_vs_bits.png").stat().st_size > 0 and "![acc_vs_bits](acc_vs_bits.png)" in md
+
+
+def test_report_without_any_tasks_has_no_task_plot(tmp_path):
+    _fake_results(tmp_path / "a", "rtn", None, 15.0)
+    md = report.write_report(tmp_path).read_text()
+    assert not (tmp_path / "acc_vs_bits.png").exists() and "acc_vs_bits" not in md
+    assert list(_csv_rows(tmp_path)[0])[-2:] == ["quant_seconds", "note"]
+
+
+@pytest.mark.slow
+def test_sweep_with_tasks_reports_columns_and_plot(tmp_path):
+    """The issue's check through scripts/run.py: gptq (and rtn) at the default int4 with a local
+    lm-eval task and CMMLU-shaped files write task scores, and the report shows them."""
+    sweep = tmp_path / "sweep"
+    fixtures = ROOT / "tests" / "fixtures"
+    proc = run_cli("-m", *TINY, "algo=rtn,gptq", "algo.groupsize=32", "eval.baseline=true",
+                   "eval.tasks=[quantkit_tiny_mc,cmmlu]", f"eval.task_paths=[{fixtures / 'lm_eval_tasks'}]",
+                   f"eval.cmmlu.path={fixtures / 'cmmlu'}", "eval.cmmlu.subjects=[arts]",
+                   # data locations are no sweep axis: keep them out of the job folder names
+                   "hydra.job.config.override_dirname.exclude_keys=[name,experiment,eval.task_paths,eval.cmmlu.path]",
+                   f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _csv_rows(sweep)
+    assert sorted(r["algo"] for r in rows) == ["gptq", "rtn"]
+    for r in rows:
+        for column in ("quantkit_tiny_mc.acc", "quantkit_tiny_mc.acc_stderr", "cmmlu.acc", "cmmlu.acc_stderr"):
+            assert 0 <= float(r[column]) <= 1, column
+    md = (sweep / "report.md").read_text()
+    assert "quantkit_tiny_mc.acc" in md and "±" in md and "float16 baseline tasks:" in md
+    assert (sweep / "acc_vs_bits.png").stat().st_size > 0 and (sweep / "ppl_vs_bits.png").stat().st_size > 0

@@ -171,3 +171,40 @@ def test_composition_is_labelled_with_both_steps(tmp_path):
         *TINY, "algo=awq_gptq", "algo.groupsize=32", f"output_dir={tmp_path}")))
     assert results["algo"] == "awq+gptq"
     assert runner.summary_line(results).startswith("awq+gptq int4 g32")
+
+
+FIXTURES = ROOT / "tests" / "fixtures"
+TASKS = ["eval.tasks=[quantkit_tiny_mc,ceval]", f"eval.task_paths=[{FIXTURES / 'lm_eval_tasks'}]",
+         f"eval.ceval.path={FIXTURES / 'ceval'}", "eval.ceval.subjects=[logic]"]
+
+
+def test_tasks_score_the_quantized_model_in_memory_and_the_cached_baseline(tmp_path, monkeypatch):
+    from quantkit import evaluation
+    from quantkit.quant_linear import QuantLinear
+
+    seen = []
+    real = evaluation.evaluate_tasks
+
+    def spy(model, *args, **kwargs):
+        seen.append(any(isinstance(m, QuantLinear) for m in model.modules()))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_tasks", spy)
+    args = [*TINY, "algo=gptq", "algo.groupsize=32", "eval.baseline=true", *TASKS]
+    results = runner.run(build_run_config(compose_dict(*args, f"output_dir={tmp_path / 'a'}")))
+    assert seen == [False, True]  # the float16 baseline, then the quantized model (never saved and reloaded)
+    for key in ("tasks", "baseline_tasks"):
+        assert list(results[key]) == ["quantkit_tiny_mc", "ceval"]
+        assert results[key]["quantkit_tiny_mc"]["n"] == 6 and 0 <= results[key]["quantkit_tiny_mc"]["acc"] <= 1
+        assert results[key]["ceval"]["subjects"]["logic"]["n"] == 3 and "acc_stderr" in results[key]["ceval"]
+    assert results["versions"]["lm_eval"].startswith("0.4")
+    assert "quantkit_tiny_mc acc" in runner.summary_line(results)
+
+    again = runner.run(build_run_config(compose_dict(*args, "w_dtype=int3", f"output_dir={tmp_path / 'b'}")))
+    assert seen == [False, True, True]  # the baseline came from the cache
+    assert again["baseline_tasks"] == results["baseline_tasks"]
+
+
+def test_run_without_tasks_records_none(tmp_path):
+    results = runner.run(build_run_config(compose_dict(*TINY, "w_dtype=float16", f"output_dir={tmp_path}")))
+    assert results["tasks"] == {} and results["baseline_tasks"] == {}

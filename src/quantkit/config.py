@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from quantkit.dtypes import dtype_names, get_dtype
+from quantkit.subjects import select
 
 T = TypeVar("T")
 
@@ -149,19 +150,56 @@ class DataConfig:
     split: str = "test"
 
 
+TASK_BENCHMARKS = ("ceval", "cmmlu", "boss")  # quantkit's own multiple-choice protocol (quantkit.multiple_choice)
+MAX_BENCHMARK_SHOTS = 5  # C-Eval and CMMLU have five worked dev examples per subject
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Where one of C-Eval / CMMLU / BOSS is read from, and which of its subjects are scored."""
+
+    path: str | None = None  # a local copy; None: the Hugging Face hub (C-Eval, CMMLU)
+    subjects: tuple[str, ...] = ()  # subject (BOSS: dataset) or category (BOSS: task) names; empty: all
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    """Perplexity protocol: non-overlapping windows of ``seq_length`` tokens."""
+    """Perplexity protocol (non-overlapping windows of ``seq_length`` tokens) and downstream tasks."""
 
     seq_length: int = 512
     max_windows: int | None = None
     batch_size: int = 1
     baseline: bool = False
+    tasks: tuple[str, ...] = ()  # lm-eval task/group names, and ceval / cmmlu / boss
+    num_fewshot: int | None = None  # None: each lm-eval task's default, 0 for ceval/cmmlu/boss
+    limit: int | None = None  # score only the first N documents of each task (subject, dataset)
+    task_batch_size: int = 1
+    task_paths: tuple[str, ...] = ()  # folders of custom lm-eval task YAMLs
+    ceval: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    cmmlu: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    boss: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
     def __post_init__(self) -> None:
         check(self.seq_length >= 2, f"eval.seq_length={self.seq_length} must be >= 2")
         check(self.max_windows is None or self.max_windows >= 1, f"eval.max_windows={self.max_windows} must be >= 1 or null")
         check(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1")
+        check(self.num_fewshot is None or self.num_fewshot >= 0,
+              f"eval.num_fewshot={self.num_fewshot} must be >= 0 (or null: each task's default)")
+        check(self.limit is None or self.limit >= 1,
+              f"eval.limit={self.limit} must be >= 1 (documents per task) or null (all)")
+        check(self.task_batch_size >= 1, f"eval.task_batch_size={self.task_batch_size} must be >= 1")
+        for name in self.tasks:
+            check(bool(name.strip()), f"eval.tasks={list(self.tasks)} holds an empty task name")
+        dupes = sorted({n for n in self.tasks if self.tasks.count(n) > 1})
+        check(not dupes, f"eval.tasks lists {', '.join(dupes)} more than once")
+        benchmarks = [n for n in self.tasks if n in TASK_BENCHMARKS]
+        check(not benchmarks or self.num_fewshot is None or self.num_fewshot <= MAX_BENCHMARK_SHOTS,
+              f"eval.num_fewshot={self.num_fewshot} is more than {', '.join(benchmarks)} allow: choose 0..{MAX_BENCHMARK_SHOTS}")
+        for name in TASK_BENCHMARKS:  # names checked even when unused: a typo is an error either way
+            try:
+                select(name, getattr(self, name).subjects, f"eval.{name}.subjects")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
 
 SAVE_FORMATS = ("quantkit", "compressed-tensors")

@@ -18,6 +18,11 @@ split, as in a hub snapshot). A local path is itself a valid corpus name: a .txt
 or the "text" column of a json/jsonl/parquet file; a file serves every split, a dir is searched
 for the split's files.
 
+The multiple-choice benchmarks `ceval`, `cmmlu` and `boss` (`BENCHMARK_CORPORA`) are calibration
+corpora too: their worked examples with answers (C-Eval/CMMLU dev questions, BOSS
+in-distribution train examples, formatted as in their prompts) joined with blank lines, read
+from the hub or from the local copy given as `path` (:mod:`quantkit.benchmarks`).
+
 Every failure to read a corpus is a :class:`DataError` (a ``ConfigError``) whose message names
 the config key the bad value came from (see :class:`CorpusKeys`), so that a run can read and
 tokenize its text before any weights load and stop with one clear line.
@@ -32,6 +37,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from quantkit.benchmarks import calibration_documents
 from quantkit.config import ConfigError
 from quantkit.models import cache_dir
 
@@ -105,16 +111,26 @@ HUB_CORPORA: dict[str, HubCorpus] = {
 }
 
 CORPORA: tuple[str, ...] = ("pydoc", *HUB_CORPORA)
-"""Every corpus name `load_text` accepts besides local paths."""
+"""Every text corpus name `load_text` accepts besides local paths."""
+
+BENCHMARK_CORPORA: tuple[str, ...] = ("ceval", "cmmlu", "boss")
+"""Benchmarks whose worked examples `load_text` returns as a calibration (train) split."""
 
 
-def load_text(name: str, split: str, path: str | None = None, keys: CorpusKeys = CorpusKeys()) -> str:
+def load_text(name: str, split: str, path: str | None = None, keys: CorpusKeys = CorpusKeys(),
+              subjects: tuple[str, ...] = ()) -> str:
     """Return split `split` of corpus `name` as one string.
 
-    `name` is one of `CORPORA` or a local json/jsonl/parquet/txt file (or dir of them);
-    `path` points a hub corpus at a local copy of the same schema. Errors are
+    `name` is one of `CORPORA`, one of `BENCHMARK_CORPORA` (split train only; `subjects` picks
+    their subjects, empty: all) or a local json/jsonl/parquet/txt file (or dir of them); `path`
+    points a hub corpus or a benchmark at a local copy of the same schema. Errors are
     :class:`DataError` naming the keys of `keys`.
     """
+    if name in BENCHMARK_CORPORA:
+        if split != "train":
+            raise DataError(f"{keys.split}={split!r}: {name} is a calibration corpus (its worked examples, split "
+                            "train) and an eval.tasks benchmark, not a perplexity corpus")
+        return "\n\n".join(calibration_documents(name, path, subjects, keys.path or f"eval.{name}.path"))
     if name == "pydoc":
         if path is not None:
             raise DataError(
@@ -291,6 +307,7 @@ def calibration_samples(
     seed: int,
     path: str | None = None,
     keys: CorpusKeys = CorpusKeys("calibrate_name", "calibrate_name", None),
+    subjects: tuple[str, ...] = (),
 ) -> torch.Tensor:
     """Draw `num_samples` random windows of `seq_length` tokens from the train split.
 
@@ -303,7 +320,7 @@ def calibration_samples(
     """
     _check_positive(num_samples, "num_calibrate")
     _check_positive(seq_length, "calibrate_seq_length")
-    ids = _tokenize(tokenizer, load_text(name, "train", path, keys))[0]  # (T,)
+    ids = _tokenize(tokenizer, load_text(name, "train", path, keys, subjects))[0]  # (T,)
     if ids.numel() < seq_length + 1:
         raise DataError(
             f"calibrate_seq_length={seq_length} needs at least {seq_length + 1} tokens, but the "

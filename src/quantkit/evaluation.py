@@ -1,13 +1,31 @@
-"""Perplexity of a causal LM on a token stream (the GPTQ / standard PTQ protocol)."""
+"""What a run measures on a model: perplexity on a token stream (the GPTQ / standard PTQ
+protocol) and the downstream tasks of ``eval.tasks`` (:mod:`quantkit.tasks`)."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from quantkit.config import EvalConfig
+from quantkit.tasks import TaskPlan, evaluate_tasks
+
+
+def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, eval_ids: torch.Tensor, cfg: EvalConfig,
+             device: torch.device, tasks: TaskPlan | None = None, max_length: int | None = None) -> dict[str, Any]:
+    """Everything ``cfg`` asks of ``model`` as it is in memory (quantized or not).
+
+    Returns :func:`perplexity`'s dict plus ``"tasks"``: the scores of every task of ``tasks``
+    (empty without tasks). ``max_length`` bounds the task prompts (the model's positions).
+    """
+    out: dict[str, Any] = perplexity(model, eval_ids, cfg.seq_length, cfg.batch_size, cfg.max_windows, device)
+    out["tasks"] = evaluate_tasks(model, tokenizer, tasks, cfg, device, max_length) if tasks is not None else {}
+    return out
 
 
 def perplexity(

@@ -5,8 +5,9 @@ the ``meta`` device (names and shapes, no memory), and reads and tokenizes the e
 calibration text. Those are cheap next to loading and quantizing the weights, so every bad input
 (a missing or truncated checkpoint file, a ``model_type`` whose layout the model does not have,
 ``skip_layers`` that match nothing or everything, sequence lengths beyond the model's positions,
-an unreadable or too short corpus) stops the run in seconds with one ``ConfigError`` line that
-names the key to change. The runner then loads the weights with the tokenizer read here.
+an unreadable or too short corpus, an unknown task or task data that cannot be read) stops the
+run in seconds with one ``ConfigError`` line that names the key to change. The runner then loads
+the weights with the tokenizer read here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from quantkit.arch import ArchSpec, get_arch, matches_any, min_input_dim, resolv
 from quantkit.cache import cached_tensor
 from quantkit.config import ConfigError, RunConfig, check
 from quantkit.export import ExportError, export_format
+from quantkit.tasks import TaskPlan, prepare_tasks
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ class RunInputs:
     tokenizer: PreTrainedTokenizerBase
     eval_ids: torch.Tensor  # (1, T) int64
     samples: torch.Tensor | None  # (num_calibrate, calibrate_seq_length) int64, None: no calibration
+    tasks: TaskPlan | None = None  # eval.tasks resolved, their data loaded; None: no tasks
+    max_length: int | None = None  # the model's maximum sequence length, if its config states one
 
 
 def prepare_inputs(cfg: RunConfig, algorithm: Any) -> RunInputs:
@@ -71,6 +75,7 @@ def prepare_inputs(cfg: RunConfig, algorithm: Any) -> RunInputs:
     check_positions(cfg, hf_config, algorithm.needs_calibration)
     check_groupsize(algorithm, hf_config, arch)
     check_save(cfg, algorithm, hf_config, arch)
+    tasks = prepare_tasks(cfg.eval)
 
     tokenizer = load_tokenizer(value, path)
     keys = eval_keys(cfg)
@@ -79,14 +84,18 @@ def prepare_inputs(cfg: RunConfig, algorithm: Any) -> RunInputs:
     check_windows(eval_ids.numel(), cfg, f"{keys.name}={source!r}")
     samples = None
     if algorithm.needs_calibration:
-        cal_path = cfg.data.path if cfg.calibrate_name == cfg.data.name else None
+        cal_path, cal_keys = calibration_source(cfg)
+        bench = getattr(cfg.eval, cfg.calibrate_name) if cfg.calibrate_name in qdata.BENCHMARK_CORPORA else None
+        subjects = bench.subjects if bench else ()
         key = {"model": path, "name": cfg.calibrate_name, "path": cal_path, "num": cfg.num_calibrate,
                "seq_length": cfg.calibrate_seq_length, "seed": cfg.seed,
-               "files": source_stamp(cfg.calibrate_name, cal_path)}
+               "files": source_stamp(cfg.calibrate_name, cal_path), **({"subjects": list(subjects)} if bench else {})}
         samples = cached_tensor("calibration", key, lambda: qdata.calibration_samples(
             tokenizer, cfg.calibrate_name, cfg.num_calibrate, cfg.calibrate_seq_length, cfg.seed, cal_path,
-            calibration_keys(cfg)))
-    return RunInputs(path, hf_config, model_type, arch, tokenizer, eval_ids, samples)
+            cal_keys, subjects))
+    limit = max_positions(hf_config)
+    return RunInputs(path, hf_config, model_type, arch, tokenizer, eval_ids, samples, tasks,
+                     limit[1] if limit else None)
 
 
 # ---- the model: files, config, tokenizer, module tree ------------------------------------------
@@ -295,11 +304,15 @@ def eval_keys(cfg: RunConfig) -> qdata.CorpusKeys:
     return qdata.CorpusKeys(name="data.path" if by_path else "data.name", split="data.split", path="data.path")
 
 
-def calibration_keys(cfg: RunConfig) -> qdata.CorpusKeys:
-    """The keys of the calibration corpus (its train split); it reads ``data.path`` only when it
-    is the evaluation corpus."""
-    shared = cfg.calibrate_name == cfg.data.name and cfg.data.path is not None
-    return qdata.CorpusKeys(name="calibrate_name", split="calibrate_name", path="data.path" if shared else None)
+def calibration_source(cfg: RunConfig) -> tuple[str | None, qdata.CorpusKeys]:
+    """The local path the calibration corpus (its train split) reads, and its keys: ``data.path``
+    when it is the evaluation corpus, ``eval.<benchmark>.path`` for ceval / cmmlu / boss."""
+    name = cfg.calibrate_name
+    if name in qdata.BENCHMARK_CORPORA:
+        return getattr(cfg.eval, name).path, qdata.CorpusKeys("calibrate_name", "calibrate_name", f"eval.{name}.path")
+    shared = name == cfg.data.name and cfg.data.path is not None
+    return (cfg.data.path if shared else None,
+            qdata.CorpusKeys(name="calibrate_name", split="calibrate_name", path="data.path" if shared else None))
 
 
 def check_windows(n_tokens: int, cfg: RunConfig, source: str) -> None:
@@ -317,7 +330,7 @@ def check_windows(n_tokens: int, cfg: RunConfig, source: str) -> None:
 def source_stamp(name: str, path: str | None) -> list[tuple[str, int, int]]:
     """(file, size, mtime) of the local files a corpus reads: an edited file is a new cache key."""
     stamps = []
-    for value in (None if name in qdata.CORPORA else name, path):
+    for value in (None if name in (*qdata.CORPORA, *qdata.BENCHMARK_CORPORA) else name, path):
         local = Path(value).expanduser() if value else None
         if local is None or not local.exists():
             continue

@@ -6,6 +6,11 @@ attempt crashed) with their error, the others as incomplete (running, interrupte
 runs that the sweep's ``multirun.yaml`` asked for but that never started are listed as missing.
 Nothing is dropped silently. Algorithms are labelled with their composition (``awq+gptq``), so
 compositions get their own rows and plot lines.
+
+Runs with downstream tasks (``eval.tasks``) add a column per task metric, ``<task>.<metric>``
+(``ceval.acc``, ``arc_easy.acc_norm``; the CSV also has ``<task>.<metric>_stderr``), and
+``acc_vs_bits.png``: a panel per task metric, a line per algorithm, the float16 baseline dashed.
+Runs without tasks leave those cells empty.
 """
 
 from __future__ import annotations
@@ -43,10 +48,28 @@ def _label(algo: str | None, config: dict[str, Any] | None) -> str | None:
     return algorithm_label(algo, pre) if algo and pre and "+" not in algo else algo
 
 
+_NOT_METRICS = ("n", "num_fewshot")
+
+
+def task_values(tasks: dict[str, Any] | None) -> dict[str, float]:
+    """``{"ceval": {"acc": .4, "acc_stderr": .01, "n": 9}}`` -> ``{"ceval.acc": .4, "ceval.acc_stderr": .01}``."""
+    return {f"{task}.{metric}": value for task, scores in (tasks or {}).items() for metric, value in scores.items()
+            if metric not in _NOT_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def task_columns(rows: list[Row]) -> list[str]:
+    """The task metric columns of ``rows`` (each metric followed by its stderr), task by task."""
+    keys = {k for r in rows for k in r.values.get("task_values", {})}
+    metrics = sorted(k for k in keys if not k.endswith("_stderr"))
+    return [c for m in metrics for c in (m, f"{m}_stderr") if c in keys]
+
+
 def _row_from_results(name: str, r: dict[str, Any]) -> Row:
     base = r.get("baseline_perplexity")
     delta = 100 * (r["perplexity"] / base - 1) if base else None
+    scores = task_values(r.get("tasks"))
     return Row(name, "complete", {
+        **scores, "task_values": scores, "baseline_task_values": task_values(r.get("baseline_tasks")),
         "algo": _label(r["algo"], r.get("config")), "w_dtype": r["w_dtype"], "a_dtype": r["a_dtype"], "groupsize": r.get("groupsize"),
         "perplexity": r["perplexity"], "baseline": base, "delta_vs_float16_pct": delta,
         "bits_per_weight": r.get("bits_per_weight") or 16.0, "size_mib": r["model_bytes_after"] / 2**20,
@@ -133,6 +156,23 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _fmt_cell(row: Row, column: str) -> str:
+    """A cell of the markdown table: task metrics as ``value ± stderr``."""
+    text = _fmt(row.cell(column))
+    err = row.values.get("task_values", {}).get(f"{column}_stderr")
+    return f"{text} ± {_fmt(err)}" if text and isinstance(err, float) else text
+
+
+def _task_baselines(rows: list[Row]) -> dict[str, list[float]]:
+    """Task metric -> the distinct float16 baseline values among ``rows`` (one per model/data)."""
+    found: dict[str, set[float]] = {}
+    for r in rows:
+        for metric, value in r.values.get("baseline_task_values", {}).items():
+            if not metric.endswith("_stderr"):
+                found.setdefault(metric, set()).add(value)
+    return {m: sorted(v) for m, v in sorted(found.items())}
+
+
 def write_report(sweep_dir: Path, out_dir: Path | None = None) -> Path:
     """Write report.md, report.csv and plots for ``sweep_dir``; return the markdown path."""
     sweep_dir = Path(sweep_dir)
@@ -142,20 +182,26 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None) -> Path:
     complete = sorted((r for r in rows if r.status == "complete"),
                       key=lambda r: (r.values["algo"], -r.values["bits_per_weight"], r.values["perplexity"]))
     others = [r for r in rows if r.status != "complete"]
+    tasks = task_columns(complete)
+    columns = [*COLUMNS[:-1], *tasks, COLUMNS[-1]]  # the note stays last
     with open(out_dir / "report.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(COLUMNS)
+        writer.writerow(columns)
         for r in complete + others:
-            writer.writerow([r.cell(c) for c in COLUMNS])
+            writer.writerow([r.cell(c) for c in columns])
     plots = plot(complete, out_dir)
     lines = [f"# Sweep report: {sweep_dir.name}", "",
              f"{len(complete)} complete, {len(others)} not complete ({len(rows)} runs).", ""]
     baselines = {r.values["baseline"] for r in complete if r.values.get("baseline")}
     if baselines:
         lines += [f"float16 baseline perplexity: {', '.join(f'{b:.3f}' for b in sorted(baselines))}", ""]
-    shown = [c for c in COLUMNS if c not in ("run", "status")]
+    task_baselines = _task_baselines(complete)
+    if task_baselines:
+        lines += ["float16 baseline tasks: " + ", ".join(f"{m} {', '.join(f'{v:.3f}' for v in vs)}"
+                                                        for m, vs in task_baselines.items()), ""]
+    shown = [c for c in columns if c not in ("run", "status") and not c.endswith("_stderr")]
     lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(_fmt(r.cell(c)) for c in shown) + " |" for r in complete]
+    lines += ["| " + " | ".join(_fmt_cell(r, c) for c in shown) + " |" for r in complete]
     if others:
         lines += ["", "## Runs without results", "", "| run | status | note |", "|---|---|---|"]
         lines += [f"| {r.run} | {r.status} | {r.cell('note') or ''} |" for r in others]
@@ -218,7 +264,44 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
         paths.append(out_dir / "ppl_vs_groupsize.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
+    metrics = [c for c in task_columns(rows) if not c.endswith("_stderr")]
+    if metrics:
+        paths.append(plot_tasks(rows, metrics, out_dir / "acc_vs_bits.png"))
     return paths
+
+
+def plot_tasks(rows: list[Row], metrics: list[str], path: Path) -> Path:
+    """A panel per task metric against bits per weight: a line per algorithm and activation dtype
+    (as in the perplexity plot) with stderr bars, the float16 baseline dashed."""
+    import math
+
+    import matplotlib.pyplot as plt
+
+    cols = min(len(metrics), 3)
+    fig, axes = plt.subplots(math.ceil(len(metrics) / cols), cols, figsize=(5 * cols, 3.8 * math.ceil(len(metrics) / cols)),
+                             squeeze=False)
+    baselines = _task_baselines(rows)
+    for ax, metric in zip(axes.flat, metrics):
+        for label, rs in sorted(bits_lines(rows).items()):
+            rs = sorted((r for r in rs if metric in r.values.get("task_values", {})),
+                        key=lambda r: r.values["bits_per_weight"])
+            if not rs:
+                continue
+            errs = [r.values["task_values"].get(f"{metric}_stderr") for r in rs]
+            ax.errorbar([r.values["bits_per_weight"] for r in rs], [r.values["task_values"][metric] for r in rs],
+                        yerr=None if None in errs else errs, fmt="o-", capsize=3, label=label)
+        for i, b in enumerate(baselines.get(metric, [])):
+            ax.axhline(b, color="gray", linestyle="--", linewidth=1, label="float16" if i == 0 else None)
+        ax.set(xlabel="bits per weight", ylabel=metric.split(".", 1)[1], title=metric)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_visible(False)
+    fig.suptitle("Task scores vs bits per weight")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _groupsize_x(groupsize: int) -> float:

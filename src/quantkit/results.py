@@ -73,15 +73,22 @@ def peak_memory(device: torch.device) -> dict[str, int]:
 
 
 def versions() -> dict[str, str]:
+    import importlib.metadata
+
     import transformers
     import triton
 
     import quantkit
 
-    return {
+    found = {
         "python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
         "triton": triton.__version__, "transformers": transformers.__version__, "quantkit": quantkit.__version__,
     }
+    try:  # read from the installed metadata: importing lm_eval takes seconds
+        found["lm_eval"] = importlib.metadata.version("lm-eval")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return found
 
 
 def device_name(device: torch.device) -> str:

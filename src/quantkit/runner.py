@@ -4,7 +4,7 @@
    checked when it was built);
 2. validate and read the inputs without weights (:mod:`quantkit.inputs`): the model's files,
    config, layout and tokenizer, ``skip_layers``, sequence lengths, group size, the evaluation
-   text and the calibration tokens;
+   text, the calibration tokens and the task data of ``eval.tasks``;
 3. load the weights; 4. quantize; 5. evaluate; 6. write ``results.json`` atomically.
 
 A bad override or input fails in steps 1-2, in seconds, and leaves no results behind.
@@ -24,7 +24,7 @@ from quantkit import models
 from quantkit.algorithms.registry import build_algorithm
 from quantkit.cache import cached_json
 from quantkit.config import ConfigError, RunConfig, check
-from quantkit.evaluation import perplexity
+from quantkit.evaluation import evaluate
 from quantkit.inputs import prepare_inputs
 from quantkit.pipeline import quantize_model
 from quantkit.results import (
@@ -92,17 +92,18 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
     model, tokenizer = models.load_model(inputs.path, dtype, offload, inputs.tokenizer)
     load_seconds = time.perf_counter() - t0
 
-    def evaluate() -> dict[str, Any]:
+    def measure() -> dict[str, Any]:
         model.to(device)
-        out = perplexity(model, inputs.eval_ids, cfg.eval.seq_length, cfg.eval.batch_size, cfg.eval.max_windows, device)
+        out = evaluate(model, tokenizer, inputs.eval_ids, cfg.eval, device, inputs.tasks, inputs.max_length)
         model.to(offload)
         return out
 
     baseline = None
     if cfg.eval.baseline:  # the same for every run of a sweep on this model and data: cached
         key = {"model": inputs.path, "dtype": str(dtype), "device": device.type, "data": dataclasses.asdict(cfg.data),
-               "eval": {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k != "baseline"}}
-        baseline = cached_json("baseline", key, evaluate)
+               "eval": {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k != "baseline"},
+               "tasks": inputs.tasks.fingerprint() if inputs.tasks else None}
+        baseline = cached_json("baseline", key, measure)
     size_before = model_bytes(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -112,7 +113,8 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
                             calibrate_dtype=autocast, reuse_outputs=cfg.calibrate_reuse) if algorithm.quantizes else None
     quant_seconds = time.perf_counter() - t0
     # 5. evaluate (and save)
-    evaluation = evaluate()
+    evaluation = measure()
+    task_scores = evaluation.pop("tasks")
     saved = {}
     if cfg.save.enabled:
         saved = save_for_run(model, tokenizer, Path(cfg.output_dir) / "model", cfg.save.format, cfg.save.dtype, resolved)
@@ -132,6 +134,8 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
         "perplexity": evaluation["perplexity"],
         "eval": evaluation,
         "baseline_perplexity": baseline["perplexity"] if baseline else None,
+        "tasks": task_scores,
+        "baseline_tasks": (baseline.get("tasks") or {}) if baseline else {},
         "bits_per_weight": bits_per_weight(model),
         "model_bytes_before": size_before,
         "model_bytes_after": model_bytes(model),
@@ -166,11 +170,21 @@ def summary_line(r: dict[str, Any]) -> str:
         ppl += f" (float16 {r['baseline_perplexity']:.3f}, {delta:+.2f}%)"
     bits = f"{r['bits_per_weight']:.2f} bits/weight" if r["bits_per_weight"] else "unquantized"
     mb = 1024**2
+    tasks = "".join(f" | {name} {_headline(scores)}" for name, scores in (r.get("tasks") or {}).items())
     return (
-        f"{r['algo']} {scheme} on {r['model']}: {ppl} | {bits} | "
+        f"{r['algo']} {scheme} on {r['model']}: {ppl}{tasks} | {bits} | "
         f"{r['model_bytes_before'] / mb:.1f} MiB -> {r['model_bytes_after'] / mb:.1f} MiB | "
         f"quantized in {r['quantization_seconds']:.1f} s"
     )
+
+
+def _headline(scores: dict[str, Any]) -> str:
+    """A task's first metric with its standard error, e.g. ``acc 0.412 +- 0.013``."""
+    for metric, value in scores.items():
+        if isinstance(value, float) and not metric.endswith("_stderr"):
+            err = scores.get(f"{metric}_stderr")
+            return f"{metric} {value:.3f}" + (f" +- {err:.3f}" if isinstance(err, float) else "")
+    return ""
 
 
 __all__ = ["run", "summary_line", "resolve_device", "ConfigError"]
