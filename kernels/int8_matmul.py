@@ -128,7 +128,9 @@ def scaled_mm_config(
     """Fixed tiles for 1-byte operands on H100/H200 (large single tiles in the interpreter).
 
     int8: 16/64/128-row tiles by ``M``, ``BLOCK_K = 128``, split-K where the output has too few
-    tiles. fp8: see :func:`fp8_mm_config` (tiles that never change a row's summation).
+    tiles. Rows whose length is not a multiple of 16 bytes are read byte by byte, which costs
+    registers: those take ``BLOCK_K = 32`` (at 128 they spill 0.1-4 KB on sm90). fp8: see
+    :func:`fp8_mm_config` (tiles that never change a row's summation).
     """
     if code_dtype == torch.float8_e4m3fn:
         return fp8_mm_config(M, N, target)
@@ -143,7 +145,7 @@ def scaled_mm_config(
         bm, bn, warps = 64, 128, 4
     else:
         bm, bn, warps = 128, 128, 8
-    bk = 128
+    bk = 128 if K % 16 == 0 else MIN_BLOCK_K
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     split = split_k_for(tiles, triton.cdiv(K, bk), target)
     return MatmulConfig(bm, bn, bk, split, num_warps=warps, num_stages=4 if bm <= 64 else 3)

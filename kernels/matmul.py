@@ -419,7 +419,9 @@ def default_config(M: int, N: int, K: int, group_size: int, target: Target, *,
     64/128 x 128 x 64 (8 warps for 128 x 128), 3 pipeline stages; fp32 activations (a 3xTF32
     dot, three MMAs per step) halve ``BLOCK_K`` so the operands fit in registers without
     spilling. ``BLOCK_K`` drops to the group size (>= 32) so that a K-tile has one scale per
-    row. Small grids are split over K.
+    row; where no power of two divides the group size (scales gathered per element), 32 (and
+    64-column tiles for 64 rows), which keeps the gathered tiles in registers. Small grids are
+    split over K.
     """
     if not target.gpu:  # interpreter: few, large block operations
         block_m = max(16, min(64, triton.next_power_of_2(M)))
@@ -434,6 +436,9 @@ def default_config(M: int, N: int, K: int, group_size: int, target: Target, *,
     if x_dtype == torch.float32:
         block_k = max(32, block_k // 2)
     block_k = _fit_groups(block_k, group_size, K, 32)
+    if group_size < K and group_size % block_k:  # scales and zeros gathered per element:
+        block_k = 32  # their (BLOCK_N, BLOCK_K) tiles need the registers (spills otherwise)
+        block_n = 64 if block_m == 64 else block_n
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     split = split_k_for(tiles, triton.cdiv(K, block_k), target)
     return MatmulConfig(block_m, block_n, block_k, split, num_warps=warps, num_stages=3)
@@ -552,13 +557,19 @@ def quant_linear_matmul(
             f"config must be a MatmulConfig, a GemvConfig or None, got {type(config).__name__}"
         )
     target = Target.of(x.device)
-    if config is None and target.gpu and M >= DEQUANT_GEMM_MIN_M:
+    if dequantizes_first(M, target, config):
         return dequant_then_gemm(x, qweight, scales, qzeros, bias, scheme, target)
     out, launches = plan_quant_linear_matmul(
         x, qweight, scales, qzeros, bias, scheme, target, config=config,
     )
     run_all(launches, x.device)
     return out
+
+
+def dequantizes_first(M: int, target: Target, config: object = None) -> bool:
+    """Whether :func:`quant_linear_matmul` takes the dequantize-then-cuBLAS path (large M on a
+    GPU, no explicit config)."""
+    return config is None and target.gpu and M >= DEQUANT_GEMM_MIN_M
 
 
 def dequant_then_gemm(

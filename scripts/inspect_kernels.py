@@ -69,7 +69,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-MS = (1, 2, 3, 4, 8, 9, 16, 17, 64, 65, 128, 4096)  # every GEMV/GEMM tile bucket and edge
+# every GEMV / tensor-core tile bucket and edge, and the dequantize-then-cuBLAS threshold
+MS = (1, 2, 3, 4, 5, 8, 16, 17, 64, 65, 128, 511, 512, 4096)
 MS_QUICK = (1, 2, 4, 8, 16, 64, 128, 4096)  # one M per tile bucket (M=1 is a constexpr)
 LLAMA_NK = ((4096, 4096), (14336, 4096), (4096, 14336), (11008, 4096))  # Llama-7B/8B
 SMOL_NK = ((576, 576), (1536, 576), (576, 1536))  # SmolLM2-135M
@@ -201,7 +202,7 @@ def grid(quick: bool) -> Iterator[tuple[str, dict[str, Any]]]:
     mm_base = dict(kind=W4, gran="g128", x="fp16", M=1, nk=LLAMA_NK[0], bias=False)
     anchors = [dict(mm_base, M=M, nk=nk) for nk in (nks if not quick else LLAMA_NK[:2])
                for M in (ms if not quick else (1,))]
-    anchors += [dict(mm_base, x=x, M=M) for x in X_DTYPES for M in (16, 4096)]  # dot dtypes
+    anchors += [dict(mm_base, x=x, M=M) for x in X_DTYPES for M in (16, 128, 4096)]  # dots
     for p in cover(mm_base, mm) + anchors:
         yield "quant_linear_matmul", p
 
@@ -259,10 +260,15 @@ def plan(launcher: str, p: dict[str, Any]) -> tuple[str, list]:
         rows, groups = w.scale_shape(N, K)
         qzeros = empty(rows, packed_cols(groups, w.bits), dtype=torch.uint8) if w.has_zero \
             else None
-        _, launches = matmul.plan_quant_linear_matmul(
-            empty(M, K, dtype=_dt(p["x"])), empty(N, packed_cols(K, w.bits), dtype=torch.uint8),
-            empty(rows, groups, dtype=torch.float16), qzeros,  # QuantLinear's fp16 scales
-            empty(N, dtype=torch.float16) if p["bias"] else None, w, H200)
+        qweight = empty(N, packed_cols(K, w.bits), dtype=torch.uint8)
+        scales = empty(rows, groups, dtype=torch.float16)  # QuantLinear's fp16 scales
+        if matmul.dequantizes_first(M, H200):  # the weight dequantized once, then cuBLAS
+            _, launches = matmul.plan_dequantize_packed(qweight, scales, qzeros, w, K,
+                                                        _dt(p["x"]), H200)
+        else:
+            _, launches = matmul.plan_quant_linear_matmul(
+                empty(M, K, dtype=_dt(p["x"])), qweight, scales, qzeros,
+                empty(N, dtype=torch.float16) if p["bias"] else None, w, H200)
         return (f"M={M} N={N} K={K} w={w.describe()} x={p['x']}{' bias' if p['bias'] else ''}",
                 launches)
     if launcher == "scaled_mm":
