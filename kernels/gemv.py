@@ -374,13 +374,16 @@ def scale_per_word(group_size: int, K: int, bits: int) -> bool | None:
     return None
 
 
-def gemv_config(M: int, N: int, K: int, bits: int, target: Target) -> GemvConfig:
-    """Warps to cover K with few masked lanes (at most 4), then ``block_n`` (8 rows share each
-    activation load) lowered until the grid gives every SM 8 warps."""
+def gemv_config(M: int, N: int, K: int, bits: int, target: Target,
+                x_bytes: int = 2) -> GemvConfig:
+    """Warps to cover K with few masked lanes (at most 4), then ``block_n`` lowered until the
+    grid gives every SM 8 warps (``x_bytes``: the activations' element size)."""
     block_m = triton.next_power_of_2(M)
     chunks = triton.cdiv(K, chunk_codes(bits))
     warps = max(1, min(4, triton.next_power_of_2(triton.cdiv(chunks, 32))))
-    block_n = 8
+    # 8 rows share each activation load; 4 where 4 activation rows of wide chunks (int2/int3)
+    # or fp32 activations would not fit in registers
+    block_n = 4 if block_m >= 4 and (x_bytes == 4 or bits in (2, 3)) else 8
     if not target.gpu:  # interpreter: fewer, larger block operations
         return GemvConfig(block_m, min(32, triton.next_power_of_2(N)), warps)
     while block_n > 1 and triton.cdiv(N, block_n) * warps < 8 * target.sm_count:
@@ -410,7 +413,7 @@ def plan_dequant_gemv(
     aligned = row_bytes % 4 == 0 and qweight.stride(0) % 4 == 0 and qweight.data_ptr() % 4 == 0
     if M > MAX_M or not aligned or x.stride(1) != 1 or per_word is None:
         return None
-    cfg = config or gemv_config(M, N, K, bits, target)
+    cfg = config or gemv_config(M, N, K, bits, target, x.element_size())
     xv = 16 // x.element_size()
     if per_word:
         xv = min(xv, word_codes(bits))

@@ -201,7 +201,8 @@ def plan_split_k_reduce(
     stride_sxm = 0 if not scaled or x_scale.shape[0] == 1 else x_scale.stride(0)
     stride_swn = 0 if not scaled or w_scale.shape[0] == 1 else w_scale.stride(0)
     block_m = min(16, triton.next_power_of_2(M))
-    block_n = 256 if target.gpu else min(256, triton.next_power_of_2(N))
+    # 16 x 64 outputs over 128 threads: 8 per thread and partial, all SPLIT_K loads in flight
+    block_n = 64 if target.gpu else min(256, triton.next_power_of_2(N))
     args = (
         partials, x_scale if scaled else partials, w_scale if scaled else partials,
         partials if bias is None else bias,
@@ -411,17 +412,24 @@ def _fit_groups(block_k: int, group_size: int, K: int, min_block_k: int) -> int:
     return block_k
 
 
+def word_aligned(K: int, bits: int) -> bool:
+    """Whether packed rows of ``K`` codes are whole 16-byte vectors of whole runs (int3 runs are
+    3 bytes, int8 tiles decode byte-wise): otherwise the code tile is gathered byte by byte."""
+    return bits in (2, 4) and (K * bits) % 128 == 0
+
+
 def default_config(M: int, N: int, K: int, group_size: int, target: Target, *,
-                   x_dtype: torch.dtype = torch.float16) -> MatmulConfig:
+                   x_dtype: torch.dtype = torch.float16, bits: int = 4) -> MatmulConfig:
     """Tensor-core tiles for H100/H200 (and large single tiles for the interpreter).
 
     GPU: ``M <= 16`` a 16 x 64 x 128 tile (decode batches the GEMV does not take); larger ``M``
     64/128 x 128 x 64 (8 warps for 128 x 128), 3 pipeline stages; fp32 activations (a 3xTF32
-    dot, three MMAs per step) halve ``BLOCK_K`` so the operands fit in registers without
-    spilling. ``BLOCK_K`` drops to the group size (>= 32) so that a K-tile has one scale per
-    row; where no power of two divides the group size (scales gathered per element), 32 (and
-    64-column tiles for 64 rows), which keeps the gathered tiles in registers. Small grids are
-    split over K.
+    dot, three MMAs per step) halve ``BLOCK_K``; code rows that are not whole 16-byte vectors
+    (int3, int8, K not a multiple of 32 codes: gathered byte by byte, see
+    :func:`word_aligned`) and group sizes no power of two divides (scales gathered per element)
+    take ``BLOCK_K = 32``, and narrower tiles where that alone still spills on sm90 (gathered
+    scales with 64 rows; half the columns with fp32 activations). Otherwise ``BLOCK_K`` drops to the
+    group size (>= 32) so that a K-tile has one scale per row. Small grids are split over K.
     """
     if not target.gpu:  # interpreter: few, large block operations
         block_m = max(16, min(64, triton.next_power_of_2(M)))
@@ -433,12 +441,17 @@ def default_config(M: int, N: int, K: int, group_size: int, target: Target, *,
     else:
         block_m = 64 if M <= 64 else 128
         block_n, block_k, warps = 128, 64, 8 if block_m == 128 else 4
+    aligned = word_aligned(K, bits)
     if x_dtype == torch.float32:
         block_k = max(32, block_k // 2)
-    block_k = _fit_groups(block_k, group_size, K, 32)
-    if group_size < K and group_size % block_k:  # scales and zeros gathered per element:
-        block_k = 32  # their (BLOCK_N, BLOCK_K) tiles need the registers (spills otherwise)
-        block_n = 64 if block_m == 64 else block_n
+    block_k = _fit_groups(block_k if aligned else 32, group_size, K, 32)
+    gathered = group_size < K and group_size % block_k != 0  # scales and zeros per element
+    if gathered:
+        block_k = 32
+    if gathered and block_m == 64:  # the gathered / byte-wise tiles take the registers
+        block_n = 64
+    if x_dtype == torch.float32 and (gathered or not aligned):
+        block_n //= 2
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     split = split_k_for(tiles, triton.cdiv(K, block_k), target)
     return MatmulConfig(block_m, block_n, block_k, split, num_warps=warps, num_stages=3)
@@ -645,7 +658,8 @@ def plan_quant_linear_matmul(
     M, K = x.shape
     N = qweight.shape[0]
     group_size = scheme.group_cols(K)
-    cfg = config or default_config(M, N, K, group_size, target, x_dtype=x.dtype)
+    cfg = config or default_config(M, N, K, group_size, target, x_dtype=x.dtype,
+                                   bits=scheme.bits)
     stride_sn, stride_sg = (0 if n == 1 else st for n, st in zip(scales.shape, scales.stride()))
     stride_zn = 0 if qzeros is None or qzeros.shape[0] == 1 else qzeros.stride(0)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
