@@ -30,10 +30,6 @@ from quantkit.sm90 import interpreter_unset_env, signature_attrs
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "inspect_kernels.py"
 SASS_PER_WEIGHT_BUDGET = 6.0
-SPILL_FIX = ("fp32-activation (and int3, gathered-group, K=1000) dequant-matmul configs spill; "
-             "fix pending in kernels/matmul.py (issue 12, deliverables 1 and 4)")
-SCALED_MM_SPILLS = ("int8/fp8 GEMM tiles of 64/128 rows spill when K % 16 != 0 (unaligned rows: "
-                    "byte loads); fix pending in kernels/int8_matmul.py")
 
 
 def _script() -> ModuleType:
@@ -159,7 +155,6 @@ def test_no_selectable_config_spills_outside_the_matmuls(records: list[dict]) ->
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=SPILL_FIX)
 def test_no_selectable_dequant_matmul_config_spills(records: list[dict]) -> None:
     spills = [(r["config"], r["spills_bytes"]) for r in records
               if r["kernel"] == "_dequant_matmul_kernel" and r["spills_bytes"]]
@@ -167,7 +162,6 @@ def test_no_selectable_dequant_matmul_config_spills(records: list[dict]) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=SCALED_MM_SPILLS)
 def test_no_selectable_scaled_mm_config_spills(records: list[dict]) -> None:
     spills = [(r["config"], r["spills_bytes"]) for r in records
               if r["kernel"] == "_scaled_mm_kernel" and r["spills_bytes"]]
