@@ -54,7 +54,7 @@ def test_config_and_table_formatting(monkeypatch: pytest.MonkeyPatch) -> None:
     lib = _script_module(monkeypatch, "benchlib")
     from quantkit.kernels.matmul import MatmulConfig
 
-    assert lib.format_config(MatmulConfig(1, 64, 128, split_k=4)) == "bm1 bn64 bk128 sk4 gm8 w4 s3"
+    assert lib.format_config(MatmulConfig(16, 64, 128, split_k=4)) == "bm16 bn64 bk128 sk4 gm8 w4 s3"
     assert lib.format_config(None) == "-"
 
     @dataclasses.dataclass

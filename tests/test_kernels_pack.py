@@ -75,7 +75,7 @@ def test_ops_triton_backend_matches_reference(
 def test_random_shapes_match_reference(
     bits: int, signed: bool, rows: int, cols: int, seed: int
 ) -> None:
-    codes = _random_codes(rows, cols, bits, signed, torch.Generator().manual_seed(seed))
+    codes = _random_codes(rows, cols, bits, signed, torch.Generator(device=torch.get_default_device()).manual_seed(seed))
     packed = pack_codes(codes, bits)
     assert torch.equal(packed, packing.pack_codes(codes, bits))
     assert torch.equal(unpack_codes(packed, bits, cols, signed), codes)
