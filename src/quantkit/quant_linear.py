@@ -67,8 +67,8 @@ class QuantLinear(nn.Module):
     inputs and the torch reference elsewhere; ``triton`` forces the kernels (on a CPU only
     under ``TRITON_INTERPRET=1``, for tests); ``torch`` forces the reference.
 
-    ``out_quant`` is the identity unless ``o_scheme`` is set (a ``per_token`` scheme: the
-    output is fake-quantized with one scale per token, computed per call).
+    ``out_quant`` is the identity unless ``o_scheme`` is set (a ``per_token`` scheme, or per group
+    of a token for block formats: the output is fake-quantized with scales computed per call).
     """
 
     backend: ops.Backend = "auto"
@@ -85,8 +85,9 @@ class QuantLinear(nn.Module):
         o_scheme: QuantScheme | None = None,
     ) -> None:
         super().__init__()
-        if o_scheme is not None and o_scheme.granularity != "per_token":
-            raise ValueError(f"an output scheme is dynamic per token; got {o_scheme.describe()}")
+        if o_scheme is not None and o_scheme.granularity not in ("per_token", "per_group"):
+            raise ValueError(f"an output scheme is dynamic per token (or per group of a token); got "
+                             f"{o_scheme.describe()}")
         self.in_features, self.out_features = in_features, out_features
         self.w_scheme, self.a_scheme, self.a_static = w_scheme, a_scheme, a_static
         self.o_scheme = o_scheme

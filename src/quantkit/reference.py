@@ -65,6 +65,12 @@ def _reduce_groups(x: torch.Tensor, scheme: QuantScheme, op: str) -> torch.Tenso
     return getattr(blocks, op)(dim=-1)  # (ceil(rows / r), ngroups)
 
 
+def group_amax(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """``max |x|`` of every scale's group (or 2-D block) of ``x (..., cols)``, float32 of
+    :meth:`QuantScheme.scale_shape`."""
+    return _reduce_groups(as_rows(x).float().abs(), scheme, "amax")
+
+
 def global_scale(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor | None:
     """The per-tensor fp32 scale ``(1, 1)`` of ``x`` under ``scheme`` (e4m3 scales), else None."""
     if not scheme.has_global_scale:
