@@ -167,7 +167,8 @@ def check_format(
     ok = isinstance(values, (list, tuple)) and len(values) in (1, 2) and all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
     if not ok:
-        raise ValueError(f"{key['block']}={block!r} is not valid: give the columns of a block (e.g. 32), "
+        shown = list(block) if isinstance(block, tuple) else block
+        raise ValueError(f"{key['block']}={shown!r} is not valid: give the columns of a block (e.g. 32), "
                          "[columns] or [rows, columns], positive integers (or null for the dtype's own)")
     rows, cols = (1, values[0]) if len(values) == 1 else tuple(values)
     return fmt, (rows, cols)

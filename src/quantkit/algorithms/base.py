@@ -77,9 +77,9 @@ def weight_scheme(w_dtype: DTypeConfig, w_qtype: str, groupsize: int, default: b
     """
     check_choice("algo.w_qtype", w_qtype, W_QTYPES)
     grid = grid_fields(w_dtype, "w")
+    scale_format, block = dtype_format(w_dtype, "w")
     if w_dtype.is_identity:
         return None
-    scale_format, block = dtype_format(w_dtype, "w")
     check(
         w_qtype == "per_group" or groupsize == -1,
         f"algo.groupsize={groupsize} has no meaning with algo.w_qtype={w_qtype}; "
@@ -125,9 +125,9 @@ def activation_scheme(a_dtype: DTypeConfig, a_qtype: str) -> QuantScheme | None:
     """
     check_choice("algo.a_qtype", a_qtype, A_QTYPES)
     grid = grid_fields(a_dtype, "a")
+    scale_format, block = dtype_format(a_dtype, "a")
     if a_dtype.is_identity:
         return None
-    scale_format, block = dtype_format(a_dtype, "a")
     if block is not None:
         check(block[0] == 1, f"a_dtype.block={list(block)}: activations are quantized in groups of one token by "
                              f"N columns; use a_dtype.block=[1, {block[1]}] (or {block[1]})")
