@@ -10,6 +10,9 @@ operation in the same order; divisions use ``tl.div_rn``)::
     int, zero point:  s = (hi - lo) / (qmax - qmin),  z = clamp(round(qmin - lo / s), qmin, qmax)
     float grids:      s = amax / max_value      (absmax_code = max_value)
     s = 1 where s == 0
+    e8m0 scales:      s = 2**clamp(floor(log2 amax) - emax, -127, 127)    (OCP MX; exponent bits)
+    e4m3 scales:      s = value(fp8(g * (amax / max_value))) / g         (NVFP4; 0.125 for 0)
+                      g = (1 / max(amax_tensor, 2**-126)) * (448 * max_value), per tensor
     int codes:        q = clamp(round(x / s) [+ z], qmin, qmax)       (round half to even)
     float codes:      q = bits(round_to_grid(clamp(x / s, -max_value, max_value)))
 
@@ -22,7 +25,8 @@ Shapes and dtypes::
     zero   same shape as scale               int32, only when ``scheme.has_zero``
 
 Any ``rows``/``cols``/``groupsize`` (``1 <= g <= cols``; the last group of a row is shorter
-where ``g`` does not divide ``cols``); no divisibility constraints.
+where ``g`` does not divide ``cols``); no divisibility constraints. 2-D blocks (``block_rows = R``)
+share one scale among ``R`` rows: scale shape ``(ceil(rows / R), ceil(cols / g))``.
 
 Tiling. The unit of work is a *segment*: one quantization group of one row (a whole row for
 per_channel/per_token), ``num_segments = rows * groups_per_row``. A program owns a
@@ -36,7 +40,9 @@ program: ``x`` is read once and the scale costs no extra pass or launch. Segment
 in chunks twice: a min/max pass, then a quantize pass that re-reads the row (from L2 on a
 GPU). per_tensor needs a global reduction: a grid of ``(BLOCK_M, BLOCK_N)`` tiles writes
 partial min/max pairs, one program reduces them to the scale (and zero), and the segment
-kernel quantizes with that scale (3 launches, deterministic, no atomics).
+kernel quantizes with that scale (3 launches, deterministic, no atomics). e4m3 scales first
+reduce the per-tensor ``g`` the same way (2 more launches). 2-D blocks: one program per block
+computes its scale (:func:`_block_qparams_kernel`), then the segment kernel quantizes with it.
 :func:`quantize_with_qparams` runs the same segment kernel with given scales; per-row and
 per-tensor scales let it cut long rows into independent chunks, so only per_group with
 groups longer than ``max_block_cols`` loops.

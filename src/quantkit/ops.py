@@ -204,6 +204,9 @@ def smooth_quantize_per_token(
     """``quantize(x / smooth)`` with one scale per token: ``x (..., K)``, ``smooth (K,)`` ->
     ``(codes (rows, K), scale (rows, 1) float32, zero (rows, 1) int32 | None)``."""
     check_input(x, "x", check_finite=False)
+    if scheme.scale_format not in ("float16", "float32"):
+        raise ValueError(f"smooth_quantize_per_token computes float scales; {scheme.describe()} has "
+                         f"{scheme.scale_format} scales (use ops.quantize on x / smooth)")
     x2 = reference.as_rows(x)  # (rows, K)
     if use_triton(x, backend):
         from quantkit.kernels.smooth_quant import smooth_quantize_per_token as triton_smooth
