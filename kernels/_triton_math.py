@@ -19,8 +19,17 @@ exist, fp32 -> fp8 casts are wrong and fp32 -> bf16 casts truncate). The math mi
   2**(max(biased, 1) - BIAS - M)``, every step exact. Codes with the all-ones exponent decode
   as ordinary normals, as in the reference (they are never produced by the encoder).
 
+* :func:`minifloat_specials` turns the NaN (and e5m2 inf) codes that :func:`minifloat_decode`
+  decodes as ordinary normals into NaN/inf, as :func:`quantkit.reference.decode_minifloat` does.
+* Scale formats (:mod:`quantkit.scales`; ``SCALE_FMT``: :data:`SCALE_FLOAT`, :data:`SCALE_E8M0`,
+  :data:`SCALE_E4M3`): :func:`mx_scale_from_amax` / :func:`e4m3_scale_from_amax` compute a group's
+  scale from its ``amax`` exactly as the reference does (the MX exponent read from the fp32
+  exponent field; the e4m3 scale with the fp32 per-tensor ``g``, one ``div_rn``), and
+  :func:`decode_scale` turns stored scales (float values, or e8m0 / e4m3 codes) into fp32.
+
 The constexpr parameters ``EXP_BITS``/``MANT_BITS``/``BIAS``/``MAX_VALUE`` are the fields of
-:class:`quantkit.dtypes.QuantDType` (e2m1: 2/1/1/6.0, e4m3fn: 4/3/7/448.0, e5m2: 5/2/15/57344.0).
+:class:`quantkit.dtypes.QuantDType` (e2m1: 2/1/1/6.0, e2m3: 2/3/1/7.5, e3m2: 3/2/3/28.0, e4m3fn:
+4/3/7/448.0, e5m2: 5/2/15/57344.0).
 """
 
 from __future__ import annotations
@@ -30,6 +39,13 @@ import triton.language as tl
 
 # round_half_even is exact for |y| <= ROUND_LIMIT; clamp wider inputs first
 ROUND_LIMIT = tl.constexpr(4194304.0)  # 2**22
+# SCALE_FMT constexpr values (quantkit.scales): float scales, e8m0 codes, e4m3 codes (+ fp32 g)
+SCALE_FLOAT = 0
+SCALE_E8M0 = 1
+SCALE_E4M3 = 2
+SCALE_FMT_OF = {"float16": SCALE_FLOAT, "float32": SCALE_FLOAT, "e8m0": SCALE_E8M0, "e4m3": SCALE_E4M3}
+# minifloat specials (QuantDType.specials) as a constexpr: none, e4m3fn NaN, e5m2 inf/NaN
+SPECIALS_OF = {"none": 0, "nan": 1, "ieee": 2}
 
 
 @triton.jit
@@ -76,6 +92,70 @@ def minifloat_decode(
     n = tl.where(biased > 0, mant + (1 << MANT_BITS), mant)  # significand in units of 2**-M
     mag = n.to(tl.float32) * pow2(tl.maximum(biased, 1) - (BIAS + MANT_BITS))  # exact
     return tl.where(sign != 0, -mag, mag)
+
+
+@triton.jit
+def minifloat_specials(v, code, EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr,
+                       SPECIALS: tl.constexpr):
+    """``v`` (decoded by :func:`minifloat_decode`) with the non-number codes of ``code`` made NaN
+    (``SPECIALS`` 1: e4m3fn's ``S.1111.111``; 2: e5m2's all-ones exponent, inf when the mantissa
+    is 0)."""
+    if SPECIALS == 0:
+        return v
+    c = code.to(tl.int32)
+    MAG: tl.constexpr = (1 << (EXP_BITS + MANT_BITS)) - 1
+    TOP: tl.constexpr = ((1 << EXP_BITS) - 1) << MANT_BITS
+    if SPECIALS == 1:
+        return tl.where((c & MAG) == MAG, float("nan"), v)
+    special = (c & TOP) == TOP
+    inf = tl.where(v < 0, float("-inf"), float("inf"))
+    return tl.where(special, tl.where((c & (MAG ^ TOP)) == 0, inf, float("nan")), v)
+
+
+@triton.jit
+def e8m0_value(e):
+    """fp32 ``2**e`` for int32 MX exponents ``e`` in ``[-127, 127]`` (``2**-127`` is a subnormal)."""
+    bits = tl.where(e >= -126, (e + 127) << 23, 0x00400000)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def mx_scale_from_amax(amax, EMAX: tl.constexpr):
+    """The OCP MX (e8m0) scale of groups with maximum magnitude ``amax`` (fp32 >= 0, finite):
+    ``2**clamp(floor(log2 amax) - EMAX, -127, 127)``; zero and fp32-subnormal ``amax`` (whose
+    exponent is below -126, hence below -127 after subtracting ``EMAX >= 2``) give ``2**-127``."""
+    biased = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    e = tl.where(biased == 0, -127, biased - 127 - EMAX)
+    e = tl.minimum(tl.maximum(e, -127), 127)
+    return e8m0_value(e)
+
+
+@triton.jit
+def e4m3_scale_from_amax(amax, g, MAX_VALUE: tl.constexpr):
+    """NVFP4's block scale ``value(fp8(g * (amax / MAX_VALUE))) / g`` (a zero fp8 scale is 0.125),
+    fp32, for fp32 ``amax >= 0`` and the per-tensor fp32 ``g`` (same shapes or broadcast)."""
+    raw = tl.div_rn(amax, tl.full(amax.shape, MAX_VALUE, tl.float32))
+    t = tl.minimum(g * raw, 448.0)
+    code = minifloat_encode(t, 4, 3, 7, 448.0)
+    s8 = minifloat_decode(code, 4, 3, 7)
+    s8 = tl.where(s8 == 0.0, 0.125, s8)
+    return tl.div_rn(s8, g + tl.zeros_like(s8))
+
+
+@triton.jit
+def decode_scale(raw, g, SCALE_FMT: tl.constexpr):
+    """fp32 scales of stored ``raw`` scales: float values (``SCALE_FMT == 0``), e8m0 codes
+    (``2**(E - 127)``, 255: NaN) or e4m3 codes divided by the per-tensor ``g`` (fp32 scalar)."""
+    if SCALE_FMT == 1:
+        b = raw.to(tl.int32) & 0xFF
+        v = e8m0_value(b - 127)
+        return tl.where(b == 255, float("nan"), v)
+    elif SCALE_FMT == 2:
+        c = raw.to(tl.int32) & 0xFF
+        v = minifloat_specials(minifloat_decode(c, 4, 3, 7), c, 4, 3, 1)
+        return tl.div_rn(v, g + tl.zeros_like(v))
+    else:
+        return raw.to(tl.float32)
 
 
 @triton.jit

@@ -3,7 +3,13 @@
 Bit-exact with :func:`quantkit.reference.dequantize`::
 
     int grids:    x_hat = (float(q) - float(z)) * s          (without a zero point: float(q) * s)
-    float grids:  x_hat = decode(q) * s                      (decode is exact: see _triton_math)
+    float grids:  x_hat = decode(q) * s                      (decode is exact: see _triton_math;
+                                                              e4m3fn NaN and e5m2 inf/NaN codes
+                                                              decode as such)
+
+``s`` is the float32 scale of the element's group (scale formats are decoded by the caller:
+:func:`quantkit.scales.decode_scales`); with 2-D blocks row ``r`` uses scale row
+``r // block_rows``.
 
 computed in fp32 (a subtraction then a product: no FMA contraction can apply) and rounded
 once to ``out_dtype`` (ties to even; bf16 is rounded with integer bit arithmetic and stored
@@ -33,7 +39,7 @@ import triton
 import triton.language as tl
 
 from quantkit.kernels._launch import Launch, Target, run_all
-from quantkit.kernels._triton_math import bf16_bits, minifloat_decode
+from quantkit.kernels._triton_math import SPECIALS_OF, bf16_bits, minifloat_decode, minifloat_specials
 from quantkit.kernels.quantize import (
     broadcast_strides,
     check_matrix,
@@ -59,12 +65,12 @@ def _dequantize_kernel(
     # pointers
     codes_ptr, scale_ptr, zero_ptr, out_ptr,
     # sizes
-    rows, cols, group_size,
+    rows, cols, group_size, block_rows,
     # strides
     stride_cm, stride_cn, stride_sm, stride_sg, stride_zm, stride_zg, stride_om, stride_on,
     # quantization
     IS_FLOAT: tl.constexpr, HAS_ZERO: tl.constexpr,
-    EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr, BIAS: tl.constexpr,
+    EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr, BIAS: tl.constexpr, SPECIALS: tl.constexpr,
     PER_GROUP: tl.constexpr,
     # meta
     OUT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -82,12 +88,13 @@ def _dequantize_kernel(
     c = tl.load(c_ptrs, mask=mask, other=0)  # (BLOCK_M, BLOCK_N) int8/uint8
     if IS_FLOAT:
         q = minifloat_decode(c, EXP_BITS, MANT_BITS, BIAS)  # (BLOCK_M, BLOCK_N) fp32
+        q = minifloat_specials(q, c, EXP_BITS, MANT_BITS, SPECIALS)
     else:
         q = c.to(tl.float32)  # (BLOCK_M, BLOCK_N)
 
     if PER_GROUP:
         grp = offs_n // group_size  # (BLOCK_N,) group of each column
-        s_ptrs = scale_ptr + rows64[:, None] * stride_sm + grp[None, :] * stride_sg
+        s_ptrs = scale_ptr + (rows64 // block_rows)[:, None] * stride_sm + grp[None, :] * stride_sg
         s = tl.load(s_ptrs, mask=mask, other=1.0)  # (BLOCK_M, BLOCK_N)
         if HAS_ZERO:
             z_ptrs = zero_ptr + rows64[:, None] * stride_zm + grp[None, :] * stride_zg
@@ -171,13 +178,13 @@ def plan_dequantize(
     args = (
         codes, scale, scale if zero is None else zero,  # zero_ptr unused without a zero
         out.view(torch.int16) if out.dtype == torch.bfloat16 else out,  # bf16 stored as bits
-        rows, cols, scheme.group_cols(cols),
+        rows, cols, scheme.group_cols(cols), scheme.block_rows if scale.shape[0] > 1 else 1,
         codes.stride(0), codes.stride(1), *s_strides, *z_strides, out.stride(0), out.stride(1),
     )
     constexprs = dict(
         IS_FLOAT=consts["IS_FLOAT"], HAS_ZERO=consts["HAS_ZERO"],
         EXP_BITS=consts["EXP_BITS"], MANT_BITS=consts["MANT_BITS"], BIAS=consts["BIAS"],
-        PER_GROUP=scheme.granularity == "per_group",
+        SPECIALS=SPECIALS_OF[scheme.dtype.specials], PER_GROUP=scheme.granularity == "per_group",
         OUT_BF16=out.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n,
     )
     launch = Launch(_dequantize_kernel, grid, args, constexprs,

@@ -3,13 +3,18 @@
 Math (the reference is :func:`quantkit.matmul_reference.quant_linear_matmul_reference`)::
 
     W[n, k] = (q[n, k] - z[n, g]) * s[n, g]      int grids (no zero point: q * s)
-    W[n, k] = value(q[n, k]) * s[n, g]           float grids (fp4 e2m1, fp8 e4m3fn / e5m2)
+    W[n, k] = value(q[n, k]) * s[n, g]           float grids (fp4 e2m1, fp6 e2m3 / e3m2,
+                                                 fp8 e4m3fn / e5m2)
     y[m, n] = sum_k x[m, k] * W[n, k] + bias[n]  fp32 accumulation, rounded once to x.dtype
 
 Storage as :mod:`quantkit.packing` lays it out, read as 32-bit words: for 2/4/8 bits code ``j``
-of a word occupies bits ``[j*bits, (j+1)*bits)`` (``32 / bits`` codes per word); for 3 bits a
-*unit* of three words holds 32 codes, code ``j`` at bit ``3*j`` of the 96-bit little-endian
-value (codes 10 and 21 straddle two words). Requirements (the planner checks them and otherwise
+of a word occupies bits ``[j*bits, (j+1)*bits)`` (``32 / bits`` codes per word); for 3 and 6
+bits a *unit* of three words holds 32 (16) codes, code ``j`` at bit ``bits*j`` of the 96-bit
+little-endian value (int3 codes 10 and 21, fp6 codes 5 and 10 straddle two words). Scales are
+read in their stored format (row ``n // block_rows`` for 2-D blocks): float values, e8m0 codes
+(the power of two built from the exponent bits) or e4m3 codes, whose bits are placed into an
+fp16 (like the float weight codes below); the per-tensor ``1 / g`` of e4m3 scales and the
+``2**8`` of that placement are applied once per output, not per scale. Requirements (the planner checks them and otherwise
 uses the tensor-core kernel of :mod:`quantkit.kernels.matmul`): every weight row starts on a
 4-byte boundary, ``x`` is contiguous along K, and a group holds a whole number of words.
 
@@ -17,8 +22,8 @@ Why it is laid out this way (a decode step is a pure weight stream: at H200 band
 weight leaves about 3.5 thread-instructions per element, so the loop must be lean):
 
 * Lane ``t`` of the ``T = 32 * num_warps`` lanes of a program owns a *chunk* of
-  ``CHUNK = 4 * 32 / bits`` consecutive codes per weight row (one 128-bit load; int3: one
-  96-bit unit of 32 codes) and the same ``CHUNK`` activations. Lanes and warps both run along
+  ``CHUNK = 4 * 32 / bits`` consecutive codes per weight row (one 128-bit load; int3 and fp6:
+  one 96-bit unit of 32 or 16 codes) and the same ``CHUNK`` activations. Lanes and warps both run along
   K, so a program's K-tile is ``T * CHUNK`` codes (4096 int4 codes with 4 warps) and it owns
   ``BLOCK_N`` whole rows. ``x`` is loaded as ``CHUNK / XV`` tiles of ``XV`` contiguous values
   (16 bytes) per lane, which is exactly the lane-to-K map of the weight words: no layout
@@ -48,7 +53,7 @@ import triton
 import triton.language as tl
 
 from quantkit.kernels._launch import Launch, Target
-from quantkit.kernels._triton_math import bf16_bits, packed_code_at
+from quantkit.kernels._triton_math import SCALE_FMT_OF, bf16_bits, decode_scale, packed_code_at
 from quantkit.scheme import QuantScheme
 
 
@@ -101,13 +106,14 @@ def shift_to(w, FROM: tl.constexpr, TO: tl.constexpr):
 @triton.jit
 def field_at(w0, w1, w2, w3, J: tl.constexpr, BITS: tl.constexpr, TO: tl.constexpr):
     """Code ``J`` of a lane's chunk moved to bits ``[TO, TO + BITS)`` of a uint32 (other bits are
-    garbage: mask them). Chunks are 4 words of ``32 / BITS`` codes, or one 3-word int3 unit."""
-    if BITS == 3:
-        LO: tl.constexpr = 3 * J
+    garbage: mask them). Chunks are 4 words of ``32 / BITS`` codes, or one 3-word unit (3 and 6
+    bits)."""
+    if BITS == 3 or BITS == 6:
+        LO: tl.constexpr = BITS * J
         Q: tl.constexpr = LO // 32
         OFF: tl.constexpr = LO % 32
         v = shift_to(pick(w0, w1, w2, w3, Q), OFF, TO)
-        if OFF + 3 > 32:  # codes 10 and 21: the high bits come from the next word
+        if OFF + BITS > 32:  # the high bits come from the next word
             v = v | (pick(w0, w1, w2, w3, Q + 1) << (32 - OFF + TO))
         return v
     else:
@@ -194,15 +200,27 @@ def chunk_dot(w0, w1, w2, w3, field_mask, one_bits, x_lane, k_lane, m_ok, K, C0:
 
 
 @triton.jit
+def chunk_scale(raw, SCALE_FMT: tl.constexpr):
+    """fp32 scales of stored ``raw`` scales for :func:`chunk_qparams`: float and e8m0 scales
+    decoded exactly; e4m3 codes placed into fp16 bits (value * 2**-8, the NaN code never occurs
+    in stored weights), the ``2**8 / g`` being applied to the output."""
+    if SCALE_FMT == 2:
+        h = ((raw.to(tl.int32) & 0x7F) << 7).to(tl.uint16).to(tl.float16, bitcast=True)
+        return h.to(tl.float32)
+    else:
+        return decode_scale(raw, 1.0, SCALE_FMT)
+
+
+@triton.jit
 def chunk_qparams(s_rows, z_rows, n_ok, k, K, group_size, stride_sg, BITS: tl.constexpr,
                   SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, IS_FLOAT: tl.constexpr,
-                  EXP_BIAS: tl.constexpr):
+                  EXP_BIAS: tl.constexpr, SCALE_FMT: tl.constexpr):
     """Effective scale and zero ``(BLOCK_N, T)`` of the group holding activation ``k (T,)`` in each
     row, such that the group's contribution is ``s * (part - zz * xsum)`` for :func:`chunk_dot`'s
-    sums (lanes past ``K`` get a zero scale)."""
+    sums (lanes past ``K`` get a zero scale; e4m3 scales still lack their ``2**8 / g``)."""
     mask = n_ok[:, None] & (k < K)[None, :]
     g = k // group_size
-    s = tl.load(s_rows[:, None] + g[None, :] * stride_sg, mask=mask, other=0.0).to(tl.float32)
+    s = chunk_scale(tl.load(s_rows[:, None] + g[None, :] * stride_sg, mask=mask, other=0), SCALE_FMT)
     if IS_FLOAT:  # part sums value * 2**(BIAS - 15): scale back (exact power of two)
         return s * (1 << (15 - EXP_BIAS)), tl.zeros_like(s)
     # part sums 1 + c_u / 2**BITS with c_u = c (+ 2**(BITS - 1) if signed); the weight is c - z
@@ -232,9 +250,9 @@ def accumulate(acc, part, xsum, s, zz, IS_FLOAT: tl.constexpr):
 @triton.jit
 def _dequant_gemv_kernel(
     # pointers
-    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_ptr,
+    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, global_ptr, bias_ptr, out_ptr,
     # sizes
-    M, N, K, K_WORDS, group_size,
+    M, N, K, K_WORDS, group_size, block_rows,
     # code-to-float constants (see code_value)
     field_mask, one_bits,
     # strides (qweight in 32-bit words)
@@ -242,7 +260,7 @@ def _dequant_gemv_kernel(
     # quantization
     BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, IS_FLOAT: tl.constexpr,
     EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr, EXP_BIAS: tl.constexpr,
-    SCALE_PER_WORD: tl.constexpr,
+    SCALE_PER_WORD: tl.constexpr, SCALE_FMT: tl.constexpr,
     # meta
     HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr, XV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
@@ -252,9 +270,10 @@ def _dequant_gemv_kernel(
     ``SCALE_PER_WORD``: the group changes inside a lane's chunk (groups shorter than a chunk),
     so scales and zeros are applied per 32-bit word instead of per chunk.
     """
-    WORDS: tl.constexpr = 3 if BITS == 3 else 4  # 32-bit words per lane and row in a tile
-    CHUNK: tl.constexpr = 32 if BITS == 3 else 128 // BITS  # codes per lane and row in a tile
-    CPW: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per scale step with SCALE_PER_WORD
+    UNIT: tl.constexpr = BITS == 3 or BITS == 6  # 3-word units (12-byte, not 16-byte aligned)
+    WORDS: tl.constexpr = 3 if UNIT else 4  # 32-bit words per lane and row in a tile
+    CHUNK: tl.constexpr = 96 // BITS if UNIT else 128 // BITS  # codes per lane and row in a tile
+    CPW: tl.constexpr = 96 // BITS if UNIT else 32 // BITS  # codes per scale step (SCALE_PER_WORD)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
@@ -262,14 +281,14 @@ def _dequant_gemv_kernel(
     n_ok = offs_n < N
     rows64 = offs_n.to(tl.int64)  # N * row stride can exceed 2**31
     m_ok = (offs_m < M)[:, None, None]  # (M, 1, 1)
-    # each lane's chunk of every row: 4 contiguous words (128 bits), or an int3 unit of 3 words
-    # read as three (BLOCK_N, T) tiles (12-byte units are not 16-byte aligned)
-    offs_w = tl.arange(0, 4) if BITS != 3 else tl.arange(0, 1)
+    # each lane's chunk of every row: 4 contiguous words (128 bits), or a 3-word unit read as
+    # three (BLOCK_N, T) tiles (12-byte units are not 16-byte aligned)
+    offs_w = tl.arange(0, 1) if UNIT else tl.arange(0, 4)
     w_ptrs = (qweight_ptr + rows64[:, None, None] * stride_qn
               + (offs_t * WORDS)[None, :, None] + offs_w[None, None, :])  # (BLOCK_N, T, 4 | 1)
     x_lane = (x_ptr + offs_m.to(tl.int64)[:, None, None] * stride_xm
               + (offs_t * CHUNK)[None, :, None])  # (M, T, 1)
-    s_rows = scales_ptr + rows64 * stride_sn  # (BLOCK_N,)
+    s_rows = scales_ptr + (rows64 // block_rows) * stride_sn  # (BLOCK_N,)
     z_rows = qzeros_ptr + rows64 * stride_zn
 
     # The code mask is computed, not a literal, so that ptxas keeps it in one register (LOP3 has
@@ -280,7 +299,7 @@ def _dequant_gemv_kernel(
         word0 = (k0 // CHUNK) * WORDS  # first word of this K-tile in each row
         word = (word0 + offs_t * WORDS)[None, :, None] + offs_w[None, None, :]
         row_ok = n_ok[:, None, None]
-        if BITS == 3:
+        if UNIT:
             w0 = load_words(w_ptrs + word0, row_ok & (word < K_WORDS))
             w1 = load_words(w_ptrs + (word0 + 1), row_ok & (word + 1 < K_WORDS))
             w2 = load_words(w_ptrs + (word0 + 2), row_ok & (word + 2 < K_WORDS))
@@ -297,17 +316,19 @@ def _dequant_gemv_kernel(
                                        EXP_BITS, MANT_BITS)
                 s, zz = chunk_qparams(s_rows, z_rows, n_ok, k0 + offs_t * CHUNK + i * CPW, K,
                                       group_size, stride_sg, BITS, SIGNED, HAS_ZERO, IS_FLOAT,
-                                      EXP_BIAS)
+                                      EXP_BIAS, SCALE_FMT)
                 acc = accumulate(acc, part, xsum, s, zz, IS_FLOAT)
         else:
             part, xsum = chunk_dot(w0, w1, w2, w3, field_mask, one_bits, x_lane + k0, k_lane,
                                    m_ok, K, 0, CHUNK, XV, BITS, SIGNED, IS_FLOAT, EXP_BITS,
                                    MANT_BITS)
             s, zz = chunk_qparams(s_rows, z_rows, n_ok, k0 + offs_t * CHUNK, K, group_size,
-                                  stride_sg, BITS, SIGNED, HAS_ZERO, IS_FLOAT, EXP_BIAS)
+                                  stride_sg, BITS, SIGNED, HAS_ZERO, IS_FLOAT, EXP_BIAS, SCALE_FMT)
             acc = accumulate(acc, part, xsum, s, zz, IS_FLOAT)
 
     y = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N): the only cross-lane reduction
+    if SCALE_FMT == 2:  # e4m3 scales were summed as value * 2**-8 (chunk_scale): times 2**8 / g
+        y = tl.div_rn(y * 256.0, tl.load(global_ptr) + tl.zeros_like(y))
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     mask = (offs_m < M)[:, None] & n_ok[None, :]
@@ -355,13 +376,15 @@ def weight_constexprs(scheme: QuantScheme) -> dict:
 
 
 def chunk_codes(bits: int) -> int:
-    """Codes per lane and weight row in one K-tile: a 128-bit load (int3: a 96-bit unit)."""
-    return 32 if bits == 3 else 128 // bits
+    """Codes per lane and weight row in one K-tile: a 128-bit load (3 and 6 bits: a 96-bit
+    unit)."""
+    return 96 // bits if bits in (3, 6) else 128 // bits
 
 
 def word_codes(bits: int) -> int:
-    """Codes per 32-bit word (int3: per 3-word unit): the finest scale step the kernel handles."""
-    return 32 if bits == 3 else 32 // bits
+    """Codes per 32-bit word (3 and 6 bits: per 3-word unit): the finest scale step the kernel
+    handles."""
+    return 96 // bits if bits in (3, 6) else 32 // bits
 
 
 def scale_per_word(group_size: int, K: int, bits: int) -> bool | None:
@@ -401,6 +424,7 @@ def plan_dequant_gemv(
     target: Target,
     *,
     config: GemvConfig | None = None,
+    global_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[Launch]] | None:
     """The output and launch of the GEMV for validated :func:`quant_linear_matmul` arguments,
     or None where this kernel does not apply (more than :data:`MAX_M` rows, rows not 4-byte
@@ -422,15 +446,16 @@ def plan_dequant_gemv(
     stride_zn = 0 if qzeros is None or qzeros.shape[0] == 1 else qzeros.stride(0)
     words = qweight.view(torch.int32)  # (N, row_bytes / 4)
     args = (
-        x, words, scales, qweight if qzeros is None else qzeros, x if bias is None else bias,
+        x, words, scales, qweight if qzeros is None else qzeros,
+        scales if global_scale is None else global_scale, x if bias is None else bias,
         out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
-        M, N, K, row_bytes // 4, group_size,
+        M, N, K, row_bytes // 4, group_size, scheme.block_rows if scales.shape[0] > 1 else 1,
         ((1 << bits) - 1) << (23 - bits),  # field_mask: the top `bits` mantissa bits
         ONE_BITS | (SIGN_FLIP if scheme.dtype.is_int and not scheme.unsigned else 0),
         x.stride(0), words.stride(0), stride_sn, stride_sg, stride_zn, out.stride(0), out.stride(1),
     )
     constexprs = weight_constexprs(scheme) | dict(
-        SCALE_PER_WORD=per_word, HAS_BIAS=bias is not None,
+        SCALE_PER_WORD=per_word, SCALE_FMT=SCALE_FMT_OF[scheme.scale_format], HAS_BIAS=bias is not None,
         OUT_BF16=out.dtype == torch.bfloat16, XV=xv,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, T=cfg.lanes,
     )

@@ -1,19 +1,27 @@
-"""Weight-only dequant GEMM/GEMV (W4A16, W3A16, W2A16, W8A16, fp4/fp8 weights) of ``QuantLinear``.
+"""Weight-only dequant GEMM/GEMV (W4A16, W3A16, W2A16, W8A16, fp4/fp6/fp8 and MX/NVFP4 weights)
+of ``QuantLinear``.
 
 Math (the reference is :func:`quantkit.matmul_reference.quant_linear_matmul_reference`)::
 
     W[n, k] = (q[n, k] - z[n, g]) * s[n, g]      int grids (no zero point: q * s)
-    W[n, k] = value(q[n, k]) * s[n, g]           float grids (fp4 e2m1, fp8 e4m3fn / e5m2)
+    W[n, k] = value(q[n, k]) * s[n, g]           float grids (fp4 e2m1, fp6 e2m3 / e3m2,
+                                                 fp8 e4m3fn / e5m2)
     y = x @ W.to(x.dtype).T + bias               float32 accumulation, rounded once to x.dtype
 
-with ``g = k // groupsize`` (per_group; the last group may be shorter) or ``g = 0``.
+with ``g = k // groupsize`` (per_group; the last group may be shorter) or ``g = 0``, and scale row
+``n // block_rows`` (2-D blocks). ``s`` is decoded from the stored scale format in the kernel
+(:func:`quantkit.kernels._triton_math.decode_scale`): float16/bfloat16/float32 values, e8m0 codes
+``2**(E - 127)`` or e4m3 codes over the per-tensor fp32 ``global_scale`` (``value(E) / g``, one
+``div_rn``, as :func:`quantkit.scales.decode_scales`).
 
 Storage read as :class:`quantkit.quant_linear.QuantLinear` keeps it (layout of
 :mod:`quantkit.packing`: each run of 8 codes is ``bits`` bytes, a little-endian word)::
 
     x        (M, K)                          float16 / bfloat16 / float32, any strides
     qweight  (N, ceil(K / 8) * bits)         uint8, row stride any, bytes contiguous
-    scales   scheme.scale_shape(N, K)        float16 / bfloat16 / float32, size-1 dims broadcast
+    scales   scheme.scale_shape(N, K)        float16 / bfloat16 / float32 (uint8 codes for e8m0 and
+                                             e4m3 scales), size-1 dims broadcast
+    global_scale (1, 1)                      float32, e4m3 scale formats only
     qzeros   (N|1, ceil(G / 8) * bits)       uint8 packed zero points of all G groups (has_zero)
     bias     (N,)                            any float dtype, optional
     out      (M, N)                          x.dtype
@@ -34,10 +42,12 @@ Three paths, chosen by :func:`plan_quant_linear_matmul` / :func:`quant_linear_ma
 * from :data:`DEQUANT_GEMM_MIN_M` rows on a GPU: the weight dequantized once
   (``_dequant_packed_kernel``) and one cuBLAS GEMM.
 
-Each K-tile loads ``BLOCK_K / 8`` runs of ``bits`` bytes per weight row, rebuilds each run's
-word with shifts and extracts the 8 codes. Scales and zeros: when no K-tile straddles two
-groups (``groupsize % BLOCK_K == 0``, or a single group per row) one scale (and one zero,
-unpacked from ``qzeros`` in the kernel) per weight row and tile; otherwise they are gathered
+Each K-tile loads ``BLOCK_K / 8`` runs of ``bits`` bytes per weight row (6 bits: half runs of 4
+codes in 3 bytes), rebuilds each run's word with shifts and extracts the codes. Scales and
+zeros: when no K-tile straddles two groups (``groupsize % BLOCK_K == 0``, or a single group per
+row) one scale (and one zero, unpacked from ``qzeros`` in the kernel) per weight row and tile;
+when a tile holds ``SUB_GROUPS`` whole groups (``BLOCK_K % groupsize == 0``: nvfp4's groups of 16
+in a 32-wide tile) one per row and group, broadcast over the group; otherwise they are gathered
 per element (the launcher picks ``BLOCK_K`` to avoid that where it can).
 
 In the Triton interpreter bf16 arithmetic and bf16 ``tl.dot`` are wrong, so for bf16 inputs
@@ -54,7 +64,9 @@ import triton
 import triton.language as tl
 
 from quantkit.kernels._launch import Launch, Target, run_all
-from quantkit.kernels._triton_math import bf16_bits, minifloat_decode, packed_code_at
+from quantkit.kernels._triton_math import (
+    SCALE_FMT_OF, bf16_bits, decode_scale, minifloat_decode, packed_code_at,
+)
 from quantkit.kernels.gemv import GemvConfig, plan_dequant_gemv, weight_constexprs
 from quantkit.kernels.quantize import check_matrix, check_scheme
 from quantkit.packing import PACK_BITS, packed_cols
@@ -62,6 +74,7 @@ from quantkit.scheme import QuantScheme
 
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CODED_SCALES = ("e8m0", "e4m3")  # stored as uint8 codes
 DOT16_MAX_M = 16  # up to this many rows: one 16-row tensor-core tile (decode batches)
 # From this many rows on a GPU the weight is dequantized once and multiplied by cuBLAS: the fused
 # kernel dequantizes every weight tile once per 128-row M-tile (~11 SASS per weight element
@@ -219,20 +232,23 @@ def plan_split_k_reduce(
 def load_code_tile(q_rows, n_ok, k0, K, BITS: tl.constexpr, BYTES_P2: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Raw ``(BLOCK_N, BLOCK_K)`` int32 codes of columns ``k0 .. k0 + BLOCK_K`` (``k0 % 8 == 0``)
-    of the packed rows ``q_rows`` (zero past ``K``)."""
+    of the packed rows ``q_rows`` (zero past ``K``). Runs of ``CPR`` codes in ``BPR`` bytes: 8 in
+    ``BITS``, or for 6 bits half runs of 4 codes in 3 bytes (every word fits 24 bits)."""
     if BITS == 8:  # one byte per code
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = n_ok[:, None] & (offs_k < K)[None, :]
         return tl.load(q_rows[:, None] + offs_k[None, :], mask=mask, other=0).to(tl.int32)
-    offs_r = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # (R,) runs of 8 codes
-    offs_b = tl.arange(0, BYTES_P2)  # byte within a run (BYTES_P2 >= BITS)
-    run_ok = offs_r < tl.cdiv(K, 8)
-    b_ptrs = q_rows[:, None, None] + (offs_r[:, None] * BITS + offs_b[None, :])[None, :, :]
-    b_mask = n_ok[:, None, None] & (run_ok[:, None] & (offs_b < BITS)[None, :])[None, :, :]
+    CPR: tl.constexpr = 4 if BITS == 6 else 8
+    BPR: tl.constexpr = 3 if BITS == 6 else BITS
+    offs_r = k0 // CPR + tl.arange(0, BLOCK_K // CPR)  # (R,) runs of CPR codes
+    offs_b = tl.arange(0, BYTES_P2)  # byte within a run (BYTES_P2 >= BPR)
+    run_ok = offs_r < tl.cdiv(K, CPR)
+    b_ptrs = q_rows[:, None, None] + (offs_r[:, None] * BPR + offs_b[None, :])[None, :, :]
+    b_mask = n_ok[:, None, None] & (run_ok[:, None] & (offs_b < BPR)[None, :])[None, :, :]
     byte = tl.load(b_ptrs, mask=b_mask, other=0).to(tl.int32)  # (BLOCK_N, R, BYTES_P2)
-    word = tl.sum(byte << (offs_b * 8)[None, None, :], axis=2)  # (BLOCK_N, R), 8*BITS <= 24 bits
-    offs_j = tl.arange(0, 8)
-    c = (word[:, :, None] >> (offs_j * BITS)[None, None, :]) & ((1 << BITS) - 1)  # (N, R, 8)
+    word = tl.sum(byte << (offs_b * 8)[None, None, :], axis=2)  # (BLOCK_N, R), <= 24 bits
+    offs_j = tl.arange(0, CPR)
+    c = (word[:, :, None] >> (offs_j * BITS)[None, None, :]) & ((1 << BITS) - 1)  # (N, R, CPR)
     return tl.reshape(c, (BLOCK_N, BLOCK_K))
 
 
@@ -249,10 +265,11 @@ def magic_float(v, HALF: tl.constexpr):
 
 
 @triton.jit
-def dequant_tile(q_rows, s_rows, z_rows, n_ok, k0, K, group_size, stride_sg,
+def dequant_tile(q_rows, s_rows, z_rows, n_ok, k0, K, group_size, stride_sg, g,
                  BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr,
                  IS_FLOAT: tl.constexpr, EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr,
-                 EXP_BIAS: tl.constexpr, TILE_GROUPS: tl.constexpr, BYTES_P2: tl.constexpr,
+                 EXP_BIAS: tl.constexpr, TILE_GROUPS: tl.constexpr, SUB_GROUPS: tl.constexpr,
+                 SCALE_FMT: tl.constexpr, BYTES_P2: tl.constexpr,
                  HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Weights ``(BLOCK_N, BLOCK_K)`` of columns ``k0 .. k0 + BLOCK_K`` of the packed rows
     ``q_rows``: ``(q - z) * s`` or ``value(q) * s`` as :func:`quantkit.reference.dequantize`.
@@ -263,7 +280,9 @@ def dequant_tile(q_rows, s_rows, z_rows, n_ok, k0, K, group_size, stride_sg,
     of two fp16 values is the fp32 product rounded once, i.e. the reference's
     ``W.to(float16)``, at two weights per instruction.
     ``TILE_GROUPS``: no K-tile straddles two groups (one scale per weight row and tile);
-    otherwise scales (and zeros) are gathered per element.
+    ``SUB_GROUPS > 1``: a tile holds that many whole groups (one scale per row and group,
+    broadcast); otherwise scales (and zeros) are gathered per element. Scales are decoded from
+    ``SCALE_FMT`` (e4m3 with the per-tensor ``g``).
     """
     offs_k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
     k_ok = offs_k < K
@@ -271,18 +290,29 @@ def dequant_tile(q_rows, s_rows, z_rows, n_ok, k0, K, group_size, stride_sg,
     CT: tl.constexpr = tl.float16 if HALF else tl.float32
     OFFSET: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
     if TILE_GROUPS:  # one group per tile: a (BLOCK_N, 1) scale
-        g = k0 // group_size
-        s = tl.load(s_rows + g * stride_sg, mask=n_ok, other=1.0).to(CT)[:, None]
+        grp = k0 // group_size
+        s = decode_scale(tl.load(s_rows + grp * stride_sg, mask=n_ok, other=1), g, SCALE_FMT)
+        s = s.to(CT)[:, None]
         if HAS_ZERO:
-            z = packed_code_at(z_rows, g + tl.zeros_like(n_ok.to(tl.int32)), n_ok, BITS, SIGNED)
+            z = packed_code_at(z_rows, grp + tl.zeros_like(n_ok.to(tl.int32)), n_ok, BITS, SIGNED)
             z = z[:, None]
-    else:  # groups change inside the tile: gather per element
-        g = offs_k // group_size  # (BLOCK_K,)
-        wmask = n_ok[:, None] & k_ok[None, :]
-        s = tl.load(s_rows[:, None] + g[None, :] * stride_sg, mask=wmask, other=1.0)
-        s = s.to(CT)  # (BLOCK_N, BLOCK_K)
+    elif SUB_GROUPS > 1:  # whole groups inside the tile: (BLOCK_N, SUB_GROUPS) broadcast
+        GS: tl.constexpr = BLOCK_K // SUB_GROUPS
+        grp = k0 // GS + tl.arange(0, SUB_GROUPS)  # (SUB_GROUPS,)
+        smask = n_ok[:, None] & (grp * GS < K)[None, :]
+        s = decode_scale(tl.load(s_rows[:, None] + grp[None, :] * stride_sg, mask=smask, other=1),
+                         g, SCALE_FMT).to(CT)  # (BLOCK_N, SUB_GROUPS)
+        s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, SUB_GROUPS, GS)), (BLOCK_N, BLOCK_K))
         if HAS_ZERO:
-            z = packed_code_at(z_rows[:, None], g[None, :], wmask, BITS, SIGNED)
+            z = packed_code_at(z_rows[:, None], grp[None, :], smask, BITS, SIGNED)
+            z = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, SUB_GROUPS, GS)), (BLOCK_N, BLOCK_K))
+    else:  # groups change inside the tile: gather per element
+        grp = offs_k // group_size  # (BLOCK_K,)
+        wmask = n_ok[:, None] & k_ok[None, :]
+        s = tl.load(s_rows[:, None] + grp[None, :] * stride_sg, mask=wmask, other=1)
+        s = decode_scale(s, g, SCALE_FMT).to(CT)  # (BLOCK_N, BLOCK_K)
+        if HAS_ZERO:
+            z = packed_code_at(z_rows[:, None], grp[None, :], wmask, BITS, SIGNED)
     if IS_FLOAT:
         q = minifloat_decode(c, EXP_BITS, MANT_BITS, EXP_BIAS)  # (BLOCK_N, BLOCK_K) fp32
     elif HAS_ZERO:
@@ -296,15 +326,16 @@ def dequant_tile(q_rows, s_rows, z_rows, n_ok, k0, K, group_size, stride_sg,
 @triton.jit
 def _dequant_matmul_kernel(
     # pointers
-    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_ptr,
+    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, global_ptr, bias_ptr, out_ptr,
     # sizes
-    M, N, K, group_size,
+    M, N, K, group_size, block_rows,
     # strides
     stride_xm, stride_xk, stride_qn, stride_sn, stride_sg, stride_zn, stride_om, stride_on,
     # quantization
     BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, IS_FLOAT: tl.constexpr,
     EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr, EXP_BIAS: tl.constexpr,
-    TILE_GROUPS: tl.constexpr, HALF: tl.constexpr,
+    TILE_GROUPS: tl.constexpr, SUB_GROUPS: tl.constexpr, SCALE_FMT: tl.constexpr,
+    HALF: tl.constexpr,
     # meta
     HAS_BIAS: tl.constexpr, DOT: tl.constexpr, OUT_BF16: tl.constexpr, BYTES_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -321,9 +352,10 @@ def _dequant_matmul_kernel(
     n_ok = offs_n < N
     rows64 = offs_n.to(tl.int64)  # N * row stride can exceed 2**31
     q_rows = qweight_ptr + rows64 * stride_qn  # (BLOCK_N,) first byte of each weight row
-    s_rows = scales_ptr + rows64 * stride_sn  # (BLOCK_N,) stride_sn == 0 for per_tensor
+    s_rows = scales_ptr + (rows64 // block_rows) * stride_sn  # (BLOCK_N,) 0 stride: per_tensor
     z_rows = qzeros_ptr + rows64 * stride_zn
     x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm  # (BLOCK_M,)
+    g = tl.load(global_ptr) if SCALE_FMT == 2 else 1.0  # e4m3 scales' per-tensor fp32 scale
 
     first, last = k_tile_range(pid_k, K, BLOCK_K, SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -334,9 +366,9 @@ def _dequant_matmul_kernel(
         x = tl.load(x_rows[:, None] + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
 
-        w = dequant_tile(q_rows, s_rows, z_rows, n_ok, k0, K, group_size, stride_sg, BITS,
+        w = dequant_tile(q_rows, s_rows, z_rows, n_ok, k0, K, group_size, stride_sg, g, BITS,
                          SIGNED, HAS_ZERO, IS_FLOAT, EXP_BITS, MANT_BITS, EXP_BIAS, TILE_GROUPS,
-                         BYTES_P2, HALF, BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K) fp32
+                         SUB_GROUPS, SCALE_FMT, BYTES_P2, HALF, BLOCK_N, BLOCK_K)  # (N, K) fp32
 
         if DOT == "fp16":
             w_op = w.to(tl.float16)
@@ -363,15 +395,16 @@ def _dequant_matmul_kernel(
 @triton.jit
 def _dequant_packed_kernel(
     # pointers
-    qweight_ptr, scales_ptr, qzeros_ptr, out_ptr,
+    qweight_ptr, scales_ptr, qzeros_ptr, global_ptr, out_ptr,
     # sizes
-    N, K, group_size,
+    N, K, group_size, block_rows,
     # strides
     stride_qn, stride_sn, stride_sg, stride_zn, stride_on,
     # quantization
     BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, IS_FLOAT: tl.constexpr,
     EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr, EXP_BIAS: tl.constexpr,
-    TILE_GROUPS: tl.constexpr, HALF: tl.constexpr,
+    TILE_GROUPS: tl.constexpr, SUB_GROUPS: tl.constexpr, SCALE_FMT: tl.constexpr,
+    HALF: tl.constexpr,
     # meta
     OUT_BF16: tl.constexpr, BYTES_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -381,10 +414,11 @@ def _dequant_packed_kernel(
     k0 = tl.program_id(1) * BLOCK_K
     n_ok = offs_n < N
     rows64 = offs_n.to(tl.int64)
-    w = dequant_tile(qweight_ptr + rows64 * stride_qn, scales_ptr + rows64 * stride_sn,
-                     qzeros_ptr + rows64 * stride_zn, n_ok, k0, K, group_size, stride_sg, BITS,
+    g = tl.load(global_ptr) if SCALE_FMT == 2 else 1.0  # e4m3 scales' per-tensor fp32 scale
+    w = dequant_tile(qweight_ptr + rows64 * stride_qn, scales_ptr + (rows64 // block_rows) * stride_sn,
+                     qzeros_ptr + rows64 * stride_zn, n_ok, k0, K, group_size, stride_sg, g, BITS,
                      SIGNED, HAS_ZERO, IS_FLOAT, EXP_BITS, MANT_BITS, EXP_BIAS, TILE_GROUPS,
-                     BYTES_P2, HALF, BLOCK_N, BLOCK_K)
+                     SUB_GROUPS, SCALE_FMT, BYTES_P2, HALF, BLOCK_N, BLOCK_K)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = n_ok[:, None] & (offs_k < K)[None, :]
     o_ptrs = out_ptr + rows64[:, None] * stride_on + offs_k[None, :]
@@ -445,7 +479,9 @@ def default_config(M: int, N: int, K: int, group_size: int, target: Target, *,
     if x_dtype == torch.float32:
         block_k = max(32, block_k // 2)
     block_k = _fit_groups(block_k if aligned else 32, group_size, K, 32)
-    gathered = group_size < K and group_size % block_k != 0  # scales and zeros per element
+    # scales and zeros gathered per element (tiles holding whole groups of a block format's
+    # 16/32 load one scale per group instead)
+    gathered = group_size < K and group_size % block_k != 0 and block_k % group_size != 0
     if gathered:
         block_k = 32
     if gathered and block_m == 64:  # the gathered / byte-wise tiles take the registers
@@ -455,6 +491,37 @@ def default_config(M: int, N: int, K: int, group_size: int, target: Target, *,
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     split = split_k_for(tiles, triton.cdiv(K, block_k), target)
     return MatmulConfig(block_m, block_n, block_k, split, num_warps=warps, num_stages=3)
+
+
+def scale_block_rows(scheme: QuantScheme, scales: torch.Tensor) -> int:
+    """Weight rows per scale row: ``block_rows`` of 2-D blocks (1 when the scales broadcast)."""
+    return scheme.block_rows if scales.shape[0] > 1 else 1
+
+
+def group_constexprs(group_size: int, K: int, block_k: int) -> dict:
+    """``TILE_GROUPS`` (one group per K-tile) and ``SUB_GROUPS`` (whole groups per K-tile) of
+    :func:`dequant_tile` for tiles of ``block_k`` columns."""
+    tile = group_size % block_k == 0 or group_size >= K
+    sub = block_k // group_size if not tile and block_k % group_size == 0 else 1
+    return dict(TILE_GROUPS=tile, SUB_GROUPS=sub)
+
+
+def check_scales(scales: object, scheme: QuantScheme, expected: tuple[int, int],
+                 global_scale: object, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``scales`` in the scheme's scale format (float values, or uint8 codes of e8m0/e4m3) and
+    the ``(1, 1)`` float32 ``global_scale`` exactly when the format is e4m3."""
+    coded = scheme.scale_format in _CODED_SCALES
+    scales, _ = check_broadcast(scales, "scales", expected, (torch.uint8,) if coded else _SCALE_DTYPES,
+                                device)
+    if not scheme.has_global_scale:
+        if global_scale is not None:
+            raise ValueError(f"global_scale must be None: {scheme.describe()} has {scheme.scale_format} scales")
+        return scales, None
+    if not isinstance(global_scale, torch.Tensor) or global_scale.numel() != 1 or (
+            global_scale.dtype != torch.float32) or global_scale.device != device:
+        raise ValueError(f"{scheme.describe()}: e4m3 scales need global_scale, a (1, 1) float32 tensor on "
+                         f"{device}; got {global_scale!r}")
+    return scales, global_scale.reshape(1, 1)
 
 
 def half_weights(scheme: QuantScheme, scales: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -515,6 +582,7 @@ def quant_linear_matmul(
     scheme: QuantScheme,
     *,
     config: MatmulConfig | GemvConfig | None = None,
+    global_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = x @ dequant(qweight, scales, qzeros).T + bias`` in one fused kernel.
 
@@ -525,11 +593,13 @@ def quant_linear_matmul(
     Args:
         x: ``(M, K)`` float16 / bfloat16 / float32 on CUDA (or CPU under ``TRITON_INTERPRET=1``).
         qweight: ``(N, ceil(K / 8) * bits)`` uint8 packed weight codes.
-        scales: ``scheme.scale_shape(N, K)`` float16/bfloat16/float32 (size-1 dims broadcast).
+        scales: ``scheme.scale_shape(N, K)`` float16/bfloat16/float32, or uint8 codes for e8m0
+            and e4m3 scale formats (size-1 dims broadcast).
         qzeros: ``(N|1, ceil(G / 8) * bits)`` uint8 when ``scheme.has_zero``, else None.
         bias: ``(N,)`` float tensor or None.
-        scheme: the weight's :class:`QuantScheme` (bits in 2/3/4/8, int or float grid).
+        scheme: the weight's :class:`QuantScheme` (bits in 2/3/4/6/8, int or float grid).
         config: tiles to use instead of :func:`default_config` (tests, tuning).
+        global_scale: ``(1, 1)`` float32, the per-tensor scale of e4m3 scale formats.
 
     Returns:
         ``(M, N)`` tensor of ``x.dtype``.
@@ -548,7 +618,7 @@ def quant_linear_matmul(
             f"(x.shape[1]) at {bits} bits, got {tuple(qweight.shape)} strides {qweight.stride()}"
         )
     expected = scheme.scale_shape(N, K)  # validates groupsize against K
-    scales, _ = check_broadcast(scales, "scales", expected, _SCALE_DTYPES, x.device)
+    scales, global_scale = check_scales(scales, scheme, expected, global_scale, x.device)
     signed = scheme.dtype.is_int and not scheme.unsigned
     if scheme.has_zero:
         if qzeros is None:
@@ -571,9 +641,9 @@ def quant_linear_matmul(
         )
     target = Target.of(x.device)
     if dequantizes_first(M, target, config):
-        return dequant_then_gemm(x, qweight, scales, qzeros, bias, scheme, target)
+        return dequant_then_gemm(x, qweight, scales, qzeros, bias, scheme, target, global_scale)
     out, launches = plan_quant_linear_matmul(
-        x, qweight, scales, qzeros, bias, scheme, target, config=config,
+        x, qweight, scales, qzeros, bias, scheme, target, config=config, global_scale=global_scale,
     )
     run_all(launches, x.device)
     return out
@@ -593,11 +663,12 @@ def dequant_then_gemm(
     bias: torch.Tensor | None,
     scheme: QuantScheme,
     target: Target,
+    global_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The large-M path: the weight dequantized once into ``x.dtype``, then one dense GEMM
     (cuBLAS on a GPU), with the bias rounded to ``x.dtype`` and added in its epilogue."""
     w, launches = plan_dequantize_packed(qweight, scales, qzeros, scheme, x.shape[1], x.dtype,
-                                         target)
+                                         target, global_scale)
     run_all(launches, x.device)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
@@ -610,6 +681,7 @@ def plan_dequantize_packed(
     K: int,
     out_dtype: torch.dtype,
     target: Target,
+    global_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[Launch]]:
     """The ``(N, K)`` weight buffer of ``out_dtype`` and the launch of
     :func:`_dequant_packed_kernel` that fills it (arguments validated by the caller)."""
@@ -622,11 +694,13 @@ def plan_dequantize_packed(
     stride_zn = 0 if qzeros is None or qzeros.shape[0] == 1 else qzeros.stride(0)
     args = (
         qweight, scales, qweight if qzeros is None else qzeros,
+        scales if global_scale is None else global_scale,
         out.view(torch.int16) if out_dtype == torch.bfloat16 else out,
-        N, K, group_size, qweight.stride(0), stride_sn, stride_sg, stride_zn, out.stride(0),
+        N, K, group_size, scale_block_rows(scheme, scales),
+        qweight.stride(0), stride_sn, stride_sg, stride_zn, out.stride(0),
     )
-    constexprs = weight_constexprs(scheme) | dict(
-        TILE_GROUPS=group_size % block_k == 0 or group_size >= K,
+    constexprs = weight_constexprs(scheme) | group_constexprs(group_size, K, block_k) | dict(
+        SCALE_FMT=SCALE_FMT_OF[scheme.scale_format],
         HALF=half_weights(scheme, scales, out_dtype),
         OUT_BF16=out_dtype == torch.bfloat16, BYTES_P2=triton.next_power_of_2(scheme.bits),
         BLOCK_N=block_n, BLOCK_K=block_k,
@@ -646,11 +720,13 @@ def plan_quant_linear_matmul(
     target: Target,
     *,
     config: MatmulConfig | GemvConfig | None = None,
+    global_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[Launch]]:
     """The output and launches of :func:`quant_linear_matmul` on ``target`` (arguments already
     validated; tensors may live on the ``meta`` device for the static inspection)."""
     if not isinstance(config, MatmulConfig):  # None or a GemvConfig: the decode GEMV if it applies
-        gemv = plan_dequant_gemv(x, qweight, scales, qzeros, bias, scheme, target, config=config)
+        gemv = plan_dequant_gemv(x, qweight, scales, qzeros, bias, scheme, target, config=config,
+                                 global_scale=global_scale)
         if gemv is not None:
             return gemv
         if config is not None:
@@ -669,14 +745,15 @@ def plan_quant_linear_matmul(
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), cfg.split_k)
     args = (
         x, qweight, scales, qweight if qzeros is None else qzeros,
+        scales if global_scale is None else global_scale,
         qweight if bias is None else bias,
         dest.view(torch.int16) if dest.dtype == torch.bfloat16 else dest,
-        M, N, K, group_size,
+        M, N, K, group_size, scale_block_rows(scheme, scales),
         x.stride(0), x.stride(1), qweight.stride(0), stride_sn, stride_sg, stride_zn,
         dest.stride(-2), dest.stride(-1),
     )
-    constexprs = weight_constexprs(scheme) | dict(
-        TILE_GROUPS=group_size % cfg.block_k == 0 or group_size >= K,
+    constexprs = weight_constexprs(scheme) | group_constexprs(group_size, K, cfg.block_k) | dict(
+        SCALE_FMT=SCALE_FMT_OF[scheme.scale_format],
         HALF=half_weights(scheme, scales, x.dtype),
         HAS_BIAS=bias is not None, DOT=dot_kind(x.dtype, target.gpu),
         OUT_BF16=dest.dtype == torch.bfloat16, BYTES_P2=triton.next_power_of_2(scheme.bits),

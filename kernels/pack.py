@@ -1,4 +1,4 @@
-"""Triton kernels that pack 2/3/4/8-bit codes into dense bytes and unpack them.
+"""Triton kernels that pack 2/3/4/6/8-bit codes into dense bytes and unpack them.
 
 Layout (identical to the reference :mod:`quantkit.packing`, bit for bit): along the last
 dimension every run of 8 codes becomes ``bits`` bytes. Code ``j`` of a run occupies bits
@@ -8,7 +8,8 @@ dimension every run of 8 codes becomes ``bits`` bytes. Code ``j`` of a run occup
     byte_b = (word >> (8 * b)) & 0xFF                          # b = 0..bits-1
 
 so int4 stores ``c0 | c1 << 4``, int2 ``c0 | c1 << 2 | c2 << 4 | c3 << 6``, int3 packs 8 codes
-into 3 bytes and int8 is a copy. The last run of a row is zero-padded when ``cols % 8 != 0``;
+into 3 bytes and int8 is a copy. 6-bit codes (fp6) are handled as half runs of 4 codes in 3 bytes
+(the same bytes: 24 bits end on a byte boundary), so every word fits in 32 bits. The last run of a row is zero-padded when ``cols % 8 != 0``;
 unpacking needs ``cols`` to drop the padding. Signed codes are stored as their low ``bits``
 two's-complement bits and sign-extended on unpack.
 
@@ -17,7 +18,7 @@ Shapes and dtypes::
     codes  (rows, cols)                      int8 (signed) or uint8
     packed (rows, ceil(cols / 8) * bits)     uint8
 
-Constraints: ``bits`` in {2, 3, 4, 8}; any ``rows``/``cols`` (no divisibility needed); codes
+Constraints: ``bits`` in {2, 3, 4, 6, 8}; any ``rows``/``cols`` (no divisibility needed); codes
 may be strided (any ``stride_cm``/``stride_cn``), outputs are contiguous. Codes outside the
 ``bits``-bit range are truncated to their low bits, as in the reference.
 
@@ -59,19 +60,21 @@ def _pack_kernel(
     # quantization
     BITS: tl.constexpr,
     # meta
+    CPR: tl.constexpr, BPR: tl.constexpr,
     BYTES_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Pack a ``(BLOCK_M, 8 * BLOCK_R)`` tile of codes into ``(BLOCK_M, BITS * BLOCK_R)`` bytes."""
+    """Pack a ``(BLOCK_M, CPR * BLOCK_R)`` tile of codes into ``(BLOCK_M, BPR * BLOCK_R)`` bytes:
+    runs of ``CPR`` codes in ``BPR`` bytes (8 in ``BITS``; 6 bits: half runs, 4 in 3)."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
-    offs_j = tl.arange(0, 8)  # code within a run
-    offs_b = tl.arange(0, BYTES_P2)  # byte within a run (BYTES_P2 >= BITS)
+    offs_j = tl.arange(0, CPR)  # code within a run
+    offs_b = tl.arange(0, BYTES_P2)  # byte within a run (BYTES_P2 >= BPR)
     row_ok = offs_m < rows
     rows64 = offs_m.to(tl.int64)  # rows * stride can exceed 2**31
 
-    offs_n = offs_r[:, None] * 8 + offs_j[None, :]  # (BLOCK_R, 8) column of each code
+    offs_n = offs_r[:, None] * CPR + offs_j[None, :]  # (BLOCK_R, CPR) column of each code
     c_ptrs = codes_ptr + rows64[:, None, None] * stride_cm + offs_n[None, :, :] * stride_cn
     c_mask = row_ok[:, None, None] & (offs_n < cols)[None, :, :]
     # masked codes read as 0: that is the zero padding of the last run
@@ -82,13 +85,13 @@ def _pack_kernel(
         packed = c & 0xFF  # (BLOCK_M, BLOCK_R, 8)
     else:
         c = c & ((1 << BITS) - 1)  # two's-complement low bits
-        # the fields are disjoint, so the sum is their bitwise or; 8 * BITS <= 32 bits
+        # the fields are disjoint, so the sum is their bitwise or; CPR * BITS <= 24 bits
         word = tl.sum(c << (offs_j * BITS)[None, None, :], axis=2)  # (BLOCK_M, BLOCK_R) int32
         packed = (word[:, :, None] >> (offs_b * 8)[None, None, :]) & 0xFF  # (M, R, BYTES_P2)
 
-    offs_p = offs_r[:, None] * BITS + offs_b[None, :]  # (BLOCK_R, BYTES_P2) byte column
+    offs_p = offs_r[:, None] * BPR + offs_b[None, :]  # (BLOCK_R, BYTES_P2) byte column
     p_ptrs = packed_ptr + rows64[:, None, None] * stride_pm + offs_p[None, :, :]
-    p_mask = row_ok[:, None, None] & ((offs_r < runs)[:, None] & (offs_b < BITS)[None, :])[None]
+    p_mask = row_ok[:, None, None] & ((offs_r < runs)[:, None] & (offs_b < BPR)[None, :])[None]
     tl.store(p_ptrs, packed.to(tl.uint8), mask=p_mask)
 
 
@@ -103,21 +106,22 @@ def _unpack_kernel(
     # quantization
     BITS: tl.constexpr, SIGNED: tl.constexpr,
     # meta
+    CPR: tl.constexpr, BPR: tl.constexpr,
     BYTES_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Unpack a ``(BLOCK_M, BITS * BLOCK_R)`` byte tile into ``(BLOCK_M, 8 * BLOCK_R)`` codes."""
+    """Unpack a ``(BLOCK_M, BPR * BLOCK_R)`` byte tile into ``(BLOCK_M, CPR * BLOCK_R)`` codes."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
-    offs_j = tl.arange(0, 8)  # code within a run
-    offs_b = tl.arange(0, BYTES_P2)  # byte within a run (BYTES_P2 >= BITS)
+    offs_j = tl.arange(0, CPR)  # code within a run
+    offs_b = tl.arange(0, BYTES_P2)  # byte within a run (BYTES_P2 >= BPR)
     row_ok = offs_m < rows
     rows64 = offs_m.to(tl.int64)
 
-    offs_p = offs_r[:, None] * BITS + offs_b[None, :]  # (BLOCK_R, BYTES_P2) byte column
+    offs_p = offs_r[:, None] * BPR + offs_b[None, :]  # (BLOCK_R, BYTES_P2) byte column
     p_ptrs = packed_ptr + rows64[:, None, None] * stride_pm + offs_p[None, :, :] * stride_pn
-    p_mask = row_ok[:, None, None] & ((offs_r < runs)[:, None] & (offs_b < BITS)[None, :])[None]
+    p_mask = row_ok[:, None, None] & ((offs_r < runs)[:, None] & (offs_b < BPR)[None, :])[None]
     byte = tl.load(p_ptrs, mask=p_mask, other=0).to(tl.int32)  # (BLOCK_M, BLOCK_R, BYTES_P2)
 
     if BITS == 8:
@@ -126,12 +130,12 @@ def _unpack_kernel(
             c = tl.where(c >= 128, c - 256, c)
     else:
         word = tl.sum(byte << (offs_b * 8)[None, None, :], axis=2)  # (BLOCK_M, BLOCK_R) int32
-        c = (word[:, :, None] >> (offs_j * BITS)[None, None, :]) & ((1 << BITS) - 1)  # (M, R, 8)
+        c = (word[:, :, None] >> (offs_j * BITS)[None, None, :]) & ((1 << BITS) - 1)  # (M, R, CPR)
         if SIGNED:
             # move the field's sign bit to bit 31, then shift back arithmetically
             c = (c << (32 - BITS)) >> (32 - BITS)
 
-    offs_n = offs_r[:, None] * 8 + offs_j[None, :]  # (BLOCK_R, 8) column of each code
+    offs_n = offs_r[:, None] * CPR + offs_j[None, :]  # (BLOCK_R, CPR) column of each code
     c_ptrs = codes_ptr + rows64[:, None, None] * stride_cm + offs_n[None, :, :]
     c_mask = row_ok[:, None, None] & (offs_n < cols)[None, :, :]
     tl.store(c_ptrs, c.to(codes_ptr.dtype.element_ty), mask=c_mask)
@@ -149,6 +153,14 @@ def _check_device(t: torch.Tensor, name: str) -> None:
             f"{name} is on {t.device}: the Triton pack kernels need a CUDA tensor, or "
             "TRITON_INTERPRET=1 set before quantkit.kernels is imported"
         )
+
+
+def run_layout(bits: int, cols: int) -> tuple[int, int, int]:
+    """``(codes per run, bytes per run, runs per row)`` the kernels use: runs of 8 codes in
+    ``bits`` bytes, 6-bit codes in half runs of 4 codes in 3 bytes (every run of the stored
+    layout is two of them, so the zero padding of the last run is written too)."""
+    cpr, bpr = (4, 3) if bits == 6 else (CODES_PER_RUN, bits)
+    return cpr, bpr, triton.cdiv(cols, CODES_PER_RUN) * (CODES_PER_RUN // cpr)
 
 
 def _tile(rows: int, runs: int, on_gpu: bool) -> tuple[int, int]:
@@ -189,15 +201,16 @@ def plan_pack_codes(
     """The output and launches of :func:`pack_codes` on ``target`` (arguments validated;
     tensors may live on the ``meta`` device). An empty output needs no launch."""
     rows, cols = codes.shape
-    runs = triton.cdiv(cols, CODES_PER_RUN)
-    packed = torch.empty(rows, runs * bits, dtype=torch.uint8, device=codes.device)
+    cpr, bpr, runs = run_layout(bits, cols)
+    packed = torch.empty(rows, packed_cols(cols, bits), dtype=torch.uint8, device=codes.device)
     if packed.numel() == 0:
         return packed, []
     block_m, block_r = _tile(rows, runs, target.gpu)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(runs, block_r))
     args = (codes, packed, rows, cols, runs, codes.stride(0), codes.stride(1), packed.stride(0))
     constexprs = dict(
-        BITS=bits, BYTES_P2=triton.next_power_of_2(bits), BLOCK_M=block_m, BLOCK_R=block_r
+        BITS=bits, CPR=cpr, BPR=bpr, BYTES_P2=triton.next_power_of_2(bpr), BLOCK_M=block_m,
+        BLOCK_R=block_r,
     )
     return packed, [Launch(_pack_kernel, grid, args, constexprs, num_warps=4)]
 
@@ -232,7 +245,7 @@ def plan_unpack_codes(
 ) -> tuple[torch.Tensor, list[Launch]]:
     """The output and launches of :func:`unpack_codes` on ``target`` (arguments validated)."""
     rows = packed.shape[0]
-    runs = triton.cdiv(cols, CODES_PER_RUN)
+    cpr, bpr, runs = run_layout(bits, cols)
     codes = torch.empty(
         rows, cols, dtype=torch.int8 if signed else torch.uint8, device=packed.device
     )
@@ -242,7 +255,7 @@ def plan_unpack_codes(
     grid = (triton.cdiv(rows, block_m), triton.cdiv(runs, block_r))
     args = (packed, codes, rows, cols, runs, packed.stride(0), packed.stride(1), codes.stride(0))
     constexprs = dict(
-        BITS=bits, SIGNED=signed,
-        BYTES_P2=triton.next_power_of_2(bits), BLOCK_M=block_m, BLOCK_R=block_r,
+        BITS=bits, SIGNED=signed, CPR=cpr, BPR=bpr,
+        BYTES_P2=triton.next_power_of_2(bpr), BLOCK_M=block_m, BLOCK_R=block_r,
     )
     return codes, [Launch(_unpack_kernel, grid, args, constexprs, num_warps=4)]

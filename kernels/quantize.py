@@ -10,6 +10,9 @@ operation in the same order; divisions use ``tl.div_rn``)::
     int, zero point:  s = (hi - lo) / (qmax - qmin),  z = clamp(round(qmin - lo / s), qmin, qmax)
     float grids:      s = amax / max_value      (absmax_code = max_value)
     s = 1 where s == 0
+    e8m0 scales:      s = 2**clamp(floor(log2 amax) - emax, -127, 127)    (OCP MX; exponent bits)
+    e4m3 scales:      s = value(fp8(g * (amax / max_value))) / g         (NVFP4; 0.125 for 0)
+                      g = (1 / max(amax_tensor, 2**-126)) * (448 * max_value), per tensor
     int codes:        q = clamp(round(x / s) [+ z], qmin, qmax)       (round half to even)
     float codes:      q = bits(round_to_grid(clamp(x / s, -max_value, max_value)))
 
@@ -22,7 +25,8 @@ Shapes and dtypes::
     zero   same shape as scale               int32, only when ``scheme.has_zero``
 
 Any ``rows``/``cols``/``groupsize`` (``1 <= g <= cols``; the last group of a row is shorter
-where ``g`` does not divide ``cols``); no divisibility constraints.
+where ``g`` does not divide ``cols``); no divisibility constraints. 2-D blocks (``block_rows = R``)
+share one scale among ``R`` rows: scale shape ``(ceil(rows / R), ceil(cols / g))``.
 
 Tiling. The unit of work is a *segment*: one quantization group of one row (a whole row for
 per_channel/per_token), ``num_segments = rows * groups_per_row``. A program owns a
@@ -36,7 +40,9 @@ program: ``x`` is read once and the scale costs no extra pass or launch. Segment
 in chunks twice: a min/max pass, then a quantize pass that re-reads the row (from L2 on a
 GPU). per_tensor needs a global reduction: a grid of ``(BLOCK_M, BLOCK_N)`` tiles writes
 partial min/max pairs, one program reduces them to the scale (and zero), and the segment
-kernel quantizes with that scale (3 launches, deterministic, no atomics).
+kernel quantizes with that scale (3 launches, deterministic, no atomics). e4m3 scales first
+reduce the per-tensor ``g`` the same way (2 more launches). 2-D blocks: one program per block
+computes its scale (:func:`_block_qparams_kernel`), then the segment kernel quantizes with it.
 :func:`quantize_with_qparams` runs the same segment kernel with given scales; per-row and
 per-tensor scales let it cut long rows into independent chunks, so only per_group with
 groups longer than ``max_block_cols`` loops.
@@ -56,7 +62,10 @@ import triton.language as tl
 from quantkit.kernels._launch import Launch, Target, run_all
 from quantkit.kernels._triton_math import (
     ROUND_LIMIT,
+    SCALE_FMT_OF,
+    e4m3_scale_from_amax,
     minifloat_encode,
+    mx_scale_from_amax,
     round_half_even,
 )
 from quantkit.scheme import QuantScheme
@@ -106,6 +115,24 @@ def scale_zero_from_minmax(
 
 
 @triton.jit
+def group_scale_zero(
+    lo, hi, g,
+    HAS_ZERO: tl.constexpr, UNSIGNED: tl.constexpr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, ABSMAX_CODE: tl.constexpr,
+    SCALE_FMT: tl.constexpr, EMAX: tl.constexpr, MAX_VALUE: tl.constexpr,
+):
+    """:func:`scale_zero_from_minmax` in the scheme's scale format: float scales as there, e8m0
+    (``SCALE_FMT == 1``) the OCP MX power of two, e4m3 (2) NVFP4's scale with the per-tensor
+    ``g`` (fp32 scalar; unused otherwise)."""
+    if SCALE_FMT == 1:
+        return mx_scale_from_amax(tl.maximum(-lo, hi), EMAX), tl.zeros(lo.shape, tl.int32)
+    elif SCALE_FMT == 2:
+        return e4m3_scale_from_amax(tl.maximum(-lo, hi), g, MAX_VALUE), tl.zeros(lo.shape, tl.int32)
+    else:
+        return scale_zero_from_minmax(lo, hi, HAS_ZERO, UNSIGNED, QMIN, QMAX, ABSMAX_CODE)
+
+
+@triton.jit
 def quantize_values(
     x, scale, zero,
     IS_FLOAT: tl.constexpr, HAS_ZERO: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
@@ -129,9 +156,9 @@ def quantize_values(
 @triton.jit
 def _quantize_kernel(
     # pointers
-    x_ptr, codes_ptr, scale_ptr, zero_ptr,
+    x_ptr, codes_ptr, scale_ptr, zero_ptr, global_ptr,
     # sizes
-    cols, num_segments, num_groups, group_size,
+    cols, num_segments, num_groups, group_size, block_rows,
     # strides
     stride_xm, stride_xn, stride_cm, stride_cn, stride_sm, stride_sg, stride_zm, stride_zg,
     # quantization
@@ -139,14 +166,17 @@ def _quantize_kernel(
     QMIN: tl.constexpr, QMAX: tl.constexpr,
     EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr, BIAS: tl.constexpr,
     MAX_VALUE: tl.constexpr, ABSMAX_CODE: tl.constexpr,
+    SCALE_FMT: tl.constexpr, EMAX: tl.constexpr,
     # meta
     COMPUTE_QPARAMS: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     """Quantize ``BLOCK_S`` segments (row ``s // num_groups``, group ``s % num_groups``).
 
-    ``COMPUTE_QPARAMS``: compute each segment's scale/zero from its values and store them;
-    else load them (``stride_sg``/``stride_zg`` may be 0 to share one scale per row).
+    ``COMPUTE_QPARAMS``: compute each segment's scale/zero from its values and store them (in
+    the scale format ``SCALE_FMT``; e4m3 reads the per-tensor scale at ``global_ptr``); else load
+    them (``stride_sg``/``stride_zg`` may be 0 to share one scale per row; row ``r`` reads scale
+    row ``r // block_rows``: 2-D blocks).
     ``SINGLE_CHUNK``: ``group_size <= BLOCK_G``, the segment lives in registers; else it is
     walked in chunks of ``BLOCK_G`` (twice when computing qparams).
     """
@@ -162,8 +192,12 @@ def _quantize_kernel(
     col64 = col0.to(tl.int64)
     x_seg = x_ptr + row64 * stride_xm + col64 * stride_xn  # (BLOCK_S,) pointers
     c_seg = codes_ptr + row64 * stride_cm + col64 * stride_cn  # (BLOCK_S,) pointers
-    s_ptrs = scale_ptr + row64 * stride_sm + grp * stride_sg  # (BLOCK_S,)
+    s_ptrs = scale_ptr + (row64 // block_rows) * stride_sm + grp * stride_sg  # (BLOCK_S,)
     z_ptrs = zero_ptr + row64 * stride_zm + grp * stride_zg  # (BLOCK_S,)
+    if SCALE_FMT == 2:
+        g = tl.load(global_ptr)  # the per-tensor fp32 scale of e4m3 scales
+    else:
+        g = 1.0
 
     if SINGLE_CHUNK:
         mask = seg_ok[:, None] & (offs_g[None, :] < seg_len[:, None])  # (BLOCK_S, BLOCK_G)
@@ -173,8 +207,8 @@ def _quantize_kernel(
         if COMPUTE_QPARAMS:
             lo = tl.minimum(tl.min(x, axis=1), 0.0)  # (BLOCK_S,)
             hi = tl.maximum(tl.max(x, axis=1), 0.0)  # (BLOCK_S,)
-            scale, zero = scale_zero_from_minmax(
-                lo, hi, HAS_ZERO, UNSIGNED, QMIN, QMAX, ABSMAX_CODE
+            scale, zero = group_scale_zero(
+                lo, hi, g, HAS_ZERO, UNSIGNED, QMIN, QMAX, ABSMAX_CODE, SCALE_FMT, EMAX, MAX_VALUE
             )
             tl.store(s_ptrs, scale, mask=seg_ok)
             if HAS_ZERO:
@@ -204,8 +238,8 @@ def _quantize_kernel(
                 x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_S, BLOCK_G)
                 lo = tl.minimum(lo, tl.min(x, axis=1))
                 hi = tl.maximum(hi, tl.max(x, axis=1))
-            scale, zero = scale_zero_from_minmax(
-                lo, hi, HAS_ZERO, UNSIGNED, QMIN, QMAX, ABSMAX_CODE
+            scale, zero = group_scale_zero(
+                lo, hi, g, HAS_ZERO, UNSIGNED, QMIN, QMAX, ABSMAX_CODE, SCALE_FMT, EMAX, MAX_VALUE
             )
             tl.store(s_ptrs, scale, mask=seg_ok)
             if HAS_ZERO:
@@ -261,16 +295,20 @@ def _minmax_partials_kernel(
 @triton.jit
 def _tensor_qparams_kernel(
     # pointers
-    part_ptr, scale_ptr, zero_ptr,
+    part_ptr, scale_ptr, zero_ptr, global_ptr,
     # sizes
     num_parts,
     # quantization
     HAS_ZERO: tl.constexpr, UNSIGNED: tl.constexpr,
     QMIN: tl.constexpr, QMAX: tl.constexpr, ABSMAX_CODE: tl.constexpr,
+    SCALE_FMT: tl.constexpr, EMAX: tl.constexpr, MAX_VALUE: tl.constexpr,
     # meta
-    BLOCK_P: tl.constexpr,
+    GLOBAL_ONLY: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """One program: reduce ``num_parts`` (lo, hi) pairs and store the per-tensor scale/zero."""
+    """One program: reduce ``num_parts`` (lo, hi) pairs and store the per-tensor scale/zero, or
+    with ``GLOBAL_ONLY`` the per-tensor fp32 scale of e4m3 scales,
+    ``g = (1 / max(amax, 2**-126)) * (448 * MAX_VALUE)`` (1 where not finite), at ``global_ptr``.
+    With e4m3 scales and not ``GLOBAL_ONLY``, ``g`` is read from ``global_ptr``."""
     offs_p = tl.arange(0, BLOCK_P)  # (BLOCK_P,)
     lo = tl.zeros((BLOCK_P,), tl.float32)
     hi = tl.zeros((BLOCK_P,), tl.float32)
@@ -280,13 +318,60 @@ def _tensor_qparams_kernel(
         hi = tl.maximum(hi, tl.load(part_ptr + 2 * (start + offs_p) + 1, mask=mask, other=0.0))
     lo_t = tl.min(lo, axis=0, keep_dims=True)  # (1,)
     hi_t = tl.max(hi, axis=0, keep_dims=True)  # (1,)
-    scale, zero = scale_zero_from_minmax(
-        lo_t, hi_t, HAS_ZERO, UNSIGNED, QMIN, QMAX, ABSMAX_CODE
-    )  # (1,) each
     offs_0 = tl.arange(0, 1)
-    tl.store(scale_ptr + offs_0, scale)
-    if HAS_ZERO:
-        tl.store(zero_ptr + offs_0, zero)
+    if GLOBAL_ONLY:
+        amax = tl.maximum(tl.maximum(-lo_t, hi_t), 1.1754943508222875e-38)
+        g = tl.div_rn(tl.full(amax.shape, 1.0, tl.float32), amax) * (448.0 * MAX_VALUE)
+        g = tl.where(g == float("inf"), 1.0, g)
+        tl.store(global_ptr + offs_0, g)
+    else:
+        if SCALE_FMT == 2:
+            g = tl.load(global_ptr + offs_0)
+        else:
+            g = tl.full((1,), 1.0, tl.float32)
+        scale, zero = group_scale_zero(
+            lo_t, hi_t, g, HAS_ZERO, UNSIGNED, QMIN, QMAX, ABSMAX_CODE, SCALE_FMT, EMAX, MAX_VALUE
+        )  # (1,) each
+        tl.store(scale_ptr + offs_0, scale)
+        if HAS_ZERO:
+            tl.store(zero_ptr + offs_0, zero)
+
+
+@triton.jit
+def _block_qparams_kernel(
+    # pointers
+    x_ptr, scale_ptr, global_ptr,
+    # sizes
+    rows, cols,
+    # strides
+    stride_xm, stride_xn, stride_sm, stride_sg,
+    # quantization
+    ABSMAX_CODE: tl.constexpr, SCALE_FMT: tl.constexpr, EMAX: tl.constexpr, MAX_VALUE: tl.constexpr,
+    # meta
+    R: tl.constexpr, C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The scale of one 2-D block of ``R`` rows by ``C`` columns (program ``(i, j)``: rows from
+    ``i * R``, columns from ``j * C``; the last ones may be shorter), walked in
+    ``(BLOCK_R, BLOCK_C)`` tiles (``BLOCK_C >= C``)."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_c = pid_c * C + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+    c_ok = (tl.arange(0, BLOCK_C) < C) & (offs_c < cols)
+    amax = tl.zeros((BLOCK_R,), tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = pid_r * R + r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+        r_ok = (r0 + tl.arange(0, BLOCK_R) < R) & (offs_r < rows)
+        x_ptrs = (x_ptr + offs_r.to(tl.int64)[:, None] * stride_xm
+                  + offs_c.to(tl.int64)[None, :] * stride_xn)
+        x = tl.load(x_ptrs, mask=r_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    a = tl.max(amax, axis=0, keep_dims=True)  # (1,)
+    if SCALE_FMT == 2:
+        g = tl.load(global_ptr + tl.arange(0, 1))
+    else:
+        g = tl.full((1,), 1.0, tl.float32)
+    scale, _ = group_scale_zero(-a, a, g, False, False, 0.0, 0.0, ABSMAX_CODE, SCALE_FMT, EMAX, MAX_VALUE)
+    tl.store(scale_ptr + pid_r * stride_sm + pid_c * stride_sg + tl.arange(0, 1), scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,6 +395,12 @@ def scheme_constexprs(scheme: QuantScheme) -> dict:
         QMIN=float(scheme.qmin), QMAX=float(scheme.qmax),
         EXP_BITS=0, MANT_BITS=0, BIAS=0, MAX_VALUE=0.0, ABSMAX_CODE=absmax_code,
     )
+
+
+def scale_constexprs(scheme: QuantScheme) -> dict:
+    """The scale-format constexprs (``SCALE_FMT``, ``EMAX``) of the quantize kernels."""
+    return dict(SCALE_FMT=SCALE_FMT_OF[scheme.scale_format],
+                EMAX=scheme.dtype.emax if scheme.dtype.is_float else 0)
 
 
 def codes_dtype(scheme: QuantScheme) -> torch.dtype:
@@ -401,8 +492,10 @@ def _segments_launch(
     x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
     scheme: QuantScheme, target: Target, *, compute: bool, group_size: int, num_groups: int,
     scale_strides: tuple[int, int], zero_strides: tuple[int, int], max_block_cols: int | None,
+    global_scale: torch.Tensor | None = None, block_rows: int = 1,
 ) -> Launch:
-    """:func:`_quantize_kernel` over ``rows * num_groups`` segments of ``group_size``."""
+    """:func:`_quantize_kernel` over ``rows * num_groups`` segments of ``group_size``
+    (``global_scale``: the (1, 1) fp32 per-tensor scale e4m3 scales are computed with)."""
     on_gpu = target.gpu
     tile = _GPU_TILE if on_gpu else _INTERPRET_TILE
     max_single = max_block_cols or (_GPU_MAX_SINGLE if on_gpu else _INTERPRET_MAX_SINGLE)
@@ -418,12 +511,13 @@ def _segments_launch(
             block_s //= 2
     args = (
         x, codes, scale, scale if zero is None else zero,  # zero_ptr unused without a zero
-        x.shape[1], num_segments, num_groups, group_size,
+        scale if global_scale is None else global_scale,  # read only by e4m3 scales
+        x.shape[1], num_segments, num_groups, group_size, block_rows,
         x.stride(0), x.stride(1), codes.stride(0), codes.stride(1),
         *scale_strides, *zero_strides,
     )
     constexprs = dict(
-        scheme_constexprs(scheme),
+        scheme_constexprs(scheme), **scale_constexprs(scheme),
         COMPUTE_QPARAMS=compute, SINGLE_CHUNK=single, BLOCK_S=block_s, BLOCK_G=block_g,
     )
     warps = min(16, max(4, block_s * block_g // 1024)) if on_gpu else 4
@@ -483,22 +577,47 @@ def plan_quantize(
     codes = torch.empty(rows, cols, dtype=codes_dtype(scheme), device=dev)
     scale = torch.empty(shape, dtype=torch.float32, device=dev)
     zero = torch.empty(shape, dtype=torch.int32, device=dev) if scheme.has_zero else None
-    if scheme.granularity != "per_tensor":
-        launch = _segments_launch(
+    launches: list[Launch] = []
+    glob = None
+    if scheme.has_global_scale:  # e4m3 scales: the per-tensor fp32 scale first (2 launches)
+        glob = torch.empty(1, 1, dtype=torch.float32, device=dev)
+        launches += _tensor_launches(x, scale, zero, glob, scheme, target, max_block_cols,
+                                     global_only=True)
+    if scheme.granularity == "per_tensor":  # partial (lo, hi) per tile -> one scale -> quantize
+        launches += _tensor_launches(x, scale, zero, glob, scheme, target, max_block_cols)
+        launches.append(_rowwise_given_launch(
+            x, codes, scale, zero, scheme, target, (0, 0), (0, 0), max_block_cols, glob))
+    elif scheme.block_rows > 1:  # 2-D blocks: one program per block computes its scale
+        launches.append(_block_qparams_launch(x, scale, glob, scheme, target))
+        launches.append(_segments_launch(
+            x, codes, scale, zero, scheme, target, compute=False,
+            group_size=scheme.group_cols(cols), num_groups=scale.shape[1],
+            scale_strides=scale.stride(), zero_strides=(0, 0), max_block_cols=max_block_cols,
+            global_scale=glob, block_rows=scheme.block_rows,
+        ))
+    else:
+        launches.append(_segments_launch(
             x, codes, scale, zero, scheme, target, compute=True,
             group_size=scheme.group_cols(cols), num_groups=scale.shape[1],
             scale_strides=scale.stride(), zero_strides=(0, 0) if zero is None else zero.stride(),
-            max_block_cols=max_block_cols,
-        )
-        return codes, scale, zero, [launch]
+            max_block_cols=max_block_cols, global_scale=glob,
+        ))
+    return codes, scale, zero, launches
 
-    # per_tensor: partial (lo, hi) per tile -> one scale -> quantize with it
+
+def _tensor_launches(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, glob: torch.Tensor | None,
+    scheme: QuantScheme, target: Target, max_block_cols: int | None, global_only: bool = False,
+) -> list[Launch]:
+    """Partial (lo, hi) per tile of ``x``, then one program reducing them to the per-tensor
+    scale (and zero), or with ``global_only`` to the fp32 per-tensor scale of e4m3 scales."""
+    rows, cols = x.shape
     tile = _GPU_TILE if target.gpu else _INTERPRET_TILE
     max_n = max_block_cols or (_GPU_PARTIALS_BLOCK_N if target.gpu else tile)
     block_n = min(triton.next_power_of_2(cols), max_n)
     block_m = max(1, min(tile // block_n, triton.next_power_of_2(rows)))
     grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
-    parts = torch.empty(grid[0] * grid[1], 2, dtype=torch.float32, device=dev)
+    parts = torch.empty(grid[0] * grid[1], 2, dtype=torch.float32, device=x.device)
     partials = Launch(
         _minmax_partials_kernel, grid,
         (x, parts, rows, cols, x.stride(0), x.stride(1)),
@@ -506,23 +625,40 @@ def plan_quantize(
         num_warps=8 if target.gpu else 4,
     )
     consts = scheme_constexprs(scheme)
-    keys = ("HAS_ZERO", "UNSIGNED", "QMIN", "QMAX", "ABSMAX_CODE")
+    keys = ("HAS_ZERO", "UNSIGNED", "QMIN", "QMAX", "ABSMAX_CODE", "MAX_VALUE")
     qparams = Launch(
         _tensor_qparams_kernel, (1,),
-        (parts, scale, scale if zero is None else zero, parts.shape[0]),
-        {k: consts[k] for k in keys} | dict(BLOCK_P=_PARTIALS_BLOCK),
+        (parts, scale, scale if zero is None else zero, scale if glob is None else glob, parts.shape[0]),
+        {k: consts[k] for k in keys} | scale_constexprs(scheme)
+        | dict(GLOBAL_ONLY=global_only, BLOCK_P=_PARTIALS_BLOCK),
         num_warps=4,
     )
-    rowwise = _rowwise_given_launch(
-        x, codes, scale, zero, scheme, target, (0, 0), (0, 0), max_block_cols
-    )
-    return codes, scale, zero, [partials, qparams, rowwise]
+    return [partials, qparams]
+
+
+def _block_qparams_launch(x: torch.Tensor, scale: torch.Tensor, glob: torch.Tensor | None,
+                          scheme: QuantScheme, target: Target) -> Launch:
+    """:func:`_block_qparams_kernel`: one program per 2-D block, tiles of at most ~8K values on
+    a GPU (the interpreter takes a whole block at once)."""
+    rows, cols = x.shape
+    r, c = scheme.block_rows, scheme.group_cols(cols)
+    block_c = triton.next_power_of_2(c)
+    tile = _GPU_TILE if target.gpu else _INTERPRET_TILE
+    block_r = max(1, min(triton.next_power_of_2(r), tile // block_c))
+    consts = scheme_constexprs(scheme)
+    args = (x, scale, scale if glob is None else glob, rows, cols, x.stride(0), x.stride(1),
+            *scale.stride())
+    constexprs = dict(ABSMAX_CODE=consts["ABSMAX_CODE"], MAX_VALUE=consts["MAX_VALUE"],
+                      **scale_constexprs(scheme), R=r, C=c, BLOCK_R=block_r, BLOCK_C=block_c)
+    return Launch(_block_qparams_kernel, tuple(scale.shape), args, constexprs,
+                  num_warps=8 if target.gpu else 4)
 
 
 def _rowwise_given_launch(
     x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
     scheme: QuantScheme, target: Target, scale_strides: tuple[int, int],
     zero_strides: tuple[int, int], max_block_cols: int | None,
+    global_scale: torch.Tensor | None = None,
 ) -> Launch:
     """Quantize with one given scale per row (or tensor): rows split into independent chunks."""
     cols = x.shape[1]
@@ -536,7 +672,7 @@ def _rowwise_given_launch(
         group_size=chunk, num_groups=triton.cdiv(cols, chunk),
         # segments are chunks of a row: the scale (and zero) of a chunk is that of its row
         scale_strides=(scale_strides[0], 0), zero_strides=(zero_strides[0], 0),
-        max_block_cols=max_block_cols,
+        max_block_cols=max_block_cols, global_scale=global_scale,
     )
 
 
@@ -597,6 +733,7 @@ def plan_quantize_with_qparams(
             x, codes, scale, zero, scheme, target, compute=False,
             group_size=scheme.group_cols(cols), num_groups=scheme.num_groups(cols),
             scale_strides=s_strides, zero_strides=z_strides, max_block_cols=max_block_cols,
+            block_rows=scheme.block_rows if scale.shape[0] > 1 else 1,
         )
     else:
         launch = _rowwise_given_launch(

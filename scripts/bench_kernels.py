@@ -80,6 +80,7 @@ CHECK_PLAN = [
                             "fp8-channel"), ()),
     ((4096, 4096), "bf16", W4, ("vendor",)),
     ((4096, 14336), "fp16", W4, ("w8a8",)),
+    ((4096, 4096), "fp16", cases.BLOCK_GRIDS, ()),  # block-scaled formats (issue 16)
 ]
 
 

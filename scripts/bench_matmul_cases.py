@@ -40,7 +40,14 @@ GRIDS: dict[str, QuantScheme] = {
     "int8-channel": QuantScheme("int8", "per_channel"),
     "fp4-g32": QuantScheme("fp4", "per_group", 32),
     "fp8-channel": QuantScheme("fp8", "per_channel"),
+    # block-scaled formats: e8m0 (MX), e4m3 + fp32 per tensor (NVFP4), 128 x 128 fp8 blocks
+    "mxfp4": QuantScheme("mxfp4", "per_group", 32),
+    "nvfp4": QuantScheme("nvfp4", "per_group", 16),
+    "mxfp6_e3m2": QuantScheme("mxfp6_e3m2", "per_group", 32),
+    "mxfp8": QuantScheme("mxfp8", "per_group", 32),
+    "fp8-block128": QuantScheme("fp8_block", "per_group", 128, block_rows=128),
 }
+BLOCK_GRIDS = ("mxfp4", "nvfp4", "mxfp6_e3m2", "mxfp8", "fp8-block128")
 EXTRAS = ("w8a8", "fp8", "smoothquant", "vendor")
 A8 = QuantScheme("int8", "per_token")
 W8 = QuantScheme("int8", "per_channel")
@@ -107,7 +114,7 @@ def dequant_config(x: torch.Tensor, q: QuantLinear) -> str:
 
         _, launches = call_with_known(plan_quant_linear_matmul, dict(
             x=x, qweight=q.qweight, scales=q.scales, qzeros=q.qzeros, bias=None,
-            scheme=q.w_scheme, target=Target.of(x.device), config=None,
+            scheme=q.w_scheme, target=Target.of(x.device), config=None, global_scale=q.global_scale,
         ))
         return _configs_of(launches)
     except Exception as exc:  # noqa: BLE001 - the table says n/a and why, the row still runs
@@ -168,14 +175,15 @@ def dequant_case(x: torch.Tensor, w: torch.Tensor, grid: str, backend: str) -> C
     q = QuantLinear.from_linear(_linear(w), scheme)
 
     def run(m: QuantLinear, b: str) -> torch.Tensor:
-        return ops.quant_linear_matmul(x, m.qweight, m.scales, m.qzeros, None, scheme, backend=b)
+        return ops.quant_linear_matmul(x, m.qweight, m.scales, m.qzeros, None, scheme, backend=b,
+                                       global_scale=m.global_scale)
 
     def make() -> Callable[[], Any]:
         c = _clone(q)
         return lambda: run(c, backend)
 
     err = rel_err(run(q, backend), run(q, "torch"))
-    moved = nbytes(x, q.qweight, q.scales, q.qzeros) + M * N * x.element_size()
+    moved = nbytes(x, q.qweight, q.scales, q.qzeros, q.global_scale) + M * N * x.element_size()
     return Case(f"quantkit {scheme.describe()}", "quantkit", PEAK_KIND[x.dtype], make, moved,
                 2 * M * N * K, dequant_config(x, q), err)
 

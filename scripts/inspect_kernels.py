@@ -12,8 +12,9 @@ Method:
    grid int2/3/4/8 with and without zero point, signed and unsigned, fp4, fp8 e4m3/e5m2; per
    tensor / channel / token / group 32, 64, 128 and a ragged 100; x dtypes fp16/bf16/fp32;
    output dtypes, scale layouts, bias) and the problems cover *every pair* of axis values at
-   least once (:func:`pairwise`), plus anchors: the W4A16 matmul at every (M, shape) and the
-   tensor-core paths in every dtype. ``--quick`` varies one axis at a time around a base
+   least once (:func:`pairwise`), plus anchors: the W4A16 matmul at every (M, shape), the
+   tensor-core paths in every dtype, and every block format at its own block in every M
+   bucket and x dtype (:data:`BLOCK_FORMATS`). ``--quick`` varies one axis at a time around a base
    problem instead (:func:`one_at_a_time`): every kernel, every M bucket, every dtype (int4 in
    every zero-point/sign variant), x dtype and group size once, about 130 variants, which
    ``tests/test_inspect_kernels.py`` compiles.
@@ -76,6 +77,10 @@ LLAMA_NK = ((4096, 4096), (14336, 4096), (4096, 14336), (11008, 4096))  # Llama-
 SMOL_NK = ((576, 576), (1536, 576), (576, 1536))  # SmolLM2-135M
 RAGGED_NK = ((1000, 1000), (8192, 28672))  # K % 8 != 0; Llama-70B down_proj (rows > 16384)
 INT_VARIANTS = ((False, False), (True, True), (True, False), (False, True))  # has_zero, unsigned
+# block formats at their own blocks: (kind, gran); gran "b128" is a 2-D block of 128 x 128
+BLOCK_FORMATS = ((("mxfp4", False, False), "g32"), (("nvfp4", False, False), "g16"),
+                 (("mxfp6_e3m2", False, False), "g32"), (("mxfp6_e2m3", False, False), "g32"),
+                 (("mxfp8", False, False), "g32"), (("fp8_block", False, False), "b128"))
 METRICS = ("regs", "spills_bytes", "spill_stores", "spill_loads", "smem_bytes", "mma",
            "load_bits", "load_counts", "loop_shuffles", "loop_barriers", "loop_insts", "unroll",
            "sass_per_weight", "total_insts", "cubin_identical", "compile_s")
@@ -167,23 +172,39 @@ def _kinds(quick: bool) -> tuple[tuple[str, bool, bool], ...]:
     if quick:
         ints = [k for k in ints if k[0] == "int4"] + [("int2", False, False),
                                                      ("int3", True, True), ("int8", False, False)]
-    return tuple(ints) + (("fp4", False, False), ("fp8", False, False),
-                          ("fp8_e5m2", False, False))
+    floats = (("fp4", False, False), ("fp8", False, False), ("fp8_e5m2", False, False),
+              ("fp6_e3m2", False, False))
+    blocks = tuple(kind for kind, _ in BLOCK_FORMATS)
+    return tuple(ints) + floats + (blocks[:2] if quick else blocks)
 
 
 def _scheme(kind: tuple[str, bool, bool], gran: str) -> Any:
-    """``gran``: ``per_tensor``, ``per_channel``, ``per_token`` or ``g<size>``."""
+    """``gran``: ``per_tensor``, ``per_channel``, ``per_token``, ``g<size>`` or ``b<size>`` (2-D
+    blocks of size x size)."""
     from quantkit.scheme import QuantScheme
 
     name, zero, unsigned = kind
     if gran.startswith("g"):
         return QuantScheme(name, "per_group", int(gran[1:]), zero, unsigned)
+    if gran.startswith("b"):
+        return QuantScheme(name, "per_group", int(gran[1:]), zero, unsigned, block_rows=int(gran[1:]))
     return QuantScheme(name, gran, -1, zero, unsigned)
+
+
+def _valid(p: dict[str, Any]) -> bool:
+    """Whether a problem's grid and granularity make a scheme (2-D blocks have no zero point)."""
+    if "kind" not in p:
+        return True
+    try:
+        _scheme(p["kind"], p["gran"])
+    except ValueError:
+        return False
+    return True
 
 
 W4 = ("int4", True, True)  # the GPTQ/AWQ weight grid (asymmetric, unsigned codes), group 128
 X_DTYPES = ("fp16", "bf16", "fp32")
-W_GRANS = ("per_tensor", "per_channel", "g32", "g64", "g128", "g100")
+W_GRANS = ("per_tensor", "per_channel", "g16", "g32", "g64", "g128", "g100", "b128")
 ROWS = (1, 3, 16, 17, 128, 4096, 14336)
 COLS = (576, 1000, 1536, 4096, 11008, 14336, 28672)
 
@@ -203,7 +224,11 @@ def grid(quick: bool) -> Iterator[tuple[str, dict[str, Any]]]:
     anchors = [dict(mm_base, M=M, nk=nk) for nk in (nks if not quick else LLAMA_NK[:2])
                for M in (ms if not quick else (1,))]
     anchors += [dict(mm_base, x=x, M=M) for x in X_DTYPES for M in (16, 128, 4096)]  # dots
-    for p in cover(mm_base, mm) + anchors:
+    anchors += [dict(mm_base, kind=kind, gran=gran, x=x, M=M, nk=nk)  # block formats, own blocks
+                for kind, gran in BLOCK_FORMATS for x in (X_DTYPES[:2] if not quick else ("fp16",))
+                for M in ((1, 4, 16, 128, 4096) if not quick else (1, 16, 128))
+                for nk in ((LLAMA_NK[0], SMOL_NK[0]) if not quick else (LLAMA_NK[0],))]
+    for p in filter(_valid, cover(mm_base, mm) + anchors):
         yield "quant_linear_matmul", p
 
     sm = dict(code=("int8", "fp8"), out=X_DTYPES, M=ms, nk=nks, x_scale=("token", "tensor"),
@@ -222,17 +247,23 @@ def grid(quick: bool) -> Iterator[tuple[str, dict[str, Any]]]:
              x=X_DTYPES, rows=rows, cols=cols)
     q_base = dict(kind=("int8", False, False), gran="per_token", given=False, x="fp16",
                   rows=16, cols=4096)
-    for p in cover(q_base, q):
+    q_anchors = [dict(q_base, kind=kind, gran=gran, given=given, rows=r)
+                 for kind, gran in BLOCK_FORMATS for given in ((False, True) if not quick else (False,))
+                 for r in ((16, 4096) if not quick else (4096,))]
+    for p in filter(_valid, cover(q_base, q) + q_anchors):
         yield "quantize_with_qparams" if p["given"] else "quantize", p
     dq = dict(kind=kinds, gran=q["gran"], out=X_DTYPES, rows=rows, cols=cols)
-    for p in cover(dict(q_base, out="fp16"), dq):
+    dq_anchors = [dict(q_base, out="bf16", kind=kind, gran=gran) for kind, gran in BLOCK_FORMATS]
+    for p in filter(_valid, cover(dict(q_base, out="fp16"), dq) + dq_anchors):
         yield "dequantize", p
-    pk = dict(bits=(2, 3, 4, 8), signed=(False, True), rows=(1, 16, 17, 4096, 14336),
+    pk = dict(bits=(2, 3, 4, 6, 8), signed=(False, True), rows=(1, 16, 17, 4096, 14336),
               cols=(32, 41, 72, 576, 1000, 4096, 14336, 28672))
     for p in cover(dict(bits=4, signed=False, rows=4096, cols=4096), pk):
         yield "pack_codes", p
         yield "unpack_codes", p
-    sq = dict(kind=kinds, x=X_DTYPES, smooth=X_DTYPES, M=(1, 2, 3, 8, 16, 17, 4096), K=cols)
+    # SmoothQuant's per-token kernel takes float scales only (no block formats)
+    sq_kinds = tuple(k for k in kinds if k not in dict(BLOCK_FORMATS))
+    sq = dict(kind=sq_kinds, x=X_DTYPES, smooth=X_DTYPES, M=(1, 2, 3, 8, 16, 17, 4096), K=cols)
     for p in cover(dict(kind=("int8", False, False), x="fp16", smooth="fp16", M=16, K=4096), sq):
         yield "smooth_quantize_per_token", p
 
@@ -256,19 +287,22 @@ def plan(launcher: str, p: dict[str, Any]) -> tuple[str, list]:
         return torch.empty(*shape, dtype=dtype, device="meta")
 
     if launcher == "quant_linear_matmul":
+        from quantkit.quant_linear import SCALE_STORAGE
+
         w, (N, K), M = _scheme(p["kind"], p["gran"]), p["nk"], p["M"]
         rows, groups = w.scale_shape(N, K)
         qzeros = empty(rows, packed_cols(groups, w.bits), dtype=torch.uint8) if w.has_zero \
             else None
         qweight = empty(N, packed_cols(K, w.bits), dtype=torch.uint8)
-        scales = empty(rows, groups, dtype=torch.float16)  # QuantLinear's fp16 scales
+        scales = empty(rows, groups, dtype=SCALE_STORAGE[w.scale_format])  # as QuantLinear stores them
+        glob = empty(1, 1, dtype=torch.float32) if w.has_global_scale else None
         if matmul.dequantizes_first(M, H200):  # the weight dequantized once, then cuBLAS
             _, launches = matmul.plan_dequantize_packed(qweight, scales, qzeros, w, K,
-                                                        _dt(p["x"]), H200)
+                                                        _dt(p["x"]), H200, glob)
         else:
             _, launches = matmul.plan_quant_linear_matmul(
                 empty(M, K, dtype=_dt(p["x"])), qweight, scales, qzeros,
-                empty(N, dtype=torch.float16) if p["bias"] else None, w, H200)
+                empty(N, dtype=torch.float16) if p["bias"] else None, w, H200, global_scale=glob)
         return (f"M={M} N={N} K={K} w={w.describe()} x={p['x']}{' bias' if p['bias'] else ''}",
                 launches)
     if launcher == "scaled_mm":

@@ -13,6 +13,7 @@ import torch
 
 from quantkit import ops, reference
 from quantkit.kernels.dequantize import dequantize
+from quantkit.kernels._triton_math import SPECIALS_OF
 from quantkit.kernels.quantize import scheme_constexprs
 from quantkit.scheme import QuantScheme
 from tests.sm90 import Case, compile_for_cuda
@@ -273,13 +274,14 @@ def _dequantize_case(scheme: QuantScheme, out_dtype: torch.dtype, contiguous: bo
         "codes_ptr": "*u8" if scheme.dtype.is_float or scheme.unsigned else "*i8",
         "scale_ptr": "*fp32", "zero_ptr": "*i32" if scheme.has_zero else "*fp32",
         "out_ptr": _OUT_TYPES[out_dtype],
-        "rows": "i32", "cols": "i32", "group_size": "i32",
+        "rows": "i32", "cols": "i32", "group_size": "i32", "block_rows": "i32",
         "stride_cm": "i32", "stride_cn": "constexpr" if contiguous else "i32",
         "stride_sm": "i32", "stride_sg": "i32", "stride_zm": "i32", "stride_zg": "i32",
         "stride_om": "i32", "stride_on": "constexpr",
     }
     constexprs = {k: consts[k] for k in ("IS_FLOAT", "HAS_ZERO", "EXP_BITS", "MANT_BITS", "BIAS")}
     constexprs |= {
+        "SPECIALS": SPECIALS_OF[scheme.dtype.specials],
         "PER_GROUP": scheme.granularity == "per_group", "OUT_BF16": out_dtype == torch.bfloat16,
         "BLOCK_M": 8, "BLOCK_N": 1024, "stride_on": 1,
     }
@@ -299,6 +301,8 @@ def test_kernel_compiles_for_sm90() -> None:
         _dequantize_case(QuantScheme("fp8", "per_tensor"), bf16),
         _dequantize_case(QuantScheme("fp8_e5m2", "per_channel"), fp16),
         _dequantize_case(QuantScheme("fp4", "per_group", 32), bf16),
+        _dequantize_case(QuantScheme("mxfp6_e3m2", "per_group", 32), fp16),
+        _dequantize_case(QuantScheme("fp8_block", "per_group", 128, block_rows=128), bf16),
         _dequantize_case(
             QuantScheme("int4", "per_group", 32, has_zero=True), fp32, contiguous=False
         ),

@@ -24,6 +24,7 @@ from quantkit.kernels.int8_matmul import int8_matmul
 from quantkit.kernels._launch import H200
 from quantkit.kernels.int8_matmul import scaled_mm_config
 from quantkit.kernels._launch import INTERPRETER, run_all
+from quantkit.kernels._triton_math import SCALE_FMT_OF
 from quantkit.kernels.gemv import MAX_M as GEMV_MAX_M
 from quantkit.kernels.gemv import GemvConfig, _dequant_gemv_kernel, gemv_config
 from quantkit.kernels.matmul import (
@@ -161,7 +162,7 @@ def test_split_k_partials_are_summed_in_order(x_dtype: torch.dtype) -> None:
     matmul, reduce = launches
     assert reduce.kernel is _split_k_reduce_kernel
     run_all([matmul], x.device)
-    partials = matmul.args[5]  # (3, M, N) fp32 workspace
+    partials = matmul.args[6]  # (3, M, N) fp32 workspace
     want = ((partials[0] + partials[1]) + partials[2]) + b.float()
     run_all([reduce], x.device)
     assert torch.equal(out, want.to(x_dtype))
@@ -467,13 +468,14 @@ _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
 def _dequant_case(scheme: QuantScheme, x_dtype: torch.dtype, block_m: int, split_k: int = 1,
-                  tile_groups: bool = True) -> Case:
+                  tile_groups: bool = True, sub_groups: int = 1) -> Case:
     dt = scheme.dtype
     out = "*fp32" if split_k > 1 else ("*i16" if x_dtype == torch.bfloat16 else _PTR[x_dtype])
+    scales = {"float16": "*fp16", "float32": "*fp32"}.get(scheme.scale_format, "*u8")
     signature = {
-        "x_ptr": _PTR[x_dtype], "qweight_ptr": "*u8", "scales_ptr": "*fp16", "qzeros_ptr": "*u8",
-        "bias_ptr": "*fp16", "out_ptr": out,
-        "M": "i32", "N": "i32", "K": "i32", "group_size": "i32",
+        "x_ptr": _PTR[x_dtype], "qweight_ptr": "*u8", "scales_ptr": scales, "qzeros_ptr": "*u8",
+        "global_ptr": "*fp32", "bias_ptr": "*fp16", "out_ptr": out,
+        "M": "i32", "N": "i32", "K": "i32", "group_size": "i32", "block_rows": "i32",
         "stride_xm": "i32", "stride_xk": "constexpr", "stride_qn": "i32", "stride_sn": "i32",
         "stride_sg": "i32", "stride_zn": "i32", "stride_om": "i32", "stride_on": "constexpr",
     }
@@ -482,7 +484,8 @@ def _dequant_case(scheme: QuantScheme, x_dtype: torch.dtype, block_m: int, split
         "BITS": scheme.bits, "SIGNED": dt.is_int and not scheme.unsigned,
         "HAS_ZERO": scheme.has_zero, "IS_FLOAT": dt.is_float, "EXP_BITS": dt.exponent_bits,
         "MANT_BITS": dt.mantissa_bits, "EXP_BIAS": dt.exponent_bias, "TILE_GROUPS": tile_groups,
-        "HALF": dt.is_int and x_dtype == torch.float16,
+        "SUB_GROUPS": sub_groups, "SCALE_FMT": SCALE_FMT_OF[scheme.scale_format],
+        "HALF": dt.is_int and x_dtype == torch.float16 and scheme.scale_format == "float16",
         "HAS_BIAS": True, "DOT": {torch.float16: "fp16", torch.bfloat16: "bf16",
                                   torch.float32: "fp32"}[x_dtype],
         "OUT_BF16": x_dtype == torch.bfloat16 and split_k == 1,
@@ -544,6 +547,11 @@ def test_kernels_compile_for_sm90() -> None:
         _dequant_case(QuantScheme("int8", "per_group", 100), fp16, 16, split_k=2,
                       tile_groups=False),
         _dequant_case(QuantScheme("fp4", "per_channel"), fp32, 64),
+        _dequant_case(QuantScheme("mxfp4", "per_group", 32), bf16, 16, split_k=4, tile_groups=False,
+                      sub_groups=2),
+        _dequant_case(QuantScheme("nvfp4", "per_group", 16), fp16, 128, tile_groups=False, sub_groups=4),
+        _dequant_case(QuantScheme("mxfp6_e3m2", "per_group", 32), fp16, 64, tile_groups=False,
+                      sub_groups=2),
         _scaled_mm_case(True, fp16, 128),
         _scaled_mm_case(True, torch.int32, 16, split_k=4),
         _scaled_mm_case(False, bf16, 128),

@@ -175,10 +175,12 @@ def _pack_case(bits: int, codes_type: str, contiguous: bool) -> Case:
         "codes_ptr": codes_type, "packed_ptr": "*u8",
         "rows": "i32", "cols": "i32", "runs": "i32",
         "stride_cm": "i32", "stride_cn": "constexpr" if contiguous else "i32", "stride_pm": "i32",
-        "BITS": "constexpr",
+        "BITS": "constexpr", "CPR": "constexpr", "BPR": "constexpr",
         "BYTES_P2": "constexpr", "BLOCK_M": "constexpr", "BLOCK_R": "constexpr",
     }
-    constexprs = {"BITS": bits, "BYTES_P2": 4 if bits == 3 else bits, "BLOCK_M": 8, "BLOCK_R": 128}
+    cpr, bpr = (4, 3) if bits == 6 else (8, bits)
+    constexprs = {"BITS": bits, "CPR": cpr, "BPR": bpr, "BYTES_P2": 4 if bpr == 3 else bpr,
+                  "BLOCK_M": 8, "BLOCK_R": 128}
     if contiguous:  # Triton specialises unit strides of contiguous tensors to constants
         constexprs["stride_cn"] = 1
     return ("quantkit.kernels.pack", "_pack_kernel", signature, constexprs)
@@ -189,11 +191,12 @@ def _unpack_case(bits: int, signed: bool, contiguous: bool) -> Case:
         "packed_ptr": "*u8", "codes_ptr": "*i8" if signed else "*u8",
         "rows": "i32", "cols": "i32", "runs": "i32",
         "stride_pm": "i32", "stride_pn": "constexpr" if contiguous else "i32", "stride_cm": "i32",
-        "BITS": "constexpr", "SIGNED": "constexpr",
+        "BITS": "constexpr", "SIGNED": "constexpr", "CPR": "constexpr", "BPR": "constexpr",
         "BYTES_P2": "constexpr", "BLOCK_M": "constexpr", "BLOCK_R": "constexpr",
     }
+    cpr, bpr = (4, 3) if bits == 6 else (8, bits)
     constexprs = {
-        "BITS": bits, "SIGNED": signed, "BYTES_P2": 4 if bits == 3 else bits,
+        "BITS": bits, "SIGNED": signed, "CPR": cpr, "BPR": bpr, "BYTES_P2": 4 if bpr == 3 else bpr,
         "BLOCK_M": 8, "BLOCK_R": 128,
     }
     if contiguous:

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quantkit import ops, reference
-from quantkit.kernels.quantize import quantize, quantize_with_qparams, scheme_constexprs
+from quantkit.kernels.quantize import quantize, quantize_with_qparams, scale_constexprs, scheme_constexprs
 from quantkit.scheme import QuantScheme
 from tests.sm90 import Case, compile_for_cuda
 
@@ -465,12 +465,13 @@ def _quantize_case(
     scheme: QuantScheme, x_dtype: torch.dtype, *, compute: bool, single: bool,
     contiguous: bool = True,
 ) -> Case:
-    consts = scheme_constexprs(scheme)
+    consts = scheme_constexprs(scheme) | scale_constexprs(scheme)
     codes_type = "*u8" if scheme.dtype.is_float or scheme.unsigned else "*i8"
     signature = {
         "x_ptr": _X_TYPES[x_dtype], "codes_ptr": codes_type, "scale_ptr": "*fp32",
-        "zero_ptr": "*i32" if scheme.has_zero else "*fp32",
+        "zero_ptr": "*i32" if scheme.has_zero else "*fp32", "global_ptr": "*fp32",
         "cols": "i32", "num_segments": "i32", "num_groups": "i32", "group_size": "i32",
+        "block_rows": "i32",
         "stride_xm": "i32", "stride_xn": "constexpr" if contiguous else "i32",
         "stride_cm": "i32", "stride_cn": "constexpr",
         "stride_sm": "i32", "stride_sg": "i32", "stride_zm": "i32", "stride_zg": "i32",
@@ -486,15 +487,27 @@ def _quantize_case(
     return ("quantkit.kernels.quantize", "_quantize_kernel", signature, constexprs)
 
 
-def _tensor_qparams_case(scheme: QuantScheme) -> Case:
+def _tensor_qparams_case(scheme: QuantScheme, global_only: bool = False) -> Case:
     consts = scheme_constexprs(scheme)
-    keys = ("HAS_ZERO", "UNSIGNED", "QMIN", "QMAX", "ABSMAX_CODE")
-    constexprs = {k: consts[k] for k in keys} | {"BLOCK_P": 1024}
+    keys = ("HAS_ZERO", "UNSIGNED", "QMIN", "QMAX", "ABSMAX_CODE", "MAX_VALUE")
+    constexprs = {k: consts[k] for k in keys} | scale_constexprs(scheme) | {
+        "GLOBAL_ONLY": global_only, "BLOCK_P": 1024}
     signature = {
         "part_ptr": "*fp32", "scale_ptr": "*fp32",
-        "zero_ptr": "*i32" if scheme.has_zero else "*fp32", "num_parts": "i32",
+        "zero_ptr": "*i32" if scheme.has_zero else "*fp32", "global_ptr": "*fp32", "num_parts": "i32",
     } | {k: "constexpr" for k in constexprs}
     return ("quantkit.kernels.quantize", "_tensor_qparams_kernel", signature, constexprs)
+
+
+def _block_qparams_case(scheme: QuantScheme) -> Case:
+    consts = scheme_constexprs(scheme)
+    constexprs = {"ABSMAX_CODE": consts["ABSMAX_CODE"], "MAX_VALUE": consts["MAX_VALUE"],
+                  **scale_constexprs(scheme), "R": scheme.block_rows, "C": scheme.groupsize,
+                  "BLOCK_R": 64, "BLOCK_C": scheme.groupsize, "stride_sg": 1}
+    signature = {"x_ptr": "*bf16", "scale_ptr": "*fp32", "global_ptr": "*fp32", "rows": "i32",
+                 "cols": "i32", "stride_xm": "i32", "stride_xn": "i32", "stride_sm": "i32",
+                 } | {k: "constexpr" for k in constexprs}
+    return ("quantkit.kernels.quantize", "_block_qparams_kernel", signature, constexprs)
 
 
 def _partials_case(x_type: str) -> Case:
@@ -530,5 +543,14 @@ def test_kernels_compile_for_sm90() -> None:
         _partials_case("*bf16"),
         _tensor_qparams_case(QuantScheme("int8", "per_tensor", has_zero=True)),
         _tensor_qparams_case(fp8),
+        # block formats: MX (e8m0) and NVFP4 (e4m3 with the per-tensor scale) group scales, fp6
+        # elements, the per-tensor scale reduction and 2-D block scales
+        _quantize_case(QuantScheme("mxfp4", "per_group", 32), bf16, compute=True, single=True),
+        _quantize_case(QuantScheme("nvfp4", "per_group", 16), fp16, compute=True, single=True),
+        _quantize_case(QuantScheme("mxfp6_e2m3", "per_group", 32), fp32, compute=True, single=True),
+        _quantize_case(QuantScheme("mxfp8", "per_group", 32), bf16, compute=False, single=True),
+        _tensor_qparams_case(QuantScheme("nvfp4", "per_group", 16), global_only=True),
+        _tensor_qparams_case(QuantScheme("nvfp4", "per_tensor")),
+        _block_qparams_case(QuantScheme("fp8_block", "per_group", 128, block_rows=128)),
     ]
     compile_for_cuda(cases)

@@ -219,11 +219,12 @@ def test_saved_folder_contents_and_manifest(tiny, tmp_path):
     assert {CONFIG_FILE, WEIGHTS_FILE, "config.json", "tokenizer.json"} <= files
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in (tmp_path / "q").iterdir())
     manifest = json.loads((tmp_path / "q" / CONFIG_FILE).read_text())
-    assert manifest["format_version"] == FORMAT_VERSION == 2 and manifest["quantkit_version"] == quantkit.__version__
+    assert manifest["format_version"] == FORMAT_VERSION == 3 and manifest["quantkit_version"] == quantkit.__version__
     assert manifest["run_config"] == {"algo": {"name": "rtn"}}
     layer = manifest["layers"]["model.layers.0.mlp.down_proj"]
     assert layer["w_scheme"] == {"dtype": "int4", "granularity": "per_group", "groupsize": 48,
-                                 "has_zero": True, "unsigned": True, "symmetric_range": "full"}
+                                 "has_zero": True, "unsigned": True, "symmetric_range": "full",
+                                 "scale_format": "float16", "block_rows": 1}
     checksums = manifest["checksums"]
     assert checksums["algorithm"] == "sha256"
     state = model.state_dict()
@@ -265,8 +266,8 @@ def _edit_json(path, edit):
 
 
 def test_newer_format_version_is_refused(saved):
-    _edit_json(saved / CONFIG_FILE, lambda d: d.update(format_version=3, quantkit_version="9.0"))
-    with pytest.raises(CheckpointError, match=r"format version 3 .*reads versions up to 2: upgrade quantkit"):
+    _edit_json(saved / CONFIG_FILE, lambda d: d.update(format_version=4, quantkit_version="9.0"))
+    with pytest.raises(CheckpointError, match=r"format version 4 .*reads versions up to 3: upgrade quantkit"):
         quantkit.load(saved)
 
 
@@ -318,8 +319,22 @@ def test_format_2_manifest_without_matching_checksums_is_refused(saved, edit, me
         quantkit.load(saved)
 
 
+def _as_format_2(path: Path) -> None:
+    """What quantkit wrote before format 3: no scale_format and block_rows in the schemes."""
+    def edit(d):
+        d["format_version"] = 2
+        for layer in d["layers"].values():
+            for value in layer.values():
+                if isinstance(value, dict):
+                    value.pop("scale_format")
+                    value.pop("block_rows")
+    _edit_json(path / CONFIG_FILE, edit)
+
+
 def _as_format_1(path: Path) -> None:
     """What quantkit wrote before format 2: no checksums, no symmetric_range in the schemes."""
+    _as_format_2(path)
+
     def edit(d):
         d["format_version"] = 1
         d.pop("checksums")
@@ -328,6 +343,16 @@ def _as_format_1(path: Path) -> None:
                 if isinstance(value, dict):
                     value.pop("symmetric_range")
     _edit_json(path / CONFIG_FILE, edit)
+
+
+def test_format_2_checkpoint_loads_with_float16_scales(saved):
+    expected = logits(quantkit.load(saved))
+    _as_format_2(saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = quantkit.load(saved)
+    assert loaded.model.layers[0].mlp.up_proj.w_scheme.scale_format == "float16"
+    assert torch.equal(logits(loaded), expected)
 
 
 def test_format_1_checkpoint_loads_restricted_and_unverified_with_a_warning(tiny, tmp_path):

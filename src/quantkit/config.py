@@ -104,14 +104,20 @@ class DTypeConfig:
     """A weight or activation number format (``conf/dtype/*.yaml``).
 
     ``symmetric_range`` (full, restricted; None: full for weights, restricted for activations)
-    acts on symmetric signed integer grids. Which combinations are valid is decided where the
-    role is known, by :func:`quantkit.scheme.check_grid` (``quantkit.algorithms.base``).
+    acts on symmetric signed integer grids. ``scale_format`` (float16, float32, e8m0, e4m3; None:
+    the dtype's own) and ``block`` (columns, ``[columns]`` or ``[rows, columns]``; None: the
+    dtype's own, for plain grids the algorithm's group size) describe the scales. Which
+    combinations are valid is decided where the role is known, by
+    :func:`quantkit.scheme.check_grid` and :func:`quantkit.scheme.check_format`
+    (``quantkit.algorithms.base``).
     """
 
     name: str
     has_zero: bool = False
     unsigned: bool = False
     symmetric_range: str | None = None
+    scale_format: str | None = None
+    block: tuple[int, ...] | int | None = None
 
     def __post_init__(self) -> None:
         check_choice("dtype name", self.name, dtype_names())

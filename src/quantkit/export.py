@@ -15,7 +15,29 @@ per_channel) + int8                           (out, 1)``, static: ``input_scale 
 activations (symmetric)
 fp8 weights (per_channel),  float-quantized   ``weight`` float8_e4m3fn, ``weight_scale (out, 1)``,
 optionally fp8 activations                    static: ``input_scale (1,)``
+fp8_block (128x128 blocks,  float-quantized   ``weight`` float8_e4m3fn, ``weight_scale`` float32
+float32 scales), optionally (strategy block)  ``(ceil(out/128), ceil(in/128))``
+fp8 1x128 activations
+mxfp4 (e8m0, groups of 32), mxfp4-pack-       ``weight_packed`` uint8 ``(out, in / 2)`` (two e2m1
+optionally mxfp4            quantized         codes a byte, low nibble first: quantkit's own
+activations                                   packing), ``weight_scale`` uint8 e8m0 ``(out, in / 32)``
+nvfp4 (e4m3 groups of 16    nvfp4-pack-       ``weight_packed`` as mxfp4, ``weight_scale``
++ fp32), weights only       quantized         float8_e4m3fn ``(out, in / 16)``,
+                                              ``weight_global_scale`` float32 ``(1,)``
+mxfp6_e2m3 weights only     mxfp6-pack-       ``weight_packed`` uint8 ``(out, 3 in / 4)`` (four codes
+                            quantized         in three bytes: quantkit's packing), ``weight_scale``
+mxfp8, optionally mxfp8     mxfp8-quantized   ``weight`` float8_e4m3fn, ``weight_scale`` uint8 e8m0
+activations
 ==========================  ================  ==============================================
+
+The block formats are written exactly as stored (codes, e8m0 exponents, e4m3 bits, the fp32
+per-tensor scale ``g``: compressed-tensors decodes an nvfp4 scale as ``value / g`` like quantkit),
+so they decompress to quantkit's weights bit for bit. Their dynamic activation scales are again
+the runtime's: compressed-tensors rounds an MX block's maximum to the nearest power of two before
+taking its exponent (quantkit follows the OCP spec's floor), and its NVFP4 activations take a
+static calibrated per-tensor scale, which quantkit's dynamic nvfp4 activations do not have (those
+are refused). mxfp6_e3m2 (compressed-tensors' fp6 is e2m3), MX scales on other group sizes, e4m3
+scales other than nvfp4's and fp4/fp6 with float scales have no format there.
 
 compressed-tensors integer grids are always the signed ``[-2^(b-1), 2^(b-1) - 1]`` with
 ``x = (q - z) * s``; packed values carry a ``+2^(b-1)`` offset. quantkit's unsigned codes
@@ -53,7 +75,16 @@ PACK_BITS = (4, 8)
 _WORD_BITS = 32
 # QuantLinear buffers and constructor arguments this exporter translates; any other buffer, or
 # argument with a value (e.g. an output scheme), has no equivalent here and is an error
-_KNOWN_BUFFERS = {"qweight", "scales", "qzeros", "bias", "act_scale"}
+_KNOWN_BUFFERS = {"qweight", "scales", "qzeros", "bias", "act_scale", "global_scale"}
+# block formats: (element dtype, scale format, group) -> compressed-tensors format
+_BLOCK_FORMATS = {
+    ("fp4", "e8m0", 32): "mxfp4-pack-quantized",
+    ("fp4", "e4m3", 16): "nvfp4-pack-quantized",
+    ("fp6_e2m3", "e8m0", 32): "mxfp6-pack-quantized",
+    ("fp8", "e8m0", 32): "mxfp8-quantized",
+}
+# activations each block format exports with (besides none): same element grid and groups
+_BLOCK_ACTIVATIONS = {"mxfp4-pack-quantized": ("fp4", "e8m0", 32), "mxfp8-quantized": ("fp8", "e8m0", 32)}
 _KNOWN_ARGS = {"in_features", "out_features", "bias", "w_scheme", "a_scheme", "a_static"}
 
 
@@ -78,10 +109,16 @@ def export_format(w: QuantScheme | None, a: QuantScheme | None, a_static: bool =
         raise fail(f"output quantization ({o.describe()}) is not exported")
     if w.granularity not in ("per_channel", "per_group"):
         raise fail("weights must be per_channel or per_group")
+    if w.block_rows > 1:
+        return _block_format(w, a, a_static, fail)
     for cols in in_features:
         if w.granularity == "per_group" and cols % w.groupsize:
             raise fail(f"groupsize {w.groupsize} does not divide the input dim {cols} "
                        "(no short last group in this format)")
+    if w.scale_format in ("e8m0", "e4m3"):
+        return _mx_format(w, a, a_static, fail)
+    if w.scale_format != "float16":
+        raise fail(f"{w.scale_format} scales have no compressed-tensors format (float16 scales only)")
     if w.dtype.name == "fp8":
         if w.granularity != "per_channel":
             raise fail("fp8 weights must be per_channel")
@@ -98,6 +135,39 @@ def export_format(w: QuantScheme | None, a: QuantScheme | None, a_static: bool =
     return "int-quantized" + _check_activation(a, a_static, fail)
 
 
+def _mx_format(w: QuantScheme, a: QuantScheme | None, a_static: bool, fail: Any) -> str:
+    """The MX / NVFP4 formats (groups along the input dim with e8m0 or e4m3 scales)."""
+    key = (w.dtype.element_name, w.scale_format, w.groupsize if w.granularity == "per_group" else -1)
+    fmt = _BLOCK_FORMATS.get(key)
+    if fmt is None:
+        raise fail("block-scaled weights export as mxfp4 / mxfp6_e2m3 / mxfp8 (e8m0 scales, groups of 32) or "
+                   "nvfp4 (e4m3 scales, groups of 16); this element grid, scale format and group have none")
+    if a is None:
+        return fmt
+    if _BLOCK_ACTIVATIONS.get(fmt) != (a.dtype.element_name, a.scale_format, a.groupsize):
+        expected = _BLOCK_ACTIVATIONS.get(fmt)
+        allowed = (f"none or {expected[0]} with {expected[1]} scales in groups of {expected[2]}" if expected
+                   else "none (weight-only)")
+        raise fail(f"activations with {fmt} weights must be {allowed}"
+                   + ("; nvfp4 activations would need a static calibrated per-tensor scale" if "nvfp4" in fmt else ""))
+    if a_static or a.granularity != "per_group":
+        raise fail("block-scaled activations are dynamic, per group of a token")
+    return fmt
+
+
+def _block_format(w: QuantScheme, a: QuantScheme | None, a_static: bool, fail: Any) -> str:
+    """fp8 in 2-D weight blocks (compressed-tensors' block strategy), optionally with fp8
+    activations in dynamic 1 x N groups."""
+    if w.dtype.element_name != "fp8" or w.scale_format not in ("float32", "float16"):
+        raise fail("2-D weight blocks export as fp8 e4m3 with float scales only")
+    if a is None:
+        return "float-quantized"
+    if (a.dtype.element_name != "fp8" or a_static or a.granularity != "per_group"
+            or a.scale_format not in ("float32", "float16")):
+        raise fail("activations with fp8 block weights must be none or fp8 in dynamic 1 x N groups")
+    return "float-quantized"
+
+
 def _check_activation(a: QuantScheme | None, a_static: bool, fail: Any) -> str:
     if a is not None and (a.has_zero or a.unsigned):
         raise fail("activations must be symmetric and signed")
@@ -107,14 +177,22 @@ def _check_activation(a: QuantScheme | None, a_static: bool, fail: Any) -> str:
 
 
 def _args(scheme: QuantScheme, symmetric: bool, **extra: Any) -> dict[str, Any]:
-    """QuantizationArgs of compressed-tensors as JSON."""
+    """QuantizationArgs of compressed-tensors as JSON (block formats: their strategy, block
+    structure and scale dtype)."""
     strategy = {"per_channel": "channel", "per_group": "group", "per_token": "token", "per_tensor": "tensor"}
-    return {
+    args = {
         "num_bits": scheme.bits, "type": "int" if scheme.dtype.is_int else "float", "symmetric": symmetric,
         "group_size": scheme.groupsize if scheme.granularity == "per_group" else None,
         "strategy": strategy[scheme.granularity], "block_structure": None, "dynamic": False,
-        "actorder": None, "observer": "minmax", "observer_kwargs": {}, **extra,
+        "actorder": None, "observer": "minmax", "observer_kwargs": {},
     }
+    if scheme.block_rows > 1:
+        args.update(strategy="block", group_size=None, block_structure=[scheme.block_rows, scheme.groupsize])
+    if scheme.scale_format == "e8m0":
+        args.update(scale_dtype="torch.uint8", zp_dtype="torch.uint8")
+    elif scheme.scale_format == "e4m3":
+        args.update(strategy="tensor_group", scale_dtype="torch.float8_e4m3fn", zp_dtype="torch.float8_e4m3fn")
+    return {**args, **extra}
 
 
 def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -147,7 +225,14 @@ def _layer_tensors(module: QuantLinear, fmt: str) -> tuple[dict[str, torch.Tenso
     w, a = module.w_scheme, module.a_scheme
     codes, zero = module.weight_codes(), module.zeros()  # (out, in), (out, G) | None
     out: dict[str, torch.Tensor] = {"weight_scale": module.scales.clone()}
-    if fmt == "pack-quantized":
+    if fmt.endswith("-pack-quantized") and fmt != "pack-quantized":  # mxfp4 / nvfp4 / mxfp6: our packing
+        nbytes = module.in_features * w.bits // 8  # theirs has no padding to runs of 8 codes
+        out["weight_packed"] = module.qweight[:, :nbytes].clone()
+        if w.scale_format == "e4m3":
+            out["weight_scale"] = module.scales.view(torch.float8_e4m3fn).clone()
+            out["weight_global_scale"] = module.global_scale.reshape(1).clone()
+        weights = _args(w, symmetric=True)
+    elif fmt == "pack-quantized":
         q, z = _signed(codes, zero, w)
         out["weight_packed"] = pack_int32(q, w.bits)
         out["weight_shape"] = torch.tensor([module.out_features, module.in_features], dtype=torch.int64)
@@ -166,6 +251,8 @@ def _layer_tensors(module: QuantLinear, fmt: str) -> tuple[dict[str, torch.Tenso
     inputs = None
     if a is not None:  # dynamic scales need no observer
         inputs = _args(a, symmetric=True, dynamic=not module.a_static, observer="minmax" if module.a_static else None)
+        if inputs["strategy"] == "tensor_group":  # never exported (nvfp4 activations are refused)
+            raise ExportError(f"{a.describe()} activations have no compressed-tensors equivalent")
     return out, {"weights": weights, "input_activations": inputs, "output_activations": None}
 
 

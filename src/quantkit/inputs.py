@@ -27,6 +27,7 @@ from quantkit import models
 from quantkit.arch import ArchSpec, get_arch, matches_any, min_input_dim, resolve_model_type
 from quantkit.cache import cached_tensor
 from quantkit.config import ConfigError, RunConfig, check
+from quantkit.dtypes import get_dtype
 from quantkit.export import ExportError, export_format
 from quantkit.tasks import TaskPlan, prepare_tasks
 
@@ -73,7 +74,7 @@ def prepare_inputs(cfg: RunConfig, algorithm: Any) -> RunInputs:
     check_layout(skeleton, arch, model_type, hf_config.model_type)
     check_skip_layers(skeleton, arch, cfg.skip_layers, algorithm.quantizes)
     check_positions(cfg, hf_config, algorithm.needs_calibration)
-    check_groupsize(algorithm, hf_config, arch)
+    check_groupsize(algorithm, hf_config, arch, cfg)
     check_save(cfg, algorithm, hf_config, arch)
     tasks = prepare_tasks(cfg.eval)
 
@@ -278,12 +279,18 @@ def check_positions(cfg: RunConfig, hf_config: Any, calibrates: bool) -> None:
                              f"({attr}={most} in its config); use {key} <= {most}")
 
 
-def check_groupsize(algorithm: Any, hf_config: Any, arch: ArchSpec) -> None:
-    scheme = algorithm.w_scheme
-    if scheme is not None and scheme.granularity == "per_group":
-        width = min_input_dim(arch, hf_config)
-        check(scheme.groupsize <= width,
-              f"algo.groupsize={scheme.groupsize} is larger than the model's smallest layer input ({width})")
+def check_groupsize(algorithm: Any, hf_config: Any, arch: ArchSpec, cfg: RunConfig | None = None) -> None:
+    """Weight groups (and activation groups of block formats) fit the narrowest layer input."""
+    w_key = "algo.groupsize"
+    if cfg is not None and (cfg.w_dtype.block is not None or get_dtype(cfg.w_dtype.name).block is not None):
+        w_key = "w_dtype.block"  # a block format's own groups
+    for scheme, key in ((algorithm.w_scheme, w_key), (algorithm.a_scheme, "a_dtype.block")):
+        if scheme is not None and scheme.granularity == "per_group":
+            width = min_input_dim(arch, hf_config)
+            check(scheme.groupsize <= width,
+                  f"{key}: groups of {scheme.groupsize} columns are wider than the model's smallest layer "
+                  f"input ({width})" if key != "algo.groupsize" else
+                  f"algo.groupsize={scheme.groupsize} is larger than the model's smallest layer input ({width})")
 
 
 def check_save(cfg: RunConfig, algorithm: Any, hf_config: Any, arch: ArchSpec) -> None:

@@ -26,6 +26,7 @@ import torch
 
 from quantkit import reference
 from quantkit.packing import unpack_codes
+from quantkit.scales import decode_scales
 from quantkit.scheme import QuantScheme
 
 # K-span of one fp8 partial sum before it joins the float32 accumulator. Hopper's fp8 tensor
@@ -41,12 +42,15 @@ def unpack_weight(
     qzeros: torch.Tensor | None,
     scheme: QuantScheme,
     in_features: int,
+    global_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Codes ``(out, in)``, scales ``(out|1, G|1)`` float32 and zeros (int32 or None) of
     :class:`quantkit.quant_linear.QuantLinear` storage.
 
     ``qweight (out, ceil(in / 8) * bits)`` uint8 and ``qzeros (out|1, ceil(G / 8) * bits)`` uint8
-    are packed by :mod:`quantkit.packing`; codes are signed for signed integer grids.
+    are packed by :mod:`quantkit.packing`; codes are signed for signed integer grids. ``scales``
+    are in the scheme's scale format (decoded by :func:`quantkit.scales.decode_scales`, with the
+    per-tensor ``global_scale`` of e4m3 formats).
     """
     signed = scheme.dtype.is_int and not scheme.unsigned
     codes = unpack_codes(qweight, scheme.bits, in_features, signed)  # (out, in)
@@ -56,7 +60,7 @@ def unpack_weight(
             raise ValueError(f"qzeros is required: {scheme.describe()} has a zero point")
         groups = scheme.scale_shape(codes.shape[0], in_features)[1]  # all groups, unbroadcast
         zero = unpack_codes(qzeros, scheme.bits, groups, signed).to(torch.int32)
-    return codes, scales.float(), zero
+    return codes, decode_scales(scales, scheme.scale_format, global_scale), zero
 
 
 def quant_linear_matmul_reference(
@@ -67,21 +71,24 @@ def quant_linear_matmul_reference(
     bias: torch.Tensor | None,
     scheme: QuantScheme,
     in_features: int,
+    global_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W-only dequant GEMM: ``y = x @ dequant(W).T + bias`` in ``x.dtype``.
 
     Args:
         x: ``(M, K)`` float16 / bfloat16 / float32 activations, ``K == in_features``.
         qweight: ``(N, ceil(K / 8) * bits)`` uint8 packed codes of ``W (N, K)``.
-        scales: ``scheme.scale_shape(N, K)`` (size-1 dims broadcast), float16 or float32.
+        scales: ``scheme.scale_shape(N, K)`` (size-1 dims broadcast) in the scheme's scale format:
+            float16/bfloat16/float32 values, or uint8 e8m0 / e4m3 codes.
         qzeros: ``(N|1, ceil(G / 8) * bits)`` uint8 packed zero points when ``scheme.has_zero``.
         bias: ``(N,)`` or None.
+        global_scale: ``(1, 1)`` float32, the per-tensor scale of e4m3 scale formats.
 
     Returns:
         ``(M, N)`` of ``x.dtype``: ``(x.float() @ W.to(x.dtype).float().T + bias.float())``
         rounded once to ``x.dtype``.
     """
-    codes, scale, zero = unpack_weight(qweight, scales, qzeros, scheme, in_features)
+    codes, scale, zero = unpack_weight(qweight, scales, qzeros, scheme, in_features, global_scale)
     w = reference.dequantize(codes, scale, zero, scheme, out_dtype=x.dtype)  # (N, K)
     y = x.float() @ w.float().T  # (M, N)
     if bias is not None:

@@ -138,21 +138,23 @@ def quant_linear_matmul(
     bias: torch.Tensor | None,
     scheme: QuantScheme,
     backend: Backend = "auto",
+    global_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W-only low-bit linear: ``x (..., K) @ dequant(qweight, scales, qzeros).T + bias``.
 
-    ``qweight``/``scales``/``qzeros``/``bias`` are :class:`quantkit.quant_linear.QuantLinear`
-    buffers (``K = x.shape[-1]``); returns ``(..., N)`` in ``x.dtype``.
+    ``qweight``/``scales``/``qzeros``/``bias``/``global_scale`` are
+    :class:`quantkit.quant_linear.QuantLinear` buffers (``K = x.shape[-1]``; ``scales`` in the
+    scheme's scale format, ``global_scale`` for e4m3 scales); returns ``(..., N)`` in ``x.dtype``.
     """
     check_input(x, "x", check_finite=False)
     x2 = reference.as_rows(x)  # (M, K)
     if use_triton(x, backend):
         from quantkit.kernels.matmul import quant_linear_matmul as triton_matmul
 
-        y = triton_matmul(x2, qweight, scales, qzeros, bias, scheme)
+        y = triton_matmul(x2, qweight, scales, qzeros, bias, scheme, global_scale=global_scale)
     else:
         y = matmul_reference.quant_linear_matmul_reference(
-            x2, qweight, scales, qzeros, bias, scheme, x.shape[-1]
+            x2, qweight, scales, qzeros, bias, scheme, x.shape[-1], global_scale
         )
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -202,6 +204,9 @@ def smooth_quantize_per_token(
     """``quantize(x / smooth)`` with one scale per token: ``x (..., K)``, ``smooth (K,)`` ->
     ``(codes (rows, K), scale (rows, 1) float32, zero (rows, 1) int32 | None)``."""
     check_input(x, "x", check_finite=False)
+    if scheme.scale_format not in ("float16", "float32"):
+        raise ValueError(f"smooth_quantize_per_token computes float scales; {scheme.describe()} has "
+                         f"{scheme.scale_format} scales (use ops.quantize on x / smooth)")
     x2 = reference.as_rows(x)  # (rows, K)
     if use_triton(x, backend):
         from quantkit.kernels.smooth_quant import smooth_quantize_per_token as triton_smooth

@@ -1,9 +1,11 @@
-"""Pure-torch reference for packing 2/3/4/8-bit codes into dense bytes.
+"""Pure-torch reference for packing 2/3/4/6/8-bit codes into dense bytes.
 
 Layout (one rule for every bit width): along the last dimension, each run of 8 codes
 becomes ``bits`` bytes. Code ``j`` of a run occupies bits ``[j*bits, (j+1)*bits)`` of the
 run's little-endian ``8*bits``-bit word. So int4 stores ``byte = c0 | c1 << 4``, int2
-``c0 | c1 << 2 | c2 << 4 | c3 << 6``, int3 packs 8 codes into 3 bytes, int8 is a copy.
+``c0 | c1 << 2 | c2 << 4 | c3 << 6``, int3 packs 8 codes into 3 bytes, 6-bit codes (fp6) 8 into
+6 bytes (each half run of 4 codes fills 3 bytes), int8 is a copy. A row is therefore one
+little-endian bit stream with code ``k`` at bit ``k * bits``.
 A last run shorter than 8 codes is zero-padded; :func:`unpack_codes` needs ``cols`` to
 drop the padding. Signed codes are stored as their low ``bits`` two's-complement bits and
 sign-extended on unpack.
@@ -17,7 +19,7 @@ import math
 
 import torch
 
-PACK_BITS = (2, 3, 4, 8)
+PACK_BITS = (2, 3, 4, 6, 8)
 CODES_PER_RUN = 8
 
 

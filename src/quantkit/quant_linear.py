@@ -3,7 +3,12 @@
 Buffers (weight ``W (out, in)`` quantized under a :class:`QuantScheme` with ``G`` groups per row):
 
 * ``qweight  (out, ceil(in / 8) * bits)`` uint8: codes packed by :mod:`quantkit.packing`
-* ``scales   (out|1, G|1)`` float16: the stored scales (codes were computed with exactly these)
+* ``scales   (out|1, G|1)``: the stored scales (codes were computed with exactly these), in the
+  scheme's scale format (:mod:`quantkit.scales`): float16 (the default), float32, or uint8 codes
+  of e8m0 (``2**(E - 127)``) or e4m3 (fp8 bits); 2-D blocks of ``R`` rows store
+  ``ceil(out / R)`` rows
+* ``global_scale (1, 1)`` float32, e4m3 scale formats only: the per-tensor scale ``g`` (a scale is
+  ``value(E) / g``)
 * ``qzeros   (out|1, ceil(G / 8) * bits)`` uint8: packed zero points (asymmetric grids only)
 * ``bias     (out,)`` float16, optional
 * ``act_scale (1, 1)`` float32, optional: a statically calibrated activation scale
@@ -21,29 +26,38 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantkit import ops
+from quantkit import ops, scales as scale_formats
 from quantkit.packing import packed_cols
 from quantkit.scheme import QuantScheme
 
-SCALE_DTYPE = torch.float16
-# Smallest stored scale: the fp16 normal minimum, so a stored scale never flushes to zero.
+SCALE_DTYPE = torch.float16  # of the default scale format (and of the bias)
+# Smallest stored float16 scale: the fp16 normal minimum, so a stored scale never flushes to zero.
 MIN_SCALE = 2.0**-14
+# torch dtype of the ``scales`` buffer per scale format (e8m0 and e4m3 store their bit patterns)
+SCALE_STORAGE = {"float16": torch.float16, "float32": torch.float32, "e8m0": torch.uint8, "e4m3": torch.uint8}
 
 
-def storage_scale(scale: torch.Tensor) -> torch.Tensor:
-    """Round float32 scales to what :class:`QuantLinear` stores (float16), back in float32.
+def storage_scale(scale: torch.Tensor, scheme: QuantScheme | None = None,
+                  global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Round float32 scales to what :class:`QuantLinear` stores, back in float32: float16 (the
+    default, and ``scheme=None``) is clamped to ``[2**-14, 65504]`` and rounded; float32, e8m0 and
+    e4m3 scales are kept (:func:`quantkit.reference.compute_qparams` computes them on their grid).
 
     Algorithms quantize with the rounded scale so that stored codes and scales agree exactly.
     """
-    return scale.clamp(MIN_SCALE, torch.finfo(SCALE_DTYPE).max).to(SCALE_DTYPE).float()
+    if scheme is None or scheme.scale_format == "float16":
+        return scale.clamp(MIN_SCALE, torch.finfo(SCALE_DTYPE).max).to(SCALE_DTYPE).float()
+    return scale.float()
 
 
-def weight_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale (storage-rounded) and zero of a weight ``(out, in)`` computed from ``w`` itself."""
+def weight_qparams(w: torch.Tensor, scheme: QuantScheme, global_scale: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (storage-rounded) and zero of a weight ``(out, in)`` computed from ``w`` itself
+    (e4m3 schemes: with the per-tensor ``global_scale``, by default that of ``w``)."""
     from quantkit.reference import compute_qparams
 
-    scale, zero = compute_qparams(w, scheme)
-    return storage_scale(scale), zero
+    scale, zero = compute_qparams(w, scheme, global_scale)
+    return storage_scale(scale, scheme), zero
 
 
 class QuantLinear(nn.Module):
@@ -53,8 +67,8 @@ class QuantLinear(nn.Module):
     inputs and the torch reference elsewhere; ``triton`` forces the kernels (on a CPU only
     under ``TRITON_INTERPRET=1``, for tests); ``torch`` forces the reference.
 
-    ``out_quant`` is the identity unless ``o_scheme`` is set (a ``per_token`` scheme: the
-    output is fake-quantized with one scale per token, computed per call).
+    ``out_quant`` is the identity unless ``o_scheme`` is set (a ``per_token`` scheme, or per group
+    of a token for block formats: the output is fake-quantized with scales computed per call).
     """
 
     backend: ops.Backend = "auto"
@@ -71,15 +85,19 @@ class QuantLinear(nn.Module):
         o_scheme: QuantScheme | None = None,
     ) -> None:
         super().__init__()
-        if o_scheme is not None and o_scheme.granularity != "per_token":
-            raise ValueError(f"an output scheme is dynamic per token; got {o_scheme.describe()}")
+        if o_scheme is not None and o_scheme.granularity not in ("per_token", "per_group"):
+            raise ValueError(f"an output scheme is dynamic per token (or per group of a token); got "
+                             f"{o_scheme.describe()}")
         self.in_features, self.out_features = in_features, out_features
         self.w_scheme, self.a_scheme, self.a_static = w_scheme, a_scheme, a_static
         self.o_scheme = o_scheme
         rows, groups = w_scheme.scale_shape(out_features, in_features)
         bits = w_scheme.bits
         self.register_buffer("qweight", torch.zeros(out_features, packed_cols(in_features, bits), dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.ones(rows, groups, dtype=SCALE_DTYPE, device=device))
+        self.register_buffer("scales", torch.ones(rows, groups, dtype=SCALE_STORAGE[w_scheme.scale_format],
+                                                  device=device))
+        glob = torch.ones(1, 1, dtype=torch.float32, device=device)
+        self.register_buffer("global_scale", glob if w_scheme.has_global_scale else None)
         zeros = torch.zeros(rows, packed_cols(groups, bits), dtype=torch.uint8, device=device)
         self.register_buffer("qzeros", zeros if w_scheme.has_zero else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=SCALE_DTYPE, device=device) if bias else None)
@@ -99,11 +117,14 @@ class QuantLinear(nn.Module):
         qparams: tuple[torch.Tensor, torch.Tensor | None] | None = None,
         act_zero: torch.Tensor | None = None,
         o_scheme: QuantScheme | None = None,
+        global_scale: torch.Tensor | None = None,
     ) -> "QuantLinear":
         """Quantize ``linear.weight`` round-to-nearest on the grid given by ``qparams``.
 
         ``qparams`` (scale, zero) default to :func:`weight_qparams` of the weight itself;
         data-aware algorithms pass their own (e.g. clipped) ones or already-quantized weights.
+        ``global_scale``: e4m3 schemes' per-tensor scale the ``qparams`` were computed with
+        (default: that of the weight, :func:`quantkit.reference.global_scale`).
         ``act_scale`` makes activation quantization static; an ``a_scheme`` with a zero point
         then needs ``act_zero`` too. ``o_scheme`` quantizes the output (see the class doc).
         """
@@ -113,13 +134,17 @@ class QuantLinear(nn.Module):
             raise ValueError("act_zero is the zero point of a static asymmetric activation grid: "
                              "it needs act_scale and an a_scheme with has_zero")
         w = linear.weight.detach()
-        scale, zero = qparams if qparams is not None else weight_qparams(w, w_scheme)
+        if w_scheme.has_global_scale and global_scale is None:
+            from quantkit.reference import global_scale as tensor_global_scale
+
+            global_scale = tensor_global_scale(w, w_scheme)
+        scale, zero = qparams if qparams is not None else weight_qparams(w, w_scheme, global_scale)
         codes = ops.quantize_with_qparams(w, scale, zero, w_scheme)  # (out, in)
         module = cls(
             linear.in_features, linear.out_features, linear.bias is not None, w_scheme, a_scheme,
             a_static=act_scale is not None, device=w.device, o_scheme=o_scheme,
         )
-        module.set_weight(codes, scale, zero)
+        module.set_weight(codes, scale, zero, global_scale)
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach())
         if act_scale is not None:
@@ -128,11 +153,21 @@ class QuantLinear(nn.Module):
             module.act_zero.copy_(act_zero.reshape(1, 1))
         return module
 
-    def set_weight(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
-        """Store ``codes (out, in)``, ``scale`` and ``zero`` (shapes of ``w_scheme``)."""
+    def set_weight(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                   global_scale: torch.Tensor | None = None) -> None:
+        """Store ``codes (out, in)``, ``scale`` (float32 values, shapes of ``w_scheme``) in the
+        scheme's scale format and ``zero``; e4m3 schemes need the per-tensor ``global_scale``
+        the scales were computed with (a scale off the format's grid is a ValueError)."""
         bits = self.w_scheme.bits
+        fmt = self.w_scheme.scale_format
+        if self.w_scheme.has_global_scale:
+            if global_scale is None:
+                raise ValueError(f"{self.w_scheme.describe()}: e4m3 scales need their per-tensor global_scale")
+            self.global_scale.copy_(global_scale.reshape(1, 1))
+        elif global_scale is not None:
+            raise ValueError(f"global_scale given but {self.w_scheme.describe()} has {fmt} scales without one")
         self.qweight.copy_(ops.pack_codes(codes, bits))
-        self.scales.copy_(scale.to(SCALE_DTYPE))
+        self.scales.copy_(scale_formats.encode_scales(scale, fmt, self.global_scale, MIN_SCALE))
         if self.w_scheme.has_zero:
             assert zero is not None, "an asymmetric scheme needs zero points"
             zero_codes = zero.to(torch.int8 if self.w_scheme.qmin < 0 else torch.uint8)
@@ -151,9 +186,14 @@ class QuantLinear(nn.Module):
         groups = self.scales.shape[1]
         return ops.unpack_codes(self.qzeros, self.w_scheme.bits, groups, signed).to(torch.int32)
 
+    def effective_scales(self) -> torch.Tensor:
+        """The float32 scales ``(out|1, G|1)`` the codes are multiplied by (decoded from the
+        scale format)."""
+        return scale_formats.decode_scales(self.scales, self.w_scheme.scale_format, self.global_scale)
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight ``(out, in)`` this module computes with."""
-        return ops.dequantize(self.weight_codes(), self.scales.float(), self.zeros(), self.w_scheme, dtype)
+        return ops.dequantize(self.weight_codes(), self.effective_scales(), self.zeros(), self.w_scheme, dtype)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize activations ``x (..., in)`` under ``a_scheme`` (identity if none)."""
@@ -177,7 +217,7 @@ class QuantLinear(nn.Module):
         buffer is never served stale."""
         if self.qweight.device.type == "cuda":
             return self.dequantized_weight(dtype)
-        sources = (self.qweight, self.scales, self.qzeros)
+        sources = (self.qweight, self.scales, self.qzeros, self.global_scale)
         key = (dtype, *((t.data_ptr(), t._version) for t in sources if t is not None))
         cached = self.__dict__.get("_weight_cache")
         if cached is None or cached[0] != key:
@@ -202,7 +242,7 @@ class QuantLinear(nn.Module):
         if kernel is None:
             x = self.quantize_input(x)
             return ops.quant_linear_matmul(x, self.qweight, self.scales, self.qzeros, self.bias, self.w_scheme,
-                                           backend=self.backend)
+                                           backend=self.backend, global_scale=self.global_scale)
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if self.a_static:
             x_scale = self.act_scale
@@ -230,6 +270,8 @@ class QuantLinear(nn.Module):
         w, a = self.w_scheme, self.a_scheme
         if a is None or w.has_zero or a.has_zero or w.granularity == "per_group" or self.act_zero is not None:
             return None
+        if w.scale_format not in ("float16", "float32") or a.scale_format not in ("float16", "float32"):
+            return None  # the scaled GEMMs take float scales
         if w.dtype.name == a.dtype.name == "int8" and w.qmin < 0 and a.qmin < 0:
             return ops.int8_matmul
         if w.dtype.name == a.dtype.name == "fp8":
@@ -237,8 +279,9 @@ class QuantLinear(nn.Module):
         return None
 
     def weight_storage_bits(self) -> int:
-        """Bits that store the weight: packed codes, scales and packed zero points."""
-        tensors = [self.qweight, self.scales] + ([self.qzeros] if self.qzeros is not None else [])
+        """Bits that store the weight: packed codes, scales (in their format: 16, 32 or 8 bits
+        each), the per-tensor scale of e4m3 formats and packed zero points."""
+        tensors = [t for t in (self.qweight, self.scales, self.global_scale, self.qzeros) if t is not None]
         return sum(t.numel() * t.element_size() * 8 for t in tensors)
 
     def extra_repr(self) -> str:

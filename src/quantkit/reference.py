@@ -10,9 +10,16 @@ order so that a kernel can reproduce it exactly:
 * integer, zero point: ``lo = min(x, 0)``, ``hi = max(x, 0)``, ``s = (hi - lo) / (qmax - qmin)``
   (``1`` where 0; ``hi / (qmax - qmin) - lo / (qmax - qmin)`` where ``hi - lo`` overflows float32), ``z = clamp(round(qmin - lo / s), qmin, qmax)``,
   ``q = clamp(round(x / s) + z, qmin, qmax)``; ``x_hat = (q - z) * s``.
-* float (fp8 e4m3fn/e5m2, fp4 e2m1): ``s = amax / max_value``,
+* float (fp8 e4m3fn/e5m2, fp6 e2m3/e3m2, fp4 e2m1): ``s = amax / max_value``,
   ``q = bits(round_to_grid(clamp(x / s, -max, max)))`` (round half to even, as torch's float8
   casts); ``x_hat = value(q) * s``.
+* scale formats other than float16/float32 (:mod:`quantkit.scales`): ``s`` is the e8m0 power of
+  two of the OCP MX spec or NVFP4's e4m3 scale over an fp32 per-tensor scale ``g``
+  (:func:`global_scale`), computed from the group's ``amax`` by :func:`quantkit.scales.scale_from_amax`.
+  The element codes are the float-grid codes above with that ``s``. NaN: e4m3fn elements code
+  it as ``S.1111.111``, fp4/fp6 have no NaN code and store 0 (the group's scale is NaN then, so
+  the group decodes to NaN); decoding honours the NaN (and e5m2 inf) codes.
+* 2-D blocks (``block_rows = R``): one scale per ``R`` rows by ``groupsize`` columns.
 
 ``round`` is round-half-to-even (``torch.round``). Inputs are viewed as ``(rows, cols)``
 with leading dimensions flattened (see :mod:`quantkit.scheme` for the scale shapes).
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from quantkit import scales as scale_formats
 from quantkit.dtypes import QuantDType
 from quantkit.scheme import QuantScheme
 
@@ -45,22 +53,45 @@ def _reduce_groups(x: torch.Tensor, scheme: QuantScheme, op: str) -> torch.Tenso
         return getattr(x, op)().reshape(1, 1)
     g = scheme.group_cols(cols)
     ngroups = scheme.num_groups(cols)
-    pad = ngroups * g - cols
-    if pad:  # pad the short last group with a value that never wins the reduction
+    r = scheme.block_rows
+    nblocks = -(-rows // r)
+    pad, pad_rows = ngroups * g - cols, nblocks * r - rows
+    if pad or pad_rows:  # pad the short last group with a value that never wins the reduction
         fill = float("inf") if op == "amin" else float("-inf")
-        x = torch.nn.functional.pad(x, (0, pad), value=fill)
-    return getattr(x.reshape(rows, ngroups, g), op)(dim=-1)  # (rows, ngroups)
+        x = torch.nn.functional.pad(x, (0, pad, 0, pad_rows), value=fill)
+    if r == 1:
+        return getattr(x.reshape(rows, ngroups, g), op)(dim=-1)  # (rows, ngroups)
+    blocks = x.reshape(nblocks, r, ngroups, g).transpose(1, 2).reshape(nblocks, ngroups, r * g)
+    return getattr(blocks, op)(dim=-1)  # (ceil(rows / r), ngroups)
+
+
+def group_amax(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """``max |x|`` of every scale's group (or 2-D block) of ``x (..., cols)``, float32 of
+    :meth:`QuantScheme.scale_shape`."""
+    return _reduce_groups(as_rows(x).float().abs(), scheme, "amax")
+
+
+def global_scale(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor | None:
+    """The per-tensor fp32 scale ``(1, 1)`` of ``x`` under ``scheme`` (e4m3 scales), else None."""
+    if not scheme.has_global_scale:
+        return None
+    return scale_formats.global_scale(scale_formats.finite_amax(x), scheme.dtype)
 
 
 def compute_qparams(
-    x: torch.Tensor, scheme: QuantScheme
+    x: torch.Tensor, scheme: QuantScheme, global_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point of ``x (..., cols)`` under ``scheme``.
+
+    ``global_scale``: the per-tensor scale of e4m3 schemes (:func:`global_scale` of ``x`` when
+    None; GPTQ passes the one of the whole original weight while it quantizes parts of it).
 
     Returns:
         ``scale`` float32 of :meth:`QuantScheme.scale_shape`, and ``zero`` int32 of the same
         shape when ``scheme.has_zero`` (else ``None``).
     """
+    if scheme.has_global_scale and global_scale is None:
+        global_scale = scale_formats.global_scale(scale_formats.finite_amax(x), scheme.dtype)
     x = as_rows(x).float()
     dt = scheme.dtype
     if scheme.has_zero:
@@ -78,16 +109,15 @@ def compute_qparams(
         amax = torch.clamp(_reduce_groups(x, scheme, "amax"), min=0.0)
     else:
         amax = _reduce_groups(x.abs(), scheme, "amax")
-    # not a python float: CUDA would multiply by its reciprocal
-    scale = amax / torch.full_like(amax, scheme.absmax_code)
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return scale, None
+    return scale_formats.scale_from_amax(amax, dt, scheme.absmax_code, scheme.scale_format, global_scale), None
 
 
 def expand_to_cols(p: torch.Tensor, rows: int, cols: int, scheme: QuantScheme) -> torch.Tensor:
-    """Broadcast a per-group parameter ``(rows|1, G|1)`` to ``(rows, cols)``."""
+    """Broadcast a per-group parameter ``(ceil(rows / block_rows)|1, G|1)`` to ``(rows, cols)``."""
     if scheme.granularity == "per_group":
         p = p[:, group_index(cols, scheme, p.device)]
+        if scheme.block_rows > 1 and p.shape[0] > 1:
+            p = p.repeat_interleave(scheme.block_rows, dim=0)[:rows]
     return p.expand(rows, cols)
 
 
@@ -124,18 +154,25 @@ def encode_minifloat(r: torch.Tensor, dt: QuantDType) -> torch.Tensor:
 
 
 def decode_minifloat(codes: torch.Tensor, dt: QuantDType) -> torch.Tensor:
-    """Float32 values of uint8 bit patterns of ``dt``."""
+    """Float32 values of uint8 bit patterns of ``dt``, NaN (and e5m2 inf) codes included."""
     c = codes.to(torch.int32)
     sign = (c >> (dt.bits - 1)) & 1
     biased = (c >> dt.mantissa_bits) & ((1 << dt.exponent_bits) - 1)
-    mant = (c & ((1 << dt.mantissa_bits) - 1)).float()
-    frac = mant / (1 << dt.mantissa_bits)
+    mant_bits = c & ((1 << dt.mantissa_bits) - 1)
+    frac = mant_bits.float() / (1 << dt.mantissa_bits)
     e = torch.clamp(biased, min=1) - dt.exponent_bias
     mag = torch.ldexp(torch.where(biased > 0, 1.0 + frac, frac), e)
+    top = biased == (1 << dt.exponent_bits) - 1
+    if dt.specials == "nan":  # e4m3fn: only S.1111.111 is NaN
+        mag = torch.where(top & (mant_bits == (1 << dt.mantissa_bits) - 1), float("nan"), mag)
+    elif dt.specials == "ieee":  # e5m2: inf with mantissa 0, NaN otherwise
+        mag = torch.where(top, torch.where(mant_bits == 0, float("inf"), float("nan")), mag)
     return torch.where(sign.bool(), -mag, mag)
 
 
 def _float_codes(y: torch.Tensor, dt: QuantDType) -> torch.Tensor:
+    if dt.specials == "none":  # no NaN code: store 0 (its group's scale is NaN, see above)
+        y = torch.where(torch.isnan(y), torch.zeros_like(y), y)
     y = torch.clamp(y, -dt.max_value, dt.max_value)
     if dt.torch_dtype is not None:  # torch's own cast is the reference where it exists
         return y.to(dt.torch_dtype).view(torch.uint8)
@@ -179,7 +216,8 @@ def dequantize(
 def quantize_tensor(
     x: torch.Tensor, scheme: QuantScheme
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(codes, scale, zero)`` of ``x`` with scale/zero computed from ``x`` itself."""
+    """``(codes, scale, zero)`` of ``x`` with scale/zero (and the per-tensor scale of e4m3
+    schemes) computed from ``x`` itself."""
     scale, zero = compute_qparams(x, scheme)
     return quantize(x, scale, zero, scheme), scale, zero
 

@@ -126,7 +126,8 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
         "algo": algorithm_label(algorithm.name, getattr(cfg.algo, "pre", None)),
         "w_dtype": cfg.w_dtype.name,
         "a_dtype": cfg.a_dtype.name,
-        "groupsize": getattr(cfg.algo, "groupsize", None),
+        # the groups the weights have (a block format's own block, not algo.groupsize)
+        "groupsize": algorithm.w_scheme.groupsize if algorithm.w_scheme else getattr(cfg.algo, "groupsize", None),
         "w_scheme": algorithm.w_scheme.describe() if algorithm.w_scheme else None,
         "a_scheme": algorithm.a_scheme.describe() if algorithm.a_scheme else None,
         "model": cfg.model.name,

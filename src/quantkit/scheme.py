@@ -16,7 +16,16 @@ per_group        (rows, ceil(C/g))   ``g`` consecutive columns of a row; column 
                                      divide ``C`` the last group is shorter
 ===============  ==================  ===============================================
 
-``groupsize=-1`` with ``per_group`` means one group per row, i.e. ``per_channel``.
+``groupsize=-1`` with ``per_group`` means one group per row, i.e. ``per_channel``. A per_group
+scheme with ``block_rows = R > 1`` has 2-D blocks of ``R`` rows by ``groupsize`` columns (e.g.
+fp8 weights in 128 x 128 blocks): scale shape ``(ceil(rows / R), ceil(C / g))``, row ``r`` uses
+scale row ``r // R`` (the last row block may be shorter too).
+
+Scale formats (``scale_format``, :data:`quantkit.dtypes.SCALE_FORMATS`): the scale of every group
+is a value of that format (:mod:`quantkit.scales` has the rules): ``float16``/``float32`` (the
+default for integer grids and plain fp4/fp6/fp8), ``e8m0`` (a power of two, OCP MX) or ``e4m3``
+(fp8 times one fp32 scale per tensor, NVFP4). ``e8m0`` and ``e4m3`` are scales of float grids
+only. Block-format dtypes (mxfp4, nvfp4, ...) bring their own default.
 
 Integer grids (``b`` bits, ``qmin = -2^(b-1)``, ``qmax = 2^(b-1) - 1``, unsigned ``[0, 2^b - 1]``):
 
@@ -54,7 +63,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from quantkit.dtypes import QuantDType, get_dtype
+from quantkit.dtypes import FLOAT_ONLY_SCALE_FORMATS, SCALE_BITS, SCALE_FORMATS, QuantDType, get_dtype
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
 SYMMETRIC_RANGES = ("full", "restricted")
@@ -124,6 +133,47 @@ def check_grid(
         )
 
 
+def check_format(
+    dtype: str | QuantDType,
+    scale_format: str | None,
+    block: object,
+    keys: Mapping[str, str] | None = None,
+) -> tuple[str, tuple[int, int] | None]:
+    """The scale format and block of a dtype config, defaults filled in; a ValueError otherwise.
+
+    ``scale_format=None`` and ``block=None`` mean the dtype's own (``float16`` and no block for
+    plain grids; ``e8m0`` and ``(1, 32)`` for mxfp4, ...). ``block`` is ``N`` or ``[N]`` (one row
+    by ``N`` columns) or ``[rows, cols]``. ``keys`` maps ``dtype``/``scale_format``/``block`` to
+    the config keys that set them, for the messages.
+    """
+    key = {"dtype": "dtype", "scale_format": "scale_format", "block": "block", **(keys or {})}
+    spec = get_dtype(dtype)
+    if spec.is_identity:
+        set_keys = [f"{key[k]}={v}" for k, v in (("scale_format", scale_format), ("block", block)) if v is not None]
+        if set_keys:
+            raise ValueError(f"{', '.join(set_keys)} has nothing to act on: {key['dtype']}={spec.name} "
+                             "is not quantized")
+        return "float16", None
+    fmt = spec.scale_format if scale_format is None else scale_format
+    if fmt not in SCALE_FORMATS:
+        raise ValueError(f"{key['scale_format']}={scale_format!r} is not valid; choose one of: "
+                         f"{', '.join(SCALE_FORMATS)} (or leave it null for {spec.name}'s own, {spec.scale_format})")
+    if fmt in FLOAT_ONLY_SCALE_FORMATS and not spec.is_float:
+        raise ValueError(f"{key['scale_format']}={fmt} scales float grids only (fp4, fp6_*, fp8, mx*, nvfp4); "
+                         f"{key['dtype']}={spec.name} is an integer grid: use float16 or float32")
+    if block is None:
+        return fmt, spec.block
+    values = [block] if isinstance(block, int) and not isinstance(block, bool) else block
+    ok = isinstance(values, (list, tuple)) and len(values) in (1, 2) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
+    if not ok:
+        shown = list(block) if isinstance(block, tuple) else block
+        raise ValueError(f"{key['block']}={shown!r} is not valid: give the columns of a block (e.g. 32), "
+                         "[columns] or [rows, columns], positive integers (or null for the dtype's own)")
+    rows, cols = (1, values[0]) if len(values) == 1 else tuple(values)
+    return fmt, (rows, cols)
+
+
 @dataclass(frozen=True)
 class QuantScheme:
     """A validated quantization recipe for one tensor.
@@ -140,6 +190,9 @@ class QuantScheme:
         symmetric_range: signed integer grids without a zero point: ``full`` (default,
             ``scale = amax / (qmax + 1/2)``, every code available) or ``restricted``
             (``amax / qmax``, the most negative code unused). Must stay ``full`` elsewhere.
+        scale_format: how each scale is represented (``None``: the dtype's own, see
+            :data:`quantkit.dtypes.SCALE_FORMATS`).
+        block_rows: rows of a 2-D block (per_group only; 1: groups within a row).
     """
 
     dtype: QuantDType
@@ -148,9 +201,13 @@ class QuantScheme:
     has_zero: bool = False
     unsigned: bool = False
     symmetric_range: str = "full"
+    scale_format: str | None = None
+    block_rows: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", get_dtype(self.dtype))
+        if self.scale_format is None:
+            object.__setattr__(self, "scale_format", self.dtype.scale_format)
         if self.dtype.is_identity:
             raise ValueError(
                 f"dtype {self.dtype.name!r} means no quantization; it has no QuantScheme"
@@ -182,6 +239,16 @@ class QuantScheme:
                 f"symmetric_range={self.symmetric_range!r} is not valid; choose one of: "
                 f"{', '.join(SYMMETRIC_RANGES)}"
             )
+        if self.scale_format not in SCALE_FORMATS:
+            raise ValueError(f"scale_format={self.scale_format!r} is not valid; choose one of: "
+                             f"{', '.join(SCALE_FORMATS)}")
+        if self.scale_format in FLOAT_ONLY_SCALE_FORMATS and not self.dtype.is_float:
+            raise ValueError(f"scale_format={self.scale_format} scales float grids only, not {self.dtype.name}")
+        if not isinstance(self.block_rows, int) or isinstance(self.block_rows, bool) or self.block_rows < 1:
+            raise ValueError(f"block_rows must be a positive int, got {self.block_rows!r}")
+        if self.block_rows > 1 and (self.granularity != "per_group" or self.has_zero):
+            raise ValueError(f"block_rows={self.block_rows} (2-D blocks) needs per_group granularity "
+                             f"without a zero point, got {self.granularity}, has_zero={self.has_zero}")
         if self.symmetric_range != "full" and not self.symmetric:
             raise ValueError(
                 f"symmetric_range={self.symmetric_range} acts on signed integer grids without a "
@@ -192,6 +259,16 @@ class QuantScheme:
     @property
     def bits(self) -> int:
         return self.dtype.bits
+
+    @property
+    def has_global_scale(self) -> bool:
+        """e4m3 scales come with one fp32 scale per tensor (NVFP4's second level)."""
+        return self.scale_format == "e4m3"
+
+    @property
+    def scale_bits(self) -> int:
+        """Storage bits of one scale (the per-tensor fp32 of e4m3 not included)."""
+        return SCALE_BITS[self.scale_format]
 
     @property
     def qmin(self) -> int:
@@ -238,16 +315,18 @@ class QuantScheme:
         """Shape of the scale (and zero) tensor for a ``(rows, cols)`` input."""
         if self.granularity == "per_tensor":
             return (1, 1)
-        return (rows, self.num_groups(cols))
+        return (math.ceil(rows / self.block_rows), self.num_groups(cols))
 
     def describe(self) -> str:
         """Short human-readable form, e.g. ``int4 g128 asym``, ``int4 g64`` (symmetric, full
-        range) or ``int8 token restricted``."""
+        range), ``int8 token restricted``, ``mxfp4 g32``, ``fp8_block b128x128`` (2-D blocks) or
+        ``fp4 g32 e8m0`` (a scale format other than the dtype's own)."""
         gran = {
             "per_tensor": "tensor", "per_channel": "channel", "per_token": "token",
-            "per_group": f"g{self.groupsize}",
+            "per_group": f"g{self.groupsize}" if self.block_rows == 1 else f"b{self.block_rows}x{self.groupsize}",
         }[self.granularity]
         zero = " asym" if self.has_zero else ""
         sign = " unsigned" if self.unsigned else ""
         restricted = " restricted" if self.symmetric_range == "restricted" else ""
-        return f"{self.dtype.name} {gran}{zero}{sign}{restricted}"
+        scales = f" {self.scale_format}" if self.scale_format != self.dtype.scale_format else ""
+        return f"{self.dtype.name} {gran}{zero}{sign}{restricted}{scales}"

@@ -4,8 +4,10 @@ A saved folder holds:
 
 * ``quantkit_weights.safetensors``: every tensor of the model's ``state_dict``. A
   :class:`~quantkit.quant_linear.QuantLinear` contributes its buffers exactly as stored
-  (``qweight`` packed codes, float16 ``scales``, packed ``qzeros``, ``bias``, ``act_scale``
-  and whatever buffers it gains later: they are read generically from its ``state_dict``);
+  (``qweight`` packed codes, ``scales`` in their scale format: float16/float32 values or the
+  uint8 codes of e8m0/e4m3, ``global_scale`` of e4m3 formats, packed ``qzeros``, ``bias``,
+  ``act_scale`` and whatever buffers it gains later: they are read generically from its
+  ``state_dict``);
   the unquantized parameters are stored in ``float_dtype`` (default: as in memory). A tensor
   tied to an earlier one (e.g. OPT's ``lm_head`` and embeddings) is stored once. The name
   differs from ``model.safetensors`` on purpose: ``from_pretrained`` on this folder fails
@@ -13,7 +15,8 @@ A saved folder holds:
 * ``quantkit_config.json``: the format version, quantkit version, float dtype, the tied
   aliases, the run config, a SHA-256 checksum of every stored tensor's bytes and, per
   quantized linear, its constructor arguments with the schemes (``dtype``, ``granularity``,
-  ``groupsize``, ``has_zero``, ``unsigned``, ``symmetric_range``).
+  ``groupsize``, ``has_zero``, ``unsigned``, ``symmetric_range``, ``scale_format``,
+  ``block_rows``).
 * ``config.json`` (the HF model config) and the tokenizer files.
 
 :func:`load` rebuilds the HF skeleton from ``config.json`` (no download, no weights),
@@ -23,7 +26,8 @@ strictly: the result computes exactly what the saved model computed. Anything in
 (a flipped byte in the data included) raises :class:`CheckpointError` naming the file or
 tensor.
 
-Older checkpoints. Format 1 (before symmetric_range and checksums) still loads: its symmetric
+Older checkpoints. Format 2 (before scale formats) loads with ``scale_format="float16"`` and
+``block_rows=1``, the only layout it could hold. Format 1 (before symmetric_range and checksums) still loads: its symmetric
 signed integer schemes get ``symmetric_range="restricted"``, the only grid that existed then
 (it matters for activations, whose scales are computed at run time), and its tensors load
 unverified with a :class:`UnverifiedCheckpointWarning` (re-save to add checksums). A format-2
@@ -56,8 +60,9 @@ from quantkit.scheme import QuantScheme
 
 FORMAT_NAME = "quantkit"
 # bump when a reader of the old version would misread the new layout. 2: schemes record
-# symmetric_range (format 1 meant "restricted"), tensors carry checksums.
-FORMAT_VERSION = 2
+# symmetric_range (format 1 meant "restricted"), tensors carry checksums. 3: schemes record
+# scale_format and block_rows (format 2 meant float16 scales, 1-row groups).
+FORMAT_VERSION = 3
 CHECKSUM = "sha256"
 CONFIG_FILE = "quantkit_config.json"
 WEIGHTS_FILE = "quantkit_weights.safetensors"
@@ -247,7 +252,19 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         )
     if version < 2:
         _upgrade_v1(manifest)
+    if version < 3:
+        _upgrade_v2(manifest)
     return manifest
+
+
+def _upgrade_v2(manifest: dict[str, Any]) -> None:
+    """Format 2 -> 3 in memory: every scale was float16, every group one row."""
+    layers = manifest.get("layers")
+    for layer in layers.values() if isinstance(layers, dict) else ():
+        for value in layer.values() if isinstance(layer, dict) else ():
+            if isinstance(value, dict) and "dtype" in value:
+                value.setdefault("scale_format", "float16")
+                value.setdefault("block_rows", 1)
 
 
 def _upgrade_v1(manifest: dict[str, Any]) -> None:

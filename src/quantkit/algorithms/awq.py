@@ -36,12 +36,14 @@ from torch import nn
 
 from quantkit import reference
 from quantkit.algorithms.base import (
-    Algorithm, ChannelRangeObserver, Observer, activation_scheme, check_weight_activation_keys, weight_scheme,
+    Algorithm, ChannelRangeObserver, Observer, activation_scheme, check_weight_activation_keys, default_granularity,
+    weight_scheme,
 )
 from quantkit.algorithms.fold import FoldTarget, fold_blocker, fold_scales
 from quantkit.algorithms.registry import register
 from quantkit.config import ConfigError, DTypeConfig, check
 from quantkit.quant_linear import QuantLinear, storage_scale, weight_qparams
+from quantkit.scales import scale_from_amax
 from quantkit.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
@@ -138,7 +140,8 @@ class AWQObserver(ChannelRangeObserver):
 
 def _group_rows(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, QuantScheme]:
     """``w (out, in)`` as one row per quantization group, ``(out * G, gs)`` zero-padded, and the
-    per-row scheme that quantizes it exactly as ``scheme`` quantizes ``w``.
+    per-row scheme that quantizes it exactly as ``scheme`` quantizes ``w`` (2-D blocks: the
+    groups of each row; their scales are shared by the block's rows, see :func:`_row_scales`).
 
     Zero padding never moves a range (every grid's range includes 0), and per-row scales
     broadcast instead of being gathered per column: the same arithmetic, several times faster.
@@ -149,7 +152,29 @@ def _group_rows(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, Qua
     gs = scheme.group_cols(cols)
     groups = math.ceil(cols / gs)
     wg = nn.functional.pad(w, (0, groups * gs - cols)).reshape(out * groups, gs)  # (out * G, gs)
-    return wg, dataclasses.replace(scheme, granularity="per_channel", groupsize=-1)  # same grid, one group per row
+    # same grid, one group per row
+    return wg, dataclasses.replace(scheme, granularity="per_channel", groupsize=-1, block_rows=1)
+
+
+def _row_scales(p: torch.Tensor, out: int, scheme: QuantScheme) -> torch.Tensor:
+    """Scales (or zeros) of ``scheme.scale_shape`` as one per row of :func:`_group_rows`."""
+    if scheme.granularity != "per_group":
+        return p
+    if scheme.block_rows > 1:
+        p = p.repeat_interleave(scheme.block_rows, dim=0)[:out]  # (out, G)
+    return p.reshape(-1, 1)  # (out * G, 1)
+
+
+def _block_sums(err: torch.Tensor, out: int, scheme: QuantScheme) -> torch.Tensor:
+    """Per-row-group errors ``(out * G, 1)`` summed per scale: ``scheme.scale_shape``."""
+    if scheme.granularity == "per_tensor":
+        return err.sum().reshape(1, 1)
+    err = err.reshape(out, -1)  # (out, G)
+    r = scheme.block_rows
+    if r > 1:
+        pad = -out % r
+        err = nn.functional.pad(err, (0, 0, 0, pad)).reshape(-1, r, err.shape[1]).sum(1)  # (RB, G)
+    return err
 
 
 def fake_quantize_weight(
@@ -164,8 +189,9 @@ def fake_quantize_weight(
     w = w.float()
     if row_splits is not None and scheme.granularity == "per_tensor" and len(row_splits) > 1:
         return torch.cat([fake_quantize_weight(part, scheme) for part in w.split(list(row_splits))])
+    scale, zero = weight_qparams(w, scheme)  # (e4m3: with the per-tensor scale of w)
     wg, rows = _group_rows(w, scheme)
-    scale, zero = weight_qparams(wg, rows)
+    scale, zero = _row_scales(scale, w.shape[0], scheme), None if zero is None else _row_scales(zero, w.shape[0], scheme)
     wq = reference.dequantize(reference.quantize(wg, scale, zero, rows), scale, zero, rows)
     return wq.reshape(w.shape[0], -1)[:, : w.shape[1]]
 
@@ -230,9 +256,11 @@ def search_clip(
 
     Each (row, group) range is shrunk by ``f = 1 - k / n_grid`` for ``k = 0 ..
     round(max_shrink * n_grid)``; shrinking min and max alike leaves the zero point unchanged,
-    so a candidate is ``scale * f``. The ``f`` with the smallest error ``||x_g dW_g^T||^2`` of that
-    group wins (ties keep ``f = 1``: never worse than no clipping on this loss); per_tensor
-    schemes pick one ``f`` for the whole tensor. Returns the shapes of
+    so a candidate is ``scale * f`` (scale formats with their own rule, e8m0 and e4m3: the
+    scale of the shrunk ``amax``, with the unshrunk tensor's per-tensor scale). The ``f`` with the
+    smallest error ``||x_g dW_g^T||^2`` of that group wins (ties keep ``f = 1``: never worse than
+    no clipping on this loss); per_tensor schemes pick one ``f`` for the whole tensor, 2-D blocks
+    one per block (the sum over its rows). Returns the shapes of
     :meth:`QuantScheme.scale_shape`, the scale storage-rounded
     (:func:`~quantkit.quant_linear.storage_scale`), ready for ``QuantLinear.from_linear``.
     ``w`` is processed ``chunk_rows`` rows at a time.
@@ -241,30 +269,38 @@ def search_clip(
     out, cols = w.shape
     wg, rows = _group_rows(w, scheme)  # (out * G, gs)
     groups, gs = wg.shape[0] // out, wg.shape[1]
-    base, zero = reference.compute_qparams(wg, rows)  # (out * G | 1, 1) float32; zero int32 or None
+    g = reference.global_scale(w, scheme)
+    base, zero = reference.compute_qparams(w, scheme, g)  # scale_shape float32; zero int32 or None
+    intrinsic = scheme.scale_format in ("e8m0", "e4m3")  # scales computed from amax by their rule
+    amax = reference.group_amax(w, scheme) if intrinsic else None
+    zero_rows = None if zero is None else _row_scales(zero, out, scheme)
+
+    def candidate(f: float) -> torch.Tensor:
+        if intrinsic:
+            return scale_from_amax(amax * f, scheme.dtype, scheme.absmax_code, scheme.scale_format, g)
+        return storage_scale(base * f, scheme)
+
     blocks = _group_gram(x.to(w.device), scheme)  # (G, gs, gs)
-    best_err, best = None, storage_scale(base)
+    best_err, best = None, candidate(1.0)
     for k in range(int(round(max_shrink * n_grid)) + 1):
-        scale = storage_scale(base * (1.0 - k / n_grid))
+        scale = candidate(1.0 - k / n_grid)
+        scale_rows = _row_scales(scale, out, scheme)  # (out * G | out | 1, 1)
         errs = []
         for r in range(0, out, chunk_rows):
             gr = slice(r * groups, (r + chunk_rows) * groups)  # the grouped rows of these weight rows
-            sc = scale if scale.shape[0] == 1 else scale[gr]
-            zc = None if zero is None else zero if zero.shape[0] == 1 else zero[gr]
+            sc = scale_rows if scale_rows.shape[0] == 1 else scale_rows[gr]
+            zc = None if zero_rows is None else zero_rows if zero_rows.shape[0] == 1 else zero_rows[gr]
             q = reference.dequantize(reference.quantize(wg[gr], sc, zc, rows), sc, zc, rows)  # (chunk * G, gs)
             dw = (wg[gr] - q).reshape(-1, groups, gs).transpose(0, 1)  # (G, chunk, gs)
             errs.append((torch.bmm(dw, blocks) * dw).sum(-1).T)  # (chunk, G): dw_g H_g dw_g^T
-        err = torch.cat(errs).reshape(-1, 1)  # (out * G, 1)
-        if scheme.granularity == "per_tensor":
-            err = err.sum().reshape(1, 1)
+        err = _block_sums(torch.cat(errs).reshape(-1, 1), out, scheme)  # scale_shape
         if best_err is None:
             best_err = err
             continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, scale, best)
-    shape = scheme.scale_shape(out, cols)
-    return best.reshape(shape), None if zero is None else zero.reshape(shape)
+    return best, zero
 
 
 @register("awq", AWQConfig)
@@ -274,7 +310,7 @@ class AWQ(Algorithm):
 
     def __init__(self, config: AWQConfig, w_dtype: DTypeConfig, a_dtype: DTypeConfig) -> None:
         super().__init__(config, w_dtype, a_dtype)
-        self.w_scheme = weight_scheme(w_dtype, config.w_qtype, config.groupsize)
+        self.w_scheme = weight_scheme(w_dtype, config.w_qtype, config.groupsize, default_granularity(config))
         self.a_scheme = activation_scheme(a_dtype, config.a_qtype)
         if self.w_scheme is None and self.a_scheme is not None:
             raise ConfigError("algo=awq quantizes weights: w_dtype=float16 with a quantized a_dtype is not supported")

@@ -8,6 +8,8 @@ the group into :class:`~quantkit.quant_linear.QuantLinear` modules.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -17,7 +19,9 @@ from torch import nn
 from quantkit.algorithms.fold import FoldTarget
 from quantkit.config import ConfigError, DTypeConfig, check, check_choice, check_groupsize
 from quantkit.quant_linear import QuantLinear
-from quantkit.scheme import QuantScheme, check_grid, has_symmetric_range
+from quantkit.scheme import QuantScheme, check_format, check_grid, has_symmetric_range
+
+log = logging.getLogger(__name__)
 
 W_QTYPES = ("per_tensor", "per_channel", "per_group")
 # per_tensor activations are calibrated once (static); per_token scales are computed per call.
@@ -47,10 +51,33 @@ def grid_fields(dtype: DTypeConfig, role: str, keys: dict[str, str] | None = Non
             "symmetric_range": (dtype.symmetric_range or default) if symmetric else "full"}
 
 
-def weight_scheme(w_dtype: DTypeConfig, w_qtype: str, groupsize: int) -> QuantScheme | None:
-    """The weight scheme, or None for ``w_dtype=float16``; errors name the config keys."""
+def dtype_format(dtype: DTypeConfig, role: str) -> tuple[str, tuple[int, int] | None]:
+    """The scale format and block ``(rows, cols)`` of ``dtype`` in ``role`` (``w`` or ``a``),
+    the dtype's own where it leaves them null; errors name ``w_dtype.scale_format`` etc."""
+    names = {"dtype": f"{role}_dtype", "scale_format": f"{role}_dtype.scale_format", "block": f"{role}_dtype.block"}
+    try:
+        return check_format(dtype.name, dtype.scale_format, dtype.block, names)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def default_granularity(config: Any) -> bool:
+    """Whether ``config`` leaves ``groupsize`` (and ``w_qtype``, ``w_groupsize``) at its class
+    defaults: then a dtype with its own block (mxfp4, nvfp4, ...) decides the groups."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    return all(getattr(config, k) == defaults[k] for k in ("groupsize", "w_qtype", "w_groupsize") if k in defaults)
+
+
+def weight_scheme(w_dtype: DTypeConfig, w_qtype: str, groupsize: int, default: bool = False) -> QuantScheme | None:
+    """The weight scheme, or None for ``w_dtype=float16``; errors name the config keys.
+
+    A dtype with a block (``w_dtype.block``, or its own: mxfp4 1x32, nvfp4 1x16, fp8_block
+    128x128) quantizes in those blocks: ``algo.groupsize``/``algo.w_qtype`` must then be left at
+    the algorithm's defaults (``default=True``) or name the same groups.
+    """
     check_choice("algo.w_qtype", w_qtype, W_QTYPES)
     grid = grid_fields(w_dtype, "w")
+    scale_format, block = dtype_format(w_dtype, "w")
     if w_dtype.is_identity:
         return None
     check(
@@ -58,8 +85,21 @@ def weight_scheme(w_dtype: DTypeConfig, w_qtype: str, groupsize: int) -> QuantSc
         f"algo.groupsize={groupsize} has no meaning with algo.w_qtype={w_qtype}; "
         "use w_qtype=per_group or groupsize=-1",
     )
+    if block is not None:
+        rows, cols = block
+        same = w_qtype == "per_group" and groupsize == cols and rows == 1
+        given = f"algo.groupsize={groupsize}" + (f" with algo.w_qtype={w_qtype}" if w_qtype != "per_group" else "")
+        check(default or same,
+              f"w_dtype={w_dtype.name} quantizes in blocks of {rows}x{cols} (w_dtype.block), so {given} cannot "
+              f"apply: leave the group size at its default, or change the block (w_dtype.block=N or [rows, N])")
+        if not same:
+            log.info("w_dtype=%s: blocks of %dx%d (w_dtype.block) instead of algo.groupsize=%d", w_dtype.name,
+                     rows, cols, groupsize)
     try:
-        return QuantScheme(w_dtype.name, w_qtype, groupsize if w_qtype == "per_group" else -1, **grid)
+        if block is None:
+            return QuantScheme(w_dtype.name, w_qtype, groupsize if w_qtype == "per_group" else -1, **grid,
+                               scale_format=scale_format)
+        return QuantScheme(w_dtype.name, "per_group", cols, **grid, scale_format=scale_format, block_rows=rows)
     except ValueError as exc:
         raise ConfigError(f"w_dtype/algo: {exc}") from None
 
@@ -77,13 +117,27 @@ def check_weight_activation_keys(config: Any) -> None:
 
 
 def activation_scheme(a_dtype: DTypeConfig, a_qtype: str) -> QuantScheme | None:
-    """The activation scheme, or None for ``a_dtype=float16`` (weight-only)."""
+    """The activation scheme, or None for ``a_dtype=float16`` (weight-only).
+
+    A dtype with a block quantizes each token in groups of the block's columns, with scales
+    computed per call (``algo.a_qtype=per_token``; a block of several rows is refused: a token's
+    scales never depend on other tokens).
+    """
     check_choice("algo.a_qtype", a_qtype, A_QTYPES)
     grid = grid_fields(a_dtype, "a")
+    scale_format, block = dtype_format(a_dtype, "a")
     if a_dtype.is_identity:
         return None
+    if block is not None:
+        check(block[0] == 1, f"a_dtype.block={list(block)}: activations are quantized in groups of one token by "
+                             f"N columns; use a_dtype.block=[1, {block[1]}] (or {block[1]})")
+        check(a_qtype == "per_token",
+              f"algo.a_qtype={a_qtype} (static scales) with a_dtype={a_dtype.name}, whose block scales are "
+              "computed per token at run time: use algo.a_qtype=per_token")
     try:
-        return QuantScheme(a_dtype.name, a_qtype, -1, **grid)
+        if block is None:
+            return QuantScheme(a_dtype.name, a_qtype, -1, **grid, scale_format=scale_format)
+        return QuantScheme(a_dtype.name, "per_group", block[1], **grid, scale_format=scale_format)
     except ValueError as exc:
         raise ConfigError(f"a_dtype/algo: {exc}") from None
 

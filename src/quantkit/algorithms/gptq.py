@@ -14,7 +14,11 @@ after the block with one matmul per block (the published "lazy batch" form).
 
 Group parameters (``per_group``) are computed when a group's first column is reached, from
 the already error-updated weights (including the updates still pending from the current
-block, so the result does not depend on ``blocksize``). With ``actorder`` the columns are
+block, so the result does not depend on ``blocksize``), in the scheme's scale format: block
+formats fix each block's scale there (an e8m0 power of two, or an e4m3 scale over the fp32
+per-tensor scale, which is computed once from the whole weight before any column changes;
+2-D blocks over all their rows), and every column is then rounded onto that block's grid with
+its error fed back as usual. With ``actorder`` the columns are
 processed by descending ``diag(H)``; the group parameters are then fixed up front from the
 original weights in the original column order ("static groups"), so group ``k // groupsize``
 of column ``k`` stays contiguous and the packed layout needs no ``g_idx``.
@@ -43,14 +47,15 @@ from torch import nn
 
 from quantkit.algorithms.awq import AWQConfig, AWQObserver, search_scales
 from quantkit.algorithms.base import (
-    A_QTYPES, ActRangeObserver, Algorithm, ChannelRangeObserver, Observer, activation_scheme, weight_scheme,
+    A_QTYPES, ActRangeObserver, Algorithm, ChannelRangeObserver, Observer, activation_scheme, default_granularity,
+    weight_scheme,
 )
 from quantkit.algorithms.fold import FoldTarget
 from quantkit.algorithms.smoothquant import check_alpha, search_and_fold, smooth_scales
 from quantkit.algorithms.registry import register
 from quantkit.config import ConfigError, DTypeConfig, check, check_choice, check_groupsize
 from quantkit.quant_linear import QuantLinear, weight_qparams
-from quantkit.reference import dequantize, expand_to_cols, quantize
+from quantkit.reference import dequantize, expand_to_cols, global_scale, quantize
 from quantkit.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
@@ -107,6 +112,7 @@ class GPTQStats:
     damp_raises: int  # how often the damping was raised because the factorization failed
     dead_columns: int  # inputs that were always zero (H_ii == 0): weights set to 0
     weight: torch.Tensor  # (out, in) float32: the GPTQ weight, == dequantize(codes, scale, zero)
+    global_scale: torch.Tensor | None = None  # (1, 1) fp32 per-tensor scale of e4m3 scales
 
 
 # --- pure tensor functions ------------------------------------------------------------------
@@ -172,8 +178,20 @@ class _ColumnQuantizer:
     """
 
     def __init__(self, scheme: QuantScheme) -> None:
-        self.scheme = dataclasses.replace(scheme, granularity="per_channel", groupsize=-1)
+        self.scheme = dataclasses.replace(scheme, granularity="per_channel", groupsize=-1, block_rows=1)
+        self.block_rows = scheme.block_rows
         self.is_int = scheme.dtype.is_int
+
+    def group_scheme(self, group: torch.Tensor) -> QuantScheme:
+        """The scheme giving one scale per row (2-D blocks: per block of rows) of ``group (out, <=g)``."""
+        if self.block_rows == 1:
+            return self.scheme
+        return dataclasses.replace(self.scheme, granularity="per_group", groupsize=group.shape[1],
+                                   block_rows=self.block_rows)
+
+    def rows(self, p: torch.Tensor, rows: int) -> torch.Tensor:
+        """One value per weight row of per-row-block values ``p (ceil(rows / R),)``."""
+        return p if self.block_rows == 1 else p.repeat_interleave(self.block_rows)[:rows]
 
     def __call__(
         self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
@@ -204,7 +222,8 @@ def gptq_quantize(
 
     Returns ``codes (out, in)`` (int8/uint8 as :func:`quantkit.reference.quantize`, in the
     original column order), ``scale`` (storage-rounded float32) and ``zero`` (int32 or None)
-    of ``scheme.scale_shape(out, in)``, and :class:`GPTQStats`. ``static_groups`` only acts
+    of ``scheme.scale_shape(out, in)``, and :class:`GPTQStats` (with the per-tensor scale of
+    e4m3 scale formats, which ``scale`` was computed with). ``static_groups`` only acts
     with ``actorder``; ``actorder`` with ``per_group`` requires it. ``name`` labels log lines.
     """
     rows, cols = W.shape
@@ -228,12 +247,13 @@ def gptq_quantize(
     dynamic = per_group and not actorder  # group params from the error-updated weights
     g = scheme.group_cols(cols)
     col_quant = _ColumnQuantizer(scheme)
+    glob = global_scale(W, scheme)  # e4m3 scales: fixed before any column changes
     if dynamic:
         shape = scheme.scale_shape(rows, cols)
         scale = torch.ones(shape, dtype=torch.float32, device=W.device)
         zero = torch.zeros(shape, dtype=torch.int32, device=W.device) if scheme.has_zero else None
     else:  # per channel/tensor, or static groups: fixed up front from the original order
-        scale, zero = weight_qparams(W, scheme)
+        scale, zero = weight_qparams(W, scheme, glob)
         col_scale = expand_to_cols(scale, rows, cols, scheme)  # (out, in) view
         col_zero = expand_to_cols(zero, rows, cols, scheme).float() if zero is not None else None
 
@@ -260,8 +280,9 @@ def gptq_quantize(
                 if dynamic:
                     if j % g == 0:
                         group = _current_group(W, W1, Err1, U, i1, i, j, g)  # (out, <=g)
-                        gs, gz = weight_qparams(group, col_quant.scheme)  # (out, 1)
-                        scale[:, j // g], s = gs[:, 0], gs[:, 0]
+                        gs, gz = weight_qparams(group, col_quant.group_scheme(group), glob)  # (out|RB, 1)
+                        scale[:, j // g] = gs[:, 0]
+                        s = col_quant.rows(gs[:, 0], rows)  # (out,)
                         if zero is not None:
                             zero[:, j // g], z = gz[:, 0], gz[:, 0].float()
                 else:
@@ -283,7 +304,7 @@ def gptq_quantize(
     loss = float((E @ H_in * E).sum())
     energy = float((W_in @ H_in * W_in).sum())  # tr(W H W^T)
     stats = GPTQStats(loss, loss / energy if energy > 0 else 0.0, damp, percdamp * DAMP_GROWTH**raises,
-                      raises, int(dead.sum()), Q)
+                      raises, int(dead.sum()), Q, glob)
     return codes, scale, zero, stats
 
 
@@ -365,7 +386,7 @@ class GPTQ(Algorithm):
     def __init__(self, config: GPTQConfig, w_dtype: DTypeConfig, a_dtype: DTypeConfig) -> None:
         super().__init__(config, w_dtype, a_dtype)
         qtype = "per_group" if config.groupsize > 0 else "per_channel"
-        self.w_scheme = weight_scheme(w_dtype, qtype, config.groupsize)
+        self.w_scheme = weight_scheme(w_dtype, qtype, config.groupsize, default_granularity(config))
         self.a_scheme = activation_scheme(a_dtype, config.a_qtype)
         check(
             self.w_scheme is not None or self.a_scheme is None,
@@ -434,7 +455,7 @@ class GPTQ(Algorithm):
         weight = linear.weight
         module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, scheme,
                              self.a_scheme, a_static=self.a_static, device=weight.device)
-        module.set_weight(codes, scale, zero)
+        module.set_weight(codes, scale, zero, stats.global_scale)
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach())
         if observer.act_range is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from quantkit.algorithms.base import Algorithm, Observer, activation_scheme, weight_scheme
+from quantkit.algorithms.base import Algorithm, Observer, activation_scheme, default_granularity, weight_scheme
 from quantkit.algorithms.fold import FoldTarget
 from quantkit.algorithms.registry import register
 from quantkit.config import DTypeConfig, check_groupsize
@@ -36,7 +36,7 @@ class RTNConfig:
 class RTN(Algorithm):
     def __init__(self, config: RTNConfig, w_dtype: DTypeConfig, a_dtype: DTypeConfig) -> None:
         super().__init__(config, w_dtype, a_dtype)
-        self.w_scheme = weight_scheme(w_dtype, config.w_qtype, config.groupsize)
+        self.w_scheme = weight_scheme(w_dtype, config.w_qtype, config.groupsize, default_granularity(config))
         self.a_scheme = activation_scheme(a_dtype, config.a_qtype)
 
     def quantize_group(

@@ -23,9 +23,11 @@ are not quantized.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
-from quantkit.algorithms.base import Algorithm, activation_scheme, grid_fields, weight_scheme
+from quantkit.algorithms.base import Algorithm, activation_scheme, default_granularity, grid_fields, weight_scheme
 from quantkit.algorithms.registry import register
 from quantkit.algorithms.rtn import RTN
 from quantkit.config import DTypeConfig, check, check_choice, check_groupsize
@@ -71,7 +73,7 @@ def override_grid(dtype: DTypeConfig, role: str, has_zero: bool | None, unsign: 
               "symmetric; use an integer dtype (int2/int3/int4/int8) or set it to false/null")
     zero = dtype.has_zero if has_zero is None else has_zero
     unsigned = dtype.unsigned if unsign is None else unsign
-    grid = DTypeConfig(dtype.name, has_zero=zero, unsigned=unsigned, symmetric_range=dtype.symmetric_range)
+    grid = dataclasses.replace(dtype, has_zero=zero, unsigned=unsigned)  # scale format and block kept
     # the grid rule of every algorithm, naming the key that set each flag
     grid_fields(grid, role, {
         "has_zero": f"algo.{role}_has_zero" if has_zero is not None else f"{dtype_key}.has_zero",
@@ -93,6 +95,6 @@ class ZeroQuant(RTN):
               f"algo=zeroquant quantizes activations token-wise; a_dtype={a_dtype.name} leaves them "
               "unquantized: set a_dtype (e.g. a_dtype=int8), or use algo=rtn for weight-only quantization")
         qtype = "per_group" if config.groupsize > 0 else "per_channel"
-        self.w_scheme = weight_scheme(w_grid, qtype, config.groupsize)
+        self.w_scheme = weight_scheme(w_grid, qtype, config.groupsize, default_granularity(config))
         a_qtype = "per_tensor" if config.quantization_type == "static" else "per_token"
         self.a_scheme = activation_scheme(a_grid, a_qtype)
