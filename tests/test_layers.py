@@ -347,3 +347,23 @@ def test_cli_unknown_dtype_in_a_rule_is_one_line(tmp_path):
 def test_rules_survive_a_deep_copy_of_the_config():
     run = build_run_config(compose_dict(DOWN8))
     assert copy.deepcopy(run) == run and hash(run.layers[0]) == hash(copy.deepcopy(run.layers[0]))
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_rules_reach_experts_on_the_skeleton_as_on_the_loaded_model(kind):
+    """The skeleton's fused experts are split first, so a rule for one expert's down_proj is
+    checked before loading against the names the pipeline quantizes."""
+    from quantkit.inputs import meta_model
+    from quantkit.pipeline import _unfuse, plan_skeleton
+    from tests.test_arch import _CONFIGS, build
+
+    model = build(kind)
+    arch = get_arch(kind)
+    skeleton = meta_model(_CONFIGS[kind](), kind)
+    args = (rtn(INT4, FP16, groupsize=16), ("lm_head",), (LayerRule(match=r".*experts\.1\.down_proj", w_dtype=INT8),))
+    table = plan_skeleton(skeleton, arch, *args)
+    _unfuse(model.get_submodule(arch.blocks), arch)
+    assert table == plan_schemes(model, arch, *args)
+    picked = [n for n, s in table.layers.items() if s.source == "layers[0]"]
+    assert picked == ["model.layers.0.mlp.experts.1.down_proj"] + (
+        ["model.layers.1.mlp.experts.1.down_proj"] if kind == "mixtral" else [])
