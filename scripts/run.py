@@ -23,6 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from quantkit.config import ConfigError, build_run_config
+from quantkit.layers import expand_dtype_names, hydra_dtype
 from quantkit.results import (
     FAILED_FILE, RESULTS_FILE, SKIPPED_FILE, StaleResultsError, reusable_results, write_failed, write_skipped,
 )
@@ -38,12 +39,14 @@ _REQUIRED = {
 
 
 def resolve(cfg: DictConfig) -> dict[str, Any]:
-    """The composed config as a plain dict; an unset mandatory key is a ConfigError naming it."""
+    """The composed config as a plain dict; an unset mandatory key is a ConfigError naming it.
+    A dtype name in a ``layers`` rule or ``sensitivity`` (``w_dtype: int8``) becomes the mapping
+    ``w_dtype=int8`` composes to (``conf/w_dtype/int8.yaml``), as results.json then records it."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError("missing value for " + "; ".join(
             f"{key} ({_REQUIRED[key]})" if key in _REQUIRED else key for key in missing))
-    return OmegaConf.to_container(cfg, resolve=True)
+    return expand_dtype_names(OmegaConf.to_container(cfg, resolve=True), hydra_dtype)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -242,8 +242,8 @@ def test_every_expert_is_calibrated_on_every_token_even_if_never_routed():
     seen = {}
     original = algorithm.make_group_observers
 
-    def make_group_observers(linears):
-        observers = original(linears)
+    def make_group_observers(linears, schemes=None):
+        observers = original(linears, schemes)
         for name, observer in observers.items():
             update = observer.update
             observer.update = lambda x, name=name, update=update: (seen.__setitem__(name, seen.get(name, 0) + len(x)),

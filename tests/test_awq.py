@@ -235,7 +235,7 @@ def _linear(w):
 class _FoldOnly(awq.AWQ):
     """AWQ that searches and folds scales but leaves the weights in full precision."""
 
-    def quantize_group(self, linears, observers, prev):
+    def quantize_group(self, linears, observers, prev, schemes=None):
         return dict(linears)
 
 

@@ -12,14 +12,16 @@ from omegaconf import OmegaConf
 from quantkit.algorithms.registry import algorithm_names
 from quantkit.config import ConfigError, DTypeConfig, build_run_config
 from quantkit.dtypes import dtype_names
+from quantkit.layers import expand_dtype_names, hydra_dtype
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def compose_dict(*overrides: str) -> dict:
+    """The config as ``scripts/run.py`` resolves it (rule dtype names expanded)."""
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["output_dir=out", *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
+        return expand_dtype_names(OmegaConf.to_container(cfg, resolve=True), hydra_dtype)
 
 
 def test_default_config_builds():

@@ -26,7 +26,7 @@ from quantkit import models  # noqa: E402
 from quantkit.algorithms.registry import build_algorithm  # noqa: E402
 from quantkit.algorithms.rtn import RTNConfig  # noqa: E402
 from quantkit.arch import get_arch  # noqa: E402
-from quantkit.config import DTypeConfig  # noqa: E402
+from quantkit.config import DTypeConfig, LayerRule  # noqa: E402
 from quantkit.export import ExportError, compressed_tensors_state, export_format, pack_int32  # noqa: E402
 from quantkit.pipeline import quantize_model  # noqa: E402
 from quantkit.quant_linear import QuantLinear  # noqa: E402
@@ -230,3 +230,35 @@ def test_unexportable_model_names_the_layer_and_writes_nothing(tiny, tmp_path):
     assert not (tmp_path / "ct").exists() and not list(tmp_path.iterdir())
     with pytest.raises(ExportError, match="no quantized layers"):
         quantkit.export_compressed_tensors(tiny()[0], tok, tmp_path / "ct")
+
+
+# per-layer schemes (``layers`` rules): one config group per scheme; several formats make "mixed-precision"
+MIXED = {
+    "int4-g32+int8-g32": ((LayerRule(match="down_proj", w_dtype=DTypeConfig("int8")),), "pack-quantized", 2),
+    "w4a16+fp8+w8a8": ((LayerRule(match="down_proj", w_dtype=DTypeConfig("int8"), groupsize=-1,
+                                  a_dtype=DTypeConfig("int8", symmetric_range="full")),
+                        LayerRule(match="o_proj", w_dtype=DTypeConfig("fp8"), groupsize=-1)), "mixed-precision", 3),
+}
+
+
+@pytest.mark.parametrize("case", MIXED)
+def test_per_layer_schemes_export_as_config_groups_that_transformers_loads(tiny, tmp_path, case):
+    rules, fmt, groups = MIXED[case]
+    model, tok = tiny()
+    algorithm = build_algorithm(RTNConfig(groupsize=32), DTypeConfig("int4"), FP16)
+    report = quantize_model(model, get_arch("llama"), algorithm, None, "cpu", progress=False, layers=rules)
+    expected = logits(model)
+    out = quantkit.export_compressed_tensors(model, tok, tmp_path / "ct")
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    QuantizationConfig.model_validate(qconfig)
+    assert qconfig["format"] == fmt and len(qconfig["config_groups"]) == groups
+    by_name = {t: g for g in qconfig["config_groups"].values() for t in g["targets"]}
+    assert sorted(by_name) == sorted(report.schemes.quantized())  # each linear in exactly the group of its scheme
+    assert by_name["model.layers.1.mlp.down_proj"]["weights"]["num_bits"] == 8
+    assert by_name["model.layers.1.mlp.up_proj"]["weights"]["num_bits"] == 4
+    if fmt == "mixed-precision":
+        assert by_name["model.layers.0.self_attn.o_proj"]["format"] == "float-quantized"
+        assert by_name["model.layers.0.mlp.down_proj"]["format"] == "int-quantized"
+        assert by_name["model.layers.0.mlp.down_proj"]["input_activations"]["dynamic"] is True
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert (logits(loaded) - expected).abs().max() <= 1e-5 * expected.abs().max()

@@ -300,8 +300,8 @@ def _spy_inputs(algorithm, monkeypatch):
     counts: dict[str, int] = {}
     original = algorithm.make_group_observers
 
-    def make_group_observers(linears):
-        observers = original(linears)
+    def make_group_observers(linears, schemes=None):
+        observers = original(linears, schemes)
         for observer in {id(o): o for o in observers.values()}.values():  # shared: once per group
             keys = []
             for name in (n for n, o in observers.items() if o is observer):

@@ -183,8 +183,8 @@ def test_layer_sequential_phases_stop_after_their_linears_and_share_group_observ
     fed = []
     original = algorithm.make_group_observers
 
-    def make_group_observers(linears):
-        observers = original(linears)
+    def make_group_observers(linears, schemes=None):
+        observers = original(linears, schemes)
         for observer in {id(o): o for o in observers.values()}.values():
             update = observer.update
             observer.update = lambda x, update=update: (fed.append(x.shape), update(x))

@@ -253,3 +253,72 @@ def test_sweep_with_tasks_reports_columns_and_plot(tmp_path):
     md = (sweep / "report.md").read_text()
     assert "quantkit_tiny_mc.acc" in md and "±" in md and "float16 baseline tasks:" in md
     assert (sweep / "acc_vs_bits.png").stat().st_size > 0 and (sweep / "ppl_vs_bits.png").stat().st_size > 0
+
+
+def _probe_results(run_dir: Path, ppl: float, probe: dict | None, layers: list | None = None) -> None:
+    """Fake results of a run with per-layer schemes: ``probe`` is its sensitivity node."""
+    _fake_results(run_dir, "rtn", None, ppl)
+    record = json.loads((run_dir / RESULTS_FILE).read_text())
+    sens = {"type": None, "blocks": None, "w_dtype": {"name": "int3", "has_zero": True, "unsigned": True},
+            "a_dtype": None, "groupsize": None, "skip": False, **(probe or {})}
+    record["config"].update(sensitivity=sens, layers=layers or [], output_dir=str(run_dir))
+    record.update(w_scheme="int4 g128 asym unsigned", mixed=bool(probe or layers),
+                  scheme_counts={"int4 g128 asym unsigned": 150, "int3 g128 asym unsigned": 30})
+    write_json_atomic(run_dir / RESULTS_FILE, record)
+
+
+def test_sensitivity_probes_are_reported_against_their_reference_run(tmp_path):
+    _probe_results(tmp_path / "ref", 20.0, None)
+    for kind, ppl in (("down", 30.0), ("q", 21.0), ("gate", 25.0)):
+        _probe_results(tmp_path / f"type={kind}", ppl, {"type": kind})
+    _probe_results(tmp_path / "blocks=0-4", 24.0, {"blocks": "0-4"})
+    _probe_results(tmp_path / "blocks=5-9", 22.0, {"blocks": "5-9"})
+    _probe_results(tmp_path / "g64", 40.0, {"type": "down", "groupsize": 64})  # other probe overrides: same reference
+    md = report.write_report(tmp_path).read_text()
+    section = md[md.index("## Sensitivity"):]
+    lines = [line for line in section.splitlines() if line.startswith("| ") and "probe scheme" not in line]
+    # layer types in dataflow order, then block ranges by their first block
+    assert [line.split(" | ")[0] for line in lines] == ["| q", "| gate", "| down", "| down", "| blocks 0-4", "| blocks 5-9"]
+    assert "| down | w=int3 asym unsigned | ref | 30.000 | 20.000 | +50.0 | 4.250 |" in section
+    assert "| q | w=int3 asym unsigned | ref | 21.000 | 20.000 | +5.0 | 4.250 |" in section
+    assert "| down | w=int3 asym unsigned g64 | ref | 40.000 | 20.000 | +100.0 |" in section
+    assert (tmp_path / "sensitivity.png").stat().st_size > 0 and "![sensitivity](sensitivity.png)" in md
+    rows = {r["run"]: r for r in _csv_rows(tmp_path)}
+    assert rows["type=down"]["sensitivity"] == "down" and rows["ref"]["sensitivity"] == ""
+    assert rows["type=down"]["note"] == "150 x int4 g128 asym unsigned, 30 x int3 g128 asym unsigned"
+
+
+def test_rules_column_and_probes_without_a_reference(tmp_path):
+    _probe_results(tmp_path / "mixed", 18.0, None,
+                   layers=[{"match": ".*down_proj", "w_dtype": {"name": "int8"}, "a_dtype": None, "groupsize": -1,
+                            "skip": False}, {"match": "lm_head", "w_dtype": None, "a_dtype": None, "groupsize": None,
+                                             "skip": True}])
+    _probe_results(tmp_path / "probe", 25.0, {"blocks": "3"})
+    record = json.loads((tmp_path / "probe" / RESULTS_FILE).read_text())
+    record["config"]["algo"]["groupsize"] = 64  # its reference would be another config: none in the sweep
+    write_json_atomic(tmp_path / "probe" / RESULTS_FILE, record)
+    md = report.write_report(tmp_path).read_text()
+    rows = {r["run"]: r for r in _csv_rows(tmp_path)}
+    header = list(rows["mixed"])
+    assert header[header.index("groupsize") + 1:header.index("groupsize") + 3] == ["layers", "sensitivity"]
+    assert rows["mixed"]["layers"] == ".*down_proj: w=int8 channel; lm_head: skip" and rows["probe"]["layers"] == ""
+    assert "| blocks 3 | w=int3 asym unsigned | (none) | 25.000 |  |  |" in md and "add `sensitivity.type=null`" in md
+    assert (tmp_path / "sensitivity.png").is_file()  # perplexity itself where no increase can be computed
+
+
+@pytest.mark.slow
+def test_sensitivity_sweep_on_the_tiny_model(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", *TINY, "algo.groupsize=32", "sensitivity.w_dtype=int2", "sensitivity.type=null,q,down",
+                   f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["sensitivity"]: r for r in _csv_rows(sweep)}
+    assert sorted(rows) == ["", "down", "q"] and {r["status"] for r in rows.values()} == {"complete"}
+    md = (sweep / "report.md").read_text()
+    ref = float(rows[""]["perplexity"])
+    for kind in ("q", "down"):  # int2 on one type: fewer bits than the int4 reference, another perplexity
+        assert float(rows[kind]["bits_per_weight"]) < float(rows[""]["bits_per_weight"])
+        ppl = float(rows[kind]["perplexity"])
+        assert ppl != ref and f"| {ppl:.3f} | {ref:.3f} | {100 * (ppl / ref - 1):+.1f} |" in md
+    assert "## Sensitivity" in md and (sweep / "sensitivity.png").stat().st_size > 0
+    assert "missing" not in md  # every job of multirun.yaml (sensitivity.type=null included) was found

@@ -577,3 +577,22 @@ def test_unexportable_scheme_fails_before_the_model_loads(tmp_path, _cache, monk
         runner.run(build_run_config(resolved), resolved)
     assert not (tmp_path / "results.json").exists()
 
+
+
+def test_per_layer_schemes_round_trip(tiny, tmp_path):
+    """A model whose linears have different schemes (``layers`` rules) reloads layer by layer:
+    each QuantLinear with its own scheme, a rule-skipped linear as a float nn.Linear."""
+    from quantkit.config import LayerRule
+
+    model, tok = tiny()
+    rules = (LayerRule(match="down_proj", w_dtype=INT8, groupsize=-1),
+             LayerRule(match="q_proj", w_dtype=DTypeConfig("int3", True, True), groupsize=32),
+             LayerRule(match="k_proj", a_dtype=INT8), LayerRule(match="model.layers.1.self_attn.o_proj", skip=True))
+    algorithm = build_algorithm(RTNConfig(groupsize=48), DTypeConfig("int4", True, True), FP16)
+    report = quantize_model(model, get_arch("llama"), algorithm, None, "cpu", progress=False, layers=rules)
+    loaded = assert_round_trip(model, tok, tmp_path / "mixed")
+    schemes = {n: m.w_scheme.describe() for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
+    assert schemes == {n: s.w.describe() for n, s in report.schemes.quantized().items()}
+    assert set(schemes.values()) == {"int8 channel", "int3 g32 asym unsigned", "int4 g48 asym unsigned"}
+    assert loaded.model.layers[0].self_attn.k_proj.a_scheme.describe() == "int8 token restricted"
+    assert type(loaded.model.layers[1].self_attn.o_proj) is nn.Linear

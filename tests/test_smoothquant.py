@@ -58,7 +58,7 @@ def smoothquant(w=INT8, a=INT8, **kwargs):
 class _FoldOnly(sq.SmoothQuant):
     """SmoothQuant that smooths and folds but leaves the weights in full precision."""
 
-    def quantize_group(self, linears, observers, prev):
+    def quantize_group(self, linears, observers, prev, schemes=None):
         return dict(linears)
 
 
@@ -256,7 +256,7 @@ class _RecordingGPTQ(GPTQ):
         super().__init__(*args)
         self.hessians = []
 
-    def quantize_group(self, linears, observers, prev):
+    def quantize_group(self, linears, observers, prev, schemes=None):
         obs = observers[next(iter(linears))]
         self.hessians.append((tuple(linears), obs.H.clone()))
         return dict(linears)

@@ -57,7 +57,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if origin in (list, tuple):
         check(isinstance(value, (list, tuple)), f"{path} must be a list, got {value!r}")
         (item_tp, *_) = typing.get_args(tp) or (Any,)
-        return tuple(_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+        return tuple(_convert_item(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         check(isinstance(value, dict), f"{path} must be a mapping, got {value!r}")
         return build(tp, value, path)
@@ -76,6 +76,17 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         check(isinstance(value, str), f"{path} must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config annotation {tp!r} at {path}")
+
+
+def _convert_item(value: Any, tp: Any, path: str) -> Any:
+    """A list item; a message that does not name the item (a ``__post_init__`` check of a
+    dataclass item names only its own key) gets the item's path in front: ``layers[1]: ...``."""
+    try:
+        return _convert(value, tp, path)
+    except ConfigError as exc:
+        if path in str(exc):
+            raise
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def build(cls: type[T], data: dict[str, Any], path: str = "") -> T:
@@ -133,6 +144,101 @@ class DTypeConfig:
 
 
 CALIBRATE_DTYPES = ("model", "float32", "bfloat16", "float16")
+LAYER_OVERRIDES = ("w_dtype", "a_dtype", "groupsize", "skip")
+BLOCK_RANGE_RE = re.compile(r"^(\d+)(?:-(\d+))?$")
+LAYER_TYPE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerOverrides:
+    """What a per-layer rule changes in the run's scheme (null: keep the run's).
+
+    ``w_dtype``/``a_dtype`` are complete dtype configs: ``scripts/run.py`` turns a dtype name
+    (``w_dtype: int8``) into the mapping ``w_dtype=int8`` gives on the command line
+    (``conf/w_dtype/int8.yaml``), and a mapping without ``name`` (``w_dtype: {has_zero:
+    false}``) into the run's dtype with those keys changed (:func:`quantkit.layers.expand_dtype_names`).
+    ``groupsize``: ``-1`` per channel, ``N`` groups of ``N`` input columns. ``skip``: the layer
+    stays in full precision (and then nothing else may be set).
+    """
+
+    w_dtype: DTypeConfig | None = None
+    a_dtype: DTypeConfig | None = None
+    groupsize: int | None = None
+    skip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.groupsize is not None:
+            check_groupsize("groupsize", self.groupsize)
+        changed = [k for k in LAYER_OVERRIDES[:-1] if getattr(self, k) is not None]
+        check(not (self.skip and changed),
+              f"skip=true keeps the layer in full precision: {', '.join(changed)} has nothing to act on")
+        check(self.skip or bool(changed), f"no override: set one of {', '.join(LAYER_OVERRIDES)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerRule(LayerOverrides):
+    """One entry of ``layers``: the linears whose full name ``match`` selects (as ``skip_layers``
+    entries do: the name, a name suffix, or a regex matching the whole name) get these
+    overrides on top of the run's scheme; the first rule that matches a linear wins."""
+
+    match: str
+
+    def __post_init__(self) -> None:
+        check(bool(self.match), "match is empty: give a module name, a name suffix or a regex")
+        try:
+            re.compile(self.match)
+        except re.error as exc:
+            raise ConfigError(f"match={self.match!r} is not a valid regex: {exc}") from None
+        super().__post_init__()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SensitivityConfig(LayerOverrides):
+    """A one-rule sensitivity probe: the linears of one layer ``type`` (the last part of the
+    name, with or without ``_proj``: q, k, v, o, gate, up, down; OPT's fc1, ...) and/or one
+    ``blocks`` range (``"a-b"`` inclusive, or ``"a"``) get the overrides; everything else keeps
+    the run's scheme (:func:`quantkit.layers.run_rules` turns it into the first rule).
+    Inactive while ``type`` and ``blocks`` are both null (the sweep's reference run)."""
+
+    type: str | None = None
+    blocks: str | int | None = None  # "a-b" or "a" (Hydra reads a lone number as an int)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.blocks, int):
+            object.__setattr__(self, "blocks", str(self.blocks))
+        if self.type is not None:
+            check(bool(LAYER_TYPE_RE.match(self.type)),
+                  f"sensitivity.type={self.type!r} is not a layer type: give the last part of a linear's "
+                  "name (q, k, v, o, gate, up, down, or e.g. fc1)")
+        if self.blocks is not None:
+            found = BLOCK_RANGE_RE.match(str(self.blocks))
+            check(found is not None and (found[2] is None or int(found[1]) <= int(found[2])),
+                  f"sensitivity.blocks={self.blocks!r} is not a block range: use 'a-b' (first and last "
+                  "block, a <= b) or one block 'a'")
+        if self.active:
+            try:
+                super().__post_init__()
+            except ConfigError as exc:
+                raise ConfigError(f"sensitivity: {exc}") from None
+
+    @property
+    def active(self) -> bool:
+        return self.type is not None or self.blocks is not None
+
+    @property
+    def block_range(self) -> tuple[int, int] | None:
+        if self.blocks is None:
+            return None
+        found = BLOCK_RANGE_RE.match(str(self.blocks))
+        return int(found[1]), int(found[2] or found[1])
+
+    @property
+    def label(self) -> str | None:
+        """``down``, ``blocks 0-4``, ``down in blocks 0-4``; None when inactive."""
+        where = f"blocks {self.blocks}" if self.blocks is not None else None
+        if self.type is not None:
+            return self.type + (f" in {where}" if where else "")
+        return where
 
 
 @dataclass(frozen=True)
@@ -247,6 +353,8 @@ class RunConfig:
     device: str = "auto"
     offload: str = "cpu"
     skip_layers: tuple[str, ...] = field(default_factory=lambda: ("lm_head",))
+    layers: tuple[LayerRule, ...] = ()
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     seed: int = 0
     name: str = "default"
     output_dir: str = "."

@@ -54,6 +54,12 @@ quantkit's activations use by default).
 Schemes without an equivalent (int2/int3, fp4, fp8_e5m2, a short last group, per_tensor
 weights, asymmetric or unsigned activations, output quantization, any QuantLinear buffer or
 argument this module does not know) raise :class:`ExportError` naming the scheme.
+
+Per-layer schemes (``layers`` rules): one config group per distinct scheme, its ``targets`` the
+full names of its layers (one group for the whole model targets ``Linear``). Layers of different
+formats (e.g. W4A16 pack-quantized and W8A8 int-quantized) make the ``mixed-precision`` format,
+each group stating its own ``format``. (vLLM fuses q/k/v and gate/up into one matmul: there
+those must share a scheme; transformers loads any mix.)
 """
 
 from __future__ import annotations
@@ -281,8 +287,7 @@ def compressed_tensors_state(
     """All tensors in compressed-tensors layout and the ``quantization_config`` for config.json."""
     layers = _quant_layers(model)
     formats = {fmt for _, fmt in layers.values()}
-    if len(formats) > 1:
-        raise ExportError(f"layers need different compressed-tensors formats {sorted(formats)}; export one at a time")
+    mixed = len(formats) > 1
     tensors, _aliases = state_tensors(model, float_dtype)  # tied aliases are re-tied by the loader
     groups: dict[str, dict[str, Any]] = {}
     for name, (module, fmt) in layers.items():
@@ -292,13 +297,16 @@ def compressed_tensors_state(
         tensors.update({f"{name}.{k}": v.contiguous() for k, v in layer.items()})
         if module.bias is not None:
             tensors[f"{name}.bias"] = module.bias.to(float_dtype or module.bias.dtype).clone()
+        if mixed:  # "mixed-precision": each group names its own format
+            scheme["format"] = fmt
         key = json.dumps(scheme, sort_keys=True)
         groups.setdefault(key, {**scheme, "targets": []})["targets"].append(name)
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if len(groups) == 1:  # the usual case: one scheme for all linears, the rest listed as ignored
         next(iter(groups.values()))["targets"] = ["Linear"]
     config = {
-        "quant_method": "compressed-tensors", "format": formats.pop(), "quantization_status": "compressed",
+        "quant_method": "compressed-tensors", "format": "mixed-precision" if mixed else formats.pop(),
+        "quantization_status": "compressed",
         "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
         "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None,
     }

@@ -4,7 +4,8 @@
 the ``meta`` device (names and shapes, no memory), and reads and tokenizes the evaluation and
 calibration text. Those are cheap next to loading and quantizing the weights, so every bad input
 (a missing or truncated checkpoint file, a ``model_type`` whose layout the model does not have,
-``skip_layers`` that match nothing or everything, sequence lengths beyond the model's positions,
+``skip_layers`` that match nothing or everything, ``layers`` rules that match nothing or set an
+invalid scheme, sequence lengths beyond the model's positions,
 an unreadable or too short corpus, an unknown task or task data that cannot be read) stops the
 run in seconds with one ``ConfigError`` line that names the key to change. The runner then loads
 the weights with the tokenizer read here.
@@ -29,6 +30,8 @@ from quantkit.cache import cached_tensor
 from quantkit.config import ConfigError, RunConfig, check
 from quantkit.dtypes import get_dtype
 from quantkit.export import ExportError, export_format
+from quantkit.layers import SchemeTable
+from quantkit.pipeline import plan_skeleton
 from quantkit.tasks import TaskPlan, prepare_tasks
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ class RunInputs:
     samples: torch.Tensor | None  # (num_calibrate, calibrate_seq_length) int64, None: no calibration
     tasks: TaskPlan | None = None  # eval.tasks resolved, their data loaded; None: no tasks
     max_length: int | None = None  # the model's maximum sequence length, if its config states one
+    schemes: SchemeTable | None = None  # every linear's scheme, planned on the skeleton
 
 
 def prepare_inputs(cfg: RunConfig, algorithm: Any) -> RunInputs:
@@ -73,9 +77,11 @@ def prepare_inputs(cfg: RunConfig, algorithm: Any) -> RunInputs:
     skeleton = meta_model(hf_config, value)
     check_layout(skeleton, arch, model_type, hf_config.model_type)
     check_skip_layers(skeleton, arch, cfg.skip_layers, algorithm.quantizes)
-    check_positions(cfg, hf_config, algorithm.needs_calibration)
     check_groupsize(algorithm, hf_config, arch, cfg)
-    check_save(cfg, algorithm, hf_config, arch)
+    schemes = check_layers(skeleton, arch, cfg, algorithm)
+    calibrates = schemes.needs_calibration(algorithm)
+    check_positions(cfg, hf_config, calibrates)
+    check_save(cfg, schemes)
     tasks = prepare_tasks(cfg.eval)
 
     tokenizer = load_tokenizer(value, path)
@@ -84,7 +90,7 @@ def prepare_inputs(cfg: RunConfig, algorithm: Any) -> RunInputs:
     source = cfg.data.path if keys.name == "data.path" else cfg.data.name
     check_windows(eval_ids.numel(), cfg, f"{keys.name}={source!r}")
     samples = None
-    if algorithm.needs_calibration:
+    if calibrates:
         cal_path, cal_keys = calibration_source(cfg)
         bench = getattr(cfg.eval, cfg.calibrate_name) if cfg.calibrate_name in qdata.BENCHMARK_CORPORA else None
         subjects = bench.subjects if bench else ()
@@ -96,7 +102,7 @@ def prepare_inputs(cfg: RunConfig, algorithm: Any) -> RunInputs:
             cal_keys, subjects))
     limit = max_positions(hf_config)
     return RunInputs(path, hf_config, model_type, arch, tokenizer, eval_ids, samples, tasks,
-                     limit[1] if limit else None)
+                     limit[1] if limit else None, schemes)
 
 
 # ---- the model: files, config, tokenizer, module tree ------------------------------------------
@@ -293,14 +299,36 @@ def check_groupsize(algorithm: Any, hf_config: Any, arch: ArchSpec, cfg: RunConf
                   f"algo.groupsize={scheme.groupsize} is larger than the model's smallest layer input ({width})")
 
 
-def check_save(cfg: RunConfig, algorithm: Any, hf_config: Any, arch: ArchSpec) -> None:
-    if cfg.save.enabled and cfg.save.format == "compressed-tensors":
-        dims = [d for d in (getattr(hf_config, a, None) for a in arch.input_dims) if isinstance(d, int)]
+def check_layers(skeleton: nn.Module, arch: ArchSpec, cfg: RunConfig, algorithm: Any) -> SchemeTable:
+    """Plan every linear's scheme on the skeleton, as the pipeline will (``layers`` rules,
+    ``sensitivity``, ``skip_layers``): a rule that matches nothing or sets an invalid scheme
+    fails here, naming the rule. A run whose rules leave nothing to quantize is an error too."""
+    schemes = plan_skeleton(skeleton, arch, algorithm, cfg.skip_layers, cfg.layers, cfg.sensitivity)
+    check(schemes.quantizes or not (algorithm.quantizes or schemes.mixed),
+          "skip_layers and the layers/sensitivity rules keep every linear in full precision: the run would "
+          "quantize nothing; narrow them (or use w_dtype=float16 without rules for an unquantized run)")
+    return schemes
+
+
+def check_save(cfg: RunConfig, schemes: SchemeTable) -> None:
+    """compressed-tensors can express every scheme of the table, at the widths of its linears."""
+    if not (cfg.save.enabled and cfg.save.format == "compressed-tensors"):
+        return
+    quantized = schemes.quantized()
+    check(bool(quantized), "save.format=compressed-tensors: nothing is quantized (no linear has quantized "
+                           "weights); use save.format=quantkit or quantize the weights")
+    grids: dict[tuple, list[tuple[str, int]]] = {}
+    widths = schemes.widths
+    for name, scheme in quantized.items():
+        grids.setdefault((scheme.w, scheme.a, scheme.o), []).append((scheme.source, widths[name]))
+    for (w, a, o), layers in grids.items():
         try:
-            export_format(algorithm.w_scheme, algorithm.a_scheme, algorithm.a_static, dims,
-                          getattr(algorithm, "o_scheme", None))
+            export_format(w, a, a is not None and a.granularity == "per_tensor",
+                          sorted({width for _, width in layers}), o)
         except ExportError as exc:
-            raise ConfigError(f"save.format=compressed-tensors: {exc}") from None
+            sources = sorted({source for source, _ in layers} - {"run"})
+            where = f" ({', '.join(sources)})" if sources else ""
+            raise ConfigError(f"save.format=compressed-tensors{where}: {exc}") from None
 
 
 # ---- the data -----------------------------------------------------------------------------------

@@ -3,6 +3,9 @@
 0. Check the loaded model against its :class:`~quantkit.arch.ArchSpec` row (mixture-of-experts
    layers are first split into one linear per expert, which computes the same): a model that
    does not follow the layout is refused before anything changes (:func:`~quantkit.arch.verify_layout`).
+   Planning: every linear gets its scheme, once (:func:`plan_schemes`: the run's, ``skip_layers``,
+   the ``layers`` rules and the ``sensitivity`` probe; :mod:`quantkit.layers`); from here on
+   everything reads that table.
 1. Capture the inputs of block 0 once (hidden states), and the keyword arguments every block
    receives (position embeddings, masks): :func:`~quantkit.calibration.capture_block_inputs`.
    An algorithm that folds scales has each fold probed on every full-precision block first
@@ -37,12 +40,13 @@ from tqdm.auto import tqdm
 
 from quantkit.algorithms.base import Algorithm
 from quantkit.algorithms.fold import FoldTarget, fold_blocker, fold_scales
-from quantkit.arch import ArchSpec, LinearGroup, expand_groups, get_blocks, linear_names, matches_any, verify_layout
+from quantkit.arch import ArchSpec, LinearGroup, expand_groups, get_blocks, linear_names, verify_layout
 from quantkit.calibration import (
     Calibration, Replay, StopForward, capture_block_inputs, map_tensors, snapshot, to_device, unchanged,
 )
-from quantkit.config import ConfigError
+from quantkit.config import ConfigError, LayerRule, SensitivityConfig
 from quantkit.experts import UnfusedExperts, calibrate_all_experts, unfuse_experts
+from quantkit.layers import LayerScheme, SchemeTable, resolve, run_rules
 from quantkit.quant_linear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -145,13 +149,47 @@ def _observe(linears: dict[str, nn.Linear], observers: dict[str, Any]) -> list[A
 class PipelineReport:
     quantized: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    schemes: SchemeTable | None = None  # every linear's scheme (plan_schemes)
 
 
-def plan_block(block: nn.Module, index: int, arch: ArchSpec, skip: tuple[str, ...],
+def handled_linears(model: nn.Module, arch: ArchSpec) -> dict[str, int]:
+    """Full name -> input width of every linear the pipeline quantizes unless skipped: those of
+    the row's groups in every block (experts unfused), then every linear outside the blocks."""
+    out = {}
+    for index, block in enumerate(get_blocks(model, arch)):
+        for groups in expand_groups(block, arch):
+            for name in (n for group in groups for n in group.linears):
+                module = _submodule(block, name)
+                if isinstance(module, nn.Linear):
+                    out[f"{arch.blocks}.{index}.{name}"] = module.in_features
+    for name in linear_names(model):
+        if not name.startswith(arch.blocks + "."):
+            out[name] = model.get_submodule(name).in_features
+    return out
+
+
+def plan_schemes(model: nn.Module, arch: ArchSpec, algorithm: Algorithm, skip_layers: tuple[str, ...] = (),
+                 layers: tuple[LayerRule, ...] = (), sensitivity: SensitivityConfig | None = None) -> SchemeTable:
+    """The planning step: every handled linear's scheme (:func:`quantkit.layers.resolve`). Works on
+    a ``meta`` skeleton too (:mod:`quantkit.inputs` checks the rules before any weight loads)."""
+    rules = run_rules(layers, sensitivity or SensitivityConfig(), arch.blocks, len(get_blocks(model, arch)))
+    return resolve(handled_linears(model, arch), rules, algorithm, skip_layers)
+
+
+def plan_skeleton(skeleton: nn.Module, arch: ArchSpec, algorithm: Algorithm, skip_layers: tuple[str, ...] = (),
+                  layers: tuple[LayerRule, ...] = (), sensitivity: SensitivityConfig | None = None) -> SchemeTable:
+    """:func:`plan_schemes` on a model built on the ``meta`` device, before any weight loads: its
+    fused experts are first split into linears (in place: the skeleton is a throwaway) so that
+    the names are the ones the pipeline will see."""
+    _unfuse(get_blocks(skeleton, arch), arch)
+    return plan_schemes(skeleton, arch, algorithm, skip_layers, layers, sensitivity)
+
+
+def plan_block(block: nn.Module, index: int, arch: ArchSpec, table: SchemeTable,
                report: PipelineReport) -> list[Planned]:
-    """The groups of ``block`` with the linears to quantize (skipped ones filtered out), one
-    list per row group of the table (a ``per_expert`` row group holds one group per expert).
-    Groups absent from this block (optional ones) come out empty."""
+    """The groups of ``block`` with the linears to quantize (those ``table`` keeps in full
+    precision filtered out), one list per row group of the table (a ``per_expert`` row group
+    holds one group per expert). Groups absent from this block (optional ones) come out empty."""
     prefix = f"{arch.blocks}.{index}."
     planned = []
     for groups in expand_groups(block, arch):
@@ -162,7 +200,7 @@ def plan_block(block: nn.Module, index: int, arch: ArchSpec, skip: tuple[str, ..
                 continue
             linears = {}
             for name in group.linears:
-                if matches_any(prefix + name, skip):
+                if not table[prefix + name].quantized:
                     report.skipped.append(prefix + name)
                 else:
                     linears[name] = block.get_submodule(name)
@@ -288,6 +326,8 @@ def quantize_model(
     progress: bool = True,
     calibrate_dtype: torch.dtype | None = None,
     reuse_outputs: bool = False,
+    layers: tuple[LayerRule, ...] = (),
+    sensitivity: SensitivityConfig | None = None,
 ) -> PipelineReport:
     """Quantize ``model`` in place with ``algorithm``; ``samples (N, L)`` are calibration tokens.
 
@@ -299,23 +339,27 @@ def quantize_model(
     ``reuse_outputs`` lets a pass over a block take the outputs of its already quantized parts
     from the previous pass (see :class:`~quantkit.calibration.Replay`): same results, fewer
     FLOPs, more memory.
+
+    ``layers`` (rules) and ``sensitivity`` give linears their own schemes (:func:`plan_schemes`);
+    ``report.schemes`` holds the table.
     """
     report = PipelineReport()
     blocks = get_blocks(model, arch)
-    calibrate = algorithm.needs_calibration
-    if calibrate and samples is None:
-        raise ValueError(f"algo={algorithm.name} needs calibration samples")
     unfused = _unfuse(blocks, arch)
     try:
         verify_layout(model, arch)
-        plans = [plan_block(block, i, arch, skip_layers, report) for i, block in enumerate(blocks)]
+        report.schemes = table = plan_schemes(model, arch, algorithm, skip_layers, layers, sensitivity)
+        calibrate = table.needs_calibration(algorithm)
+        if calibrate and samples is None:
+            raise ValueError(f"algo={algorithm.name} needs calibration samples")
+        plans = [plan_block(block, i, arch, table, report) for i, block in enumerate(blocks)]
         model.to(offload)
-        if calibrate and algorithm.folds_scales:
+        if calibrate and table.folds_scales(algorithm):
             probe = capture_block_inputs(model, blocks, arch.blocks, samples[:1, :PROBE_TOKENS], device, offload, 1,
                                          progress=False)
             verify_folds(blocks, plans, arch, probe, device)
             del probe
-    except ConfigError:
+    except (ConfigError, ValueError):
         _refuse(unfused, arch.experts.path if arch.experts else "")
         raise
     del unfused
@@ -323,18 +367,24 @@ def quantize_model(
     for i, block in enumerate(tqdm(blocks, desc=f"quantize ({algorithm.name})", disable=not progress)):
         block.to(device)
         _quantize_block(block, i, plans[i], arch, algorithm, calib, device, offload, report, calibrate_dtype,
-                        reuse_outputs)
+                        reuse_outputs, table)
         plans[i] = []  # it holds the replaced full-precision linears: let them go now, not after the last block
         block.to(offload)
         return_free_memory()
-    _quantize_outside_blocks(model, arch, algorithm, skip_layers, report)
+    _quantize_outside_blocks(model, arch, algorithm, table, report)
     return report
 
 
 def _quantize_block(block: nn.Module, i: int, plan: list[Planned], arch: ArchSpec, algorithm: Algorithm,
                     calib: Calibration | None, device: torch.device | str, offload: torch.device | str,
-                    report: PipelineReport, calibrate_dtype: torch.dtype | None, reuse_outputs: bool) -> None:
+                    report: PipelineReport, calibrate_dtype: torch.dtype | None, reuse_outputs: bool,
+                    table: SchemeTable) -> None:
     """Calibrate and quantize one block (on ``device``); leave the next block's inputs in ``calib``."""
+    prefix = f"{arch.blocks}.{i}."
+
+    def schemes(linears: dict[str, nn.Linear]) -> dict[str, LayerScheme]:
+        return {n: table[prefix + n] for n in linears}
+
     entries = [entry for entry in plan if entry]
     phases = entries if algorithm.layer_sequential else [[g for entry in entries for g in entry]]
     kwargs = calib.kwargs[i] if calib is not None else []
@@ -344,7 +394,7 @@ def _quantize_block(block: nn.Module, i: int, plan: list[Planned], arch: ArchSpe
         observers = {}
         if calib is not None:
             for _, linears in phase:
-                observers.update(algorithm.make_group_observers(linears))
+                observers.update(algorithm.make_group_observers(linears, schemes(linears)))
             phase_linears = {n: lin for _, ls in phase for n, lin in ls.items()}
             # the first pass sees the full-precision block: its outputs feed the next block
             # unless block_sequential asks for the quantized block's outputs
@@ -367,9 +417,9 @@ def _quantize_block(block: nn.Module, i: int, plan: list[Planned], arch: ArchSpe
         producers = [m for t in targets if t is not None for m in (t.module, *t.readers)]
         before = snapshot(producers) if replay is not None else []
         for (group, linears), target in zip(phase, targets):
-            algorithm.prepare_group(linears, observers, target)
+            algorithm.prepare_group(linears, observers, target, schemes(linears))
         for (group, linears), target in zip(phase, targets):
-            replacements = algorithm.quantize_group(linears, observers, target)
+            replacements = algorithm.quantize_group(linears, observers, target, schemes(linears))
             for name, module in replacements.items():
                 block.set_submodule(name, module)
                 report.quantized.append(f"{arch.blocks}.{i}.{name}")
@@ -387,12 +437,12 @@ def _quantize_block(block: nn.Module, i: int, plan: list[Planned], arch: ArchSpe
 
 
 def _quantize_outside_blocks(model: nn.Module, arch: ArchSpec, algorithm: Algorithm,
-                             skip: tuple[str, ...], report: PipelineReport) -> None:
+                             table: SchemeTable, report: PipelineReport) -> None:
     for name in linear_names(model):
         if name.startswith(arch.blocks + "."):
             continue
-        if matches_any(name, skip):
+        if not table[name].quantized:
             report.skipped.append(name)
             continue
-        model.set_submodule(name, algorithm.quantize_outside_block(name, model.get_submodule(name)))
+        model.set_submodule(name, algorithm.quantize_outside_block(name, model.get_submodule(name), table[name]))
         report.quantized.append(name)

@@ -11,6 +11,13 @@ Runs with downstream tasks (``eval.tasks``) add a column per task metric, ``<tas
 (``ceval.acc``, ``arc_easy.acc_norm``; the CSV also has ``<task>.<metric>_stderr``), and
 ``acc_vs_bits.png``: a panel per task metric, a line per algorithm, the float16 baseline dashed.
 Runs without tasks leave those cells empty.
+
+Runs with per-layer schemes add a ``layers`` column (their rules, e.g. ``.*down_proj: w=int8``;
+the note counts the linears per scheme). Sensitivity sweeps (``sensitivity.type`` /
+``sensitivity.blocks``, presets ``sensitivity_types`` and ``sensitivity_blocks``) add a
+``sensitivity`` column, a section with each probe's perplexity increase over its reference run
+(the same config without a probe) and ``sensitivity.png``: that increase per layer type and per
+block range (:mod:`quantkit.sensitivity_report`).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from quantkit.results import FAILED_FILE, RESULTS_FILE, SKIPPED_FILE, algorithm_label
+from quantkit.sensitivity_report import plot_sensitivity, probe_label, reference_key, rules_text, sensitivity_section
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +76,18 @@ def _row_from_results(name: str, r: dict[str, Any]) -> Row:
     base = r.get("baseline_perplexity")
     delta = 100 * (r["perplexity"] / base - 1) if base else None
     scores = task_values(r.get("tasks"))
+    config = r.get("config") or {}
+    note = r.get("w_scheme") or ""
+    if r.get("mixed"):
+        note = ", ".join(f"{n} x {scheme}" for scheme, n in r["scheme_counts"].items())
     return Row(name, "complete", {
+        "layers": rules_text(config.get("layers")), "sensitivity": probe_label(config.get("sensitivity")),
+        "probe": config.get("sensitivity"), "reference_key": reference_key(config),
         **scores, "task_values": scores, "baseline_task_values": task_values(r.get("baseline_tasks")),
         "algo": _label(r["algo"], r.get("config")), "w_dtype": r["w_dtype"], "a_dtype": r["a_dtype"], "groupsize": r.get("groupsize"),
         "perplexity": r["perplexity"], "baseline": base, "delta_vs_float16_pct": delta,
         "bits_per_weight": r.get("bits_per_weight") or 16.0, "size_mib": r["model_bytes_after"] / 2**20,
-        "quant_seconds": r["quantization_seconds"], "model": r.get("model"), "note": r.get("w_scheme") or "",
+        "quant_seconds": r["quantization_seconds"], "model": r.get("model"), "note": note,
     })
 
 
@@ -183,7 +197,9 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None) -> Path:
                       key=lambda r: (r.values["algo"], -r.values["bits_per_weight"], r.values["perplexity"]))
     others = [r for r in rows if r.status != "complete"]
     tasks = task_columns(complete)
-    columns = [*COLUMNS[:-1], *tasks, COLUMNS[-1]]  # the note stays last
+    mixed = [c for c in ("layers", "sensitivity") if any(r.values.get(c) for r in complete)]
+    at = COLUMNS.index("groupsize") + 1
+    columns = [*COLUMNS[:at], *mixed, *COLUMNS[at:-1], *tasks, COLUMNS[-1]]  # the note stays last
     with open(out_dir / "report.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
@@ -202,6 +218,7 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None) -> Path:
     shown = [c for c in columns if c not in ("run", "status") and not c.endswith("_stderr")]
     lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_fmt_cell(r, c) for c in shown) + " |" for r in complete]
+    lines += sensitivity_section(complete)
     if others:
         lines += ["", "## Runs without results", "", "| run | status | note |", "|---|---|---|"]
         lines += [f"| {r.run} | {r.status} | {r.cell('note') or ''} |" for r in others]
@@ -267,6 +284,9 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
     metrics = [c for c in task_columns(rows) if not c.endswith("_stderr")]
     if metrics:
         paths.append(plot_tasks(rows, metrics, out_dir / "acc_vs_bits.png"))
+    sensitivity = plot_sensitivity(rows, out_dir / "sensitivity.png")
+    if sensitivity is not None:
+        paths.append(sensitivity)
     return paths
 
 

@@ -13,6 +13,7 @@ import platform
 import resource
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +56,16 @@ def model_bytes(model: nn.Module, float_bits: int = 16) -> int:
     return total_bits // 8
 
 
-def bits_per_weight(model: nn.Module) -> float | None:
-    """Mean stored bits per weight of the quantized linears (codes + scales + zeros)."""
+def bits_per_weight(model: nn.Module, float_layers: Iterable[str] = (), float_bits: int = 16) -> float | None:
+    """Mean stored bits per weight of the quantized linears (codes + scales + zeros), with the
+    linears named in ``float_layers`` (those a per-layer rule keeps in full precision: part of a
+    mixed scheme) counted at ``float_bits``. ``skip_layers`` are not counted."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    if not layers:
+    floats = [model.get_submodule(n) for n in float_layers]
+    if not layers and not floats:
         return None
-    bits = sum(m.weight_storage_bits() for m in layers)
-    return bits / sum(m.in_features * m.out_features for m in layers)
+    bits = sum(m.weight_storage_bits() for m in layers) + sum(m.weight.numel() * float_bits for m in floats)
+    return bits / (sum(m.in_features * m.out_features for m in layers) + sum(m.weight.numel() for m in floats))
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:

@@ -79,13 +79,14 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
     device = resolve_device(cfg.device, "device")
     offload = resolve_device(cfg.offload, "offload")
     algorithm = build_algorithm(cfg.algo, cfg.w_dtype, cfg.a_dtype)
-    if not algorithm.needs_calibration and algorithm.quantizes and (algorithm.block_sequential or algorithm.layer_sequential):
-        log.info("block_sequential/layer_sequential have no effect: algo=%s with these dtypes needs no calibration data", algorithm.name)
     dtype = compute_dtype(cfg.model.dtype, device)
     autocast = calibration_autocast(cfg.calibrate_dtype, device, dtype)
 
-    # 2. the inputs, without weights
+    # 2. the inputs, without weights (and every linear's scheme, planned on the model's skeleton)
     inputs = prepare_inputs(cfg, algorithm)
+    quantizes = inputs.schemes.quantizes
+    if quantizes and inputs.samples is None and (algorithm.block_sequential or algorithm.layer_sequential):
+        log.info("block_sequential/layer_sequential have no effect: algo=%s with these dtypes needs no calibration data", algorithm.name)
 
     # 3. the weights
     t0 = time.perf_counter()
@@ -110,7 +111,8 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
     # 4. quantize
     t0 = time.perf_counter()
     report = quantize_model(model, inputs.arch, algorithm, inputs.samples, device, offload, cfg.skip_layers,
-                            calibrate_dtype=autocast, reuse_outputs=cfg.calibrate_reuse) if algorithm.quantizes else None
+                            calibrate_dtype=autocast, reuse_outputs=cfg.calibrate_reuse, layers=cfg.layers,
+                            sensitivity=cfg.sensitivity) if quantizes else None
     quant_seconds = time.perf_counter() - t0
     # 5. evaluate (and save)
     evaluation = measure()
@@ -137,12 +139,16 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
         "baseline_perplexity": baseline["perplexity"] if baseline else None,
         "tasks": task_scores,
         "baseline_tasks": (baseline.get("tasks") or {}) if baseline else {},
-        "bits_per_weight": bits_per_weight(model),
+        "bits_per_weight": bits_per_weight(model, report.schemes.kept_float() if report else ()),
         "model_bytes_before": size_before,
         "model_bytes_after": model_bytes(model),
         **saved,
         "quantized_layers": len(report.quantized) if report else 0,
         "skipped_layers": report.skipped if report else [],
+        "mixed": bool(report and report.schemes.mixed),
+        "sensitivity": cfg.sensitivity.label,
+        "scheme_counts": report.schemes.counts() if report else {},
+        "layer_schemes": report.schemes.to_json() if report else {},
         "quantization_seconds": quant_seconds,
         "load_seconds": load_seconds,
         "total_seconds": time.perf_counter() - t_start,
@@ -165,6 +171,8 @@ def summary_line(r: dict[str, Any]) -> str:
     scheme = r["w_scheme"] or "float16"
     if r["a_scheme"]:
         scheme += f" / act {r['a_scheme']}"
+    if r.get("mixed"):
+        scheme = "mixed: " + ", ".join(f"{n} x {s}" for s, n in r["scheme_counts"].items())
     ppl = f"ppl {r['perplexity']:.3f}"
     if r["baseline_perplexity"]:
         delta = 100 * (r["perplexity"] / r["baseline_perplexity"] - 1)

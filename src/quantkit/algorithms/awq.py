@@ -28,8 +28,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,6 +43,7 @@ from quantkit.algorithms.base import (
 from quantkit.algorithms.fold import FoldTarget, fold_blocker, fold_scales
 from quantkit.algorithms.registry import register
 from quantkit.config import ConfigError, DTypeConfig, check
+from quantkit.layers import LayerScheme
 from quantkit.quant_linear import QuantLinear, storage_scale, weight_qparams
 from quantkit.scales import scale_from_amax
 from quantkit.scheme import QuantScheme
@@ -196,11 +198,25 @@ def fake_quantize_weight(
     return wq.reshape(w.shape[0], -1)[:, : w.shape[1]]
 
 
+def fake_quantize_group(
+    w: torch.Tensor, schemes: QuantScheme | Sequence[QuantScheme], row_splits: Sequence[int] | None = None
+) -> torch.Tensor:
+    """:func:`fake_quantize_weight` of a group's concatenated weights ``w (sum_out, in)`` where
+    each linear (``row_splits`` rows each) may have its own scheme (one scheme: all share it)."""
+    if isinstance(schemes, QuantScheme) or len(set(schemes)) == 1:
+        scheme = schemes if isinstance(schemes, QuantScheme) else schemes[0]
+        return fake_quantize_weight(w, scheme, row_splits)
+    if row_splits is None or len(row_splits) != len(schemes):
+        raise ValueError(f"{len(schemes)} schemes need as many row_splits, got {row_splits}")
+    parts = w.split(list(row_splits))
+    return torch.cat([fake_quantize_weight(part, scheme) for part, scheme in zip(parts, schemes)])
+
+
 def search_scales(
     w: torch.Tensor,
     x: torch.Tensor,
     x_mean: torch.Tensor,
-    scheme: QuantScheme,
+    scheme: QuantScheme | Sequence[QuantScheme],
     n_grid: int = 20,
     row_splits: Sequence[int] | None = None,
 ) -> torch.Tensor:
@@ -210,9 +226,10 @@ def search_scales(
         w: ``(sum_out, in)`` the weights of the group's linears, concatenated along rows.
         x: ``(tokens, in)`` calibration inputs of the group.
         x_mean: ``(in,)`` mean |x| per input channel (over all calibration tokens).
-        scheme: the weight quantization scheme.
+        scheme: the weight quantization scheme, or one per linear (per-layer schemes: the
+            group's one ``s`` then minimises the summed error, each linear on its own grid).
         n_grid: ``alpha`` runs over ``0, 1/n_grid, ..., (n_grid - 1)/n_grid``.
-        row_splits: rows per linear in ``w`` (only per_tensor schemes need them).
+        row_splits: rows per linear in ``w`` (per_tensor schemes and one scheme per linear need them).
 
     ``s = x_mean ** alpha / sqrt(max * min)`` minimising ``||x w^T - (x / s) Q(w * s)^T||^2``;
     ties keep the smaller ``alpha``, so ``alpha = 0`` (``s = 1``) wins unless beaten.
@@ -225,7 +242,7 @@ def search_scales(
         alpha = i / n_grid
         s = x_mean.pow(alpha).clamp(min=_MIN_ACT_SCALE)  # (in,)
         s = s / (s.max() * s.min()).sqrt()
-        dw = w - fake_quantize_weight(w * s, scheme, row_splits) / s  # (sum_out, in)
+        dw = w - fake_quantize_group(w * s, scheme, row_splits) / s  # (sum_out, in)
         loss = float(((dw @ gram) * dw).sum())
         if loss < best_loss:
             best_loss, best = loss, s
@@ -310,26 +327,32 @@ class AWQ(Algorithm):
 
     def __init__(self, config: AWQConfig, w_dtype: DTypeConfig, a_dtype: DTypeConfig) -> None:
         super().__init__(config, w_dtype, a_dtype)
-        self.w_scheme = weight_scheme(w_dtype, config.w_qtype, config.groupsize, default_granularity(config))
-        self.a_scheme = activation_scheme(a_dtype, config.a_qtype)
+        self.w_scheme, self.a_scheme, self.o_scheme = self.build_schemes(config, w_dtype, a_dtype)
         if self.w_scheme is None and self.a_scheme is not None:
             raise ConfigError("algo=awq quantizes weights: w_dtype=float16 with a quantized a_dtype is not supported")
 
-    @property
-    def needs_calibration(self) -> bool:
-        return self.w_scheme is not None
+    def build_schemes(self, config: Any, w_dtype: DTypeConfig, a_dtype: DTypeConfig
+                      ) -> tuple[QuantScheme | None, QuantScheme | None, QuantScheme | None]:
+        return (weight_scheme(w_dtype, config.w_qtype, config.groupsize, default_granularity(config)),
+                activation_scheme(a_dtype, config.a_qtype), None)
 
-    @property
-    def folds_scales(self) -> bool:
-        return self.w_scheme is not None
+    def calibrates(self, scheme: LayerScheme) -> bool:
+        return scheme.w is not None
 
-    def make_observer(self, name: str, linear: nn.Linear) -> Observer | None:
-        return AWQObserver(self.config.max_tokens, self.a_scheme if self.a_static else None)
+    def folds(self, scheme: LayerScheme) -> bool:
+        return scheme.w is not None
+
+    def make_observer(self, name: str, linear: nn.Linear, scheme: LayerScheme | None = None) -> Observer | None:
+        scheme = scheme or self.run_scheme
+        return AWQObserver(self.config.max_tokens, scheme.a if scheme.a_static else None)
 
     def prepare_group(
-        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None,
+        schemes: Mapping[str, LayerScheme] | None = None,
     ) -> None:
-        if self.w_scheme is None or not linears:
+        """Search and fold the group's scales: one ``s`` for the input the linears share, which
+        with per-layer schemes minimises their summed output error, each on its own grid."""
+        if not linears:
             return
         names = list(linears)
         reason = fold_blocker(prev, list(linears.values()))
@@ -339,7 +362,8 @@ class AWQ(Algorithm):
         obs = observers[names[0]]  # the group's linears all see the same input: one observer
         w = torch.cat([linears[n].weight.detach().float() for n in names])  # (sum_out, in)
         splits = [linears[n].out_features for n in names]
-        s = search_scales(w, obs.rows, obs.mean_abs, self.w_scheme, self.config.n_grid, splits)
+        grids = [self._scheme(schemes, n).w for n in names]
+        s = search_scales(w, obs.rows, obs.mean_abs, grids, self.config.n_grid, splits)
         if bool((s == 1).all()):
             return
         fold_scales(prev, list(linears.values()), s)
@@ -347,25 +371,29 @@ class AWQ(Algorithm):
             observer.rescale(s)
 
     def quantize_group(
-        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None,
+        schemes: Mapping[str, LayerScheme] | None = None,
     ) -> dict[str, nn.Module]:
-        if not self.quantizes:
-            return dict(linears)
         out = {}
         for name, lin in linears.items():
+            scheme = self._scheme(schemes, name)
+            if scheme.w is None:
+                out[name] = lin
+                continue
             obs = observers[name]
             w = lin.weight.detach().float()
             if self.config.clip:
-                qparams = search_clip(w, obs.rows, self.w_scheme, self.config.n_grid, self.config.max_shrink)
+                qparams = search_clip(w, obs.rows, scheme.w, self.config.n_grid, self.config.max_shrink)
             else:
-                qparams = weight_qparams(w, self.w_scheme)
-            act_scale, act_zero = obs.qparams() if self.a_static else (None, None)
-            out[name] = QuantLinear.from_linear(lin, self.w_scheme, self.a_scheme, act_scale=act_scale,
+                qparams = weight_qparams(w, scheme.w)
+            act_scale, act_zero = obs.qparams(scheme.a) if scheme.a_static else (None, None)
+            out[name] = QuantLinear.from_linear(lin, scheme.w, scheme.a, act_scale=act_scale,
                                                 act_zero=act_zero, qparams=qparams)
         return out
 
-    def quantize_outside_block(self, name: str, linear: nn.Linear) -> nn.Module:
-        if self.a_static:
-            return super().quantize_outside_block(name, linear)
+    def quantize_outside_block(self, name: str, linear: nn.Linear, scheme: LayerScheme | None = None) -> nn.Module:
+        scheme = scheme or self.run_scheme
+        if scheme.a_static:
+            return super().quantize_outside_block(name, linear, scheme)
         log.info("awq: %s is outside the decoder blocks: round-to-nearest, no scale or clip search", name)
-        return self._to_quant_linear(linear, None)
+        return self._to_quant_linear(linear, None, scheme)

@@ -4,6 +4,11 @@ The calibration pipeline (:mod:`quantkit.pipeline`) walks decoder blocks and, fo
 of linears that share an input (e.g. q/k/v), attaches the algorithm's observers to those
 linears, runs the calibration activations through the block, then asks the algorithm to turn
 the group into :class:`~quantkit.quant_linear.QuantLinear` modules.
+
+Each linear has its own :class:`~quantkit.layers.LayerScheme` (the run's, or a ``layers``
+rule's): the pipeline resolves them once (:meth:`Algorithm.layer_scheme` builds each) and hands
+the group's schemes to every hook (``schemes``, keyed like ``linears``; None: the run's scheme
+for all, as in a direct call).
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ import torch
 from torch import nn
 
 from quantkit.algorithms.fold import FoldTarget
+import dataclasses
+from collections.abc import Mapping
+
 from quantkit.config import ConfigError, DTypeConfig, check, check_choice, check_groupsize
+from quantkit.layers import LayerScheme
 from quantkit.quant_linear import QuantLinear
 from quantkit.scheme import QuantScheme, check_format, check_grid, has_symmetric_range
 
@@ -172,14 +181,15 @@ class ActRangeObserver(Observer):
         """Static per-tensor scale ``(1, 1)`` float32 (same rule as dynamic quantization)."""
         return self.qparams()[0]
 
-    def qparams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Static per-tensor ``(scale (1, 1) float32, zero (1, 1) int32 | None)``."""
+    def qparams(self, scheme: QuantScheme | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Static per-tensor ``(scale (1, 1) float32, zero (1, 1) int32 | None)`` on ``scheme``
+        (default: the observer's; the range is the same for every linear reading this input)."""
         from quantkit.reference import compute_qparams
 
         if self.lo is None:
             raise RuntimeError("observer saw no calibration data")
         extremes = torch.stack([self.lo.min(), self.hi.max()]).reshape(1, 2)
-        return compute_qparams(extremes, self.scheme)
+        return compute_qparams(extremes, scheme or self.scheme)
 
 
 class ChannelRangeObserver(ActRangeObserver):
@@ -206,36 +216,87 @@ class ChannelRangeObserver(ActRangeObserver):
         self.lo, self.hi = self.lo / s, self.hi / s
 
 
+def with_groupsize(config: Any, groupsize: int) -> Any:
+    """``config`` with ``groupsize`` (``-1``: per channel) replacing its own: the seed's alias
+    ``w_groupsize`` cleared and ``w_qtype`` set to match, where the config has them."""
+    names = {f.name for f in dataclasses.fields(config)}
+    changes: dict[str, Any] = {"groupsize": groupsize}
+    if "w_groupsize" in names:
+        changes["w_groupsize"] = None
+    if "w_qtype" in names:
+        changes["w_qtype"] = "per_group" if groupsize > 0 else "per_channel"
+    return dataclasses.replace(config, **changes)
+
+
 class Algorithm(ABC):
-    """Base class: weight/activation schemes and the hooks the pipeline calls."""
+    """Base class: weight/activation schemes and the hooks the pipeline calls.
+
+    Subclasses implement :meth:`build_schemes` (the weight, activation and output schemes for
+    a config and dtypes), which gives the run's schemes and every ``layers`` rule's
+    (:meth:`layer_scheme`), and the hooks, which read each linear's scheme from ``schemes``.
+    """
 
     name = "base"
 
     def __init__(self, config: Any, w_dtype: DTypeConfig, a_dtype: DTypeConfig) -> None:
         self.config = config
+        self.w_dtype, self.a_dtype = w_dtype, a_dtype
         self.w_scheme: QuantScheme | None = None
         self.a_scheme: QuantScheme | None = None
         self.o_scheme: QuantScheme | None = None  # layer outputs (SmoothQuant's quant_out)
 
+    def build_schemes(self, config: Any, w_dtype: DTypeConfig, a_dtype: DTypeConfig
+                      ) -> tuple[QuantScheme | None, QuantScheme | None, QuantScheme | None]:
+        """``(weights, activations, outputs)`` schemes for ``config`` and the dtypes (None: not
+        quantized); errors name the config keys. Subclasses set the run's from it."""
+        raise NotImplementedError(f"algo={self.name} does not build per-layer schemes")
+
+    def layer_scheme(self, w_dtype: DTypeConfig | None = None, a_dtype: DTypeConfig | None = None,
+                     groupsize: int | None = None) -> LayerScheme:
+        """The scheme of a linear whose rule sets these (None: the run's value): what the run's
+        schemes would be had it been started with them. No arguments: the run's scheme."""
+        if w_dtype is None and a_dtype is None and groupsize is None:
+            return self.run_scheme
+        config = self.config if groupsize is None else with_groupsize(self.config, groupsize)
+        return LayerScheme(*self.build_schemes(config, w_dtype or self.w_dtype, a_dtype or self.a_dtype))
+
+    @property
+    def run_scheme(self) -> LayerScheme:
+        return LayerScheme(self.w_scheme, self.a_scheme, self.o_scheme)
+
+    def _scheme(self, schemes: Mapping[str, LayerScheme] | None, name: str) -> LayerScheme:
+        return self.run_scheme if schemes is None else schemes[name]
+
     @property
     def a_static(self) -> bool:
-        return self.a_scheme is not None and self.a_scheme.granularity == "per_tensor"
+        return self.run_scheme.a_static
 
     @property
     def quantizes(self) -> bool:
         """False when both dtypes are float16: the run is the unquantized baseline."""
         return self.w_scheme is not None or self.a_scheme is not None
 
+    def calibrates(self, scheme: LayerScheme) -> bool:
+        """Whether a linear with ``scheme`` needs calibration inputs (default: static
+        activation scales do)."""
+        return scheme.a_static
+
+    def folds(self, scheme: LayerScheme) -> bool:
+        """Whether :meth:`prepare_group` may fold scales into the producer of a group with a
+        linear of ``scheme`` (the pipeline then probes every fold first)."""
+        return False
+
     @property
     def needs_calibration(self) -> bool:
-        """Whether this algorithm needs calibration activations at all."""
-        return self.a_static
+        """Whether the run's scheme needs calibration activations at all (per-layer schemes:
+        :meth:`quantkit.layers.SchemeTable.needs_calibration`)."""
+        return self.calibrates(self.run_scheme)
 
     @property
     def folds_scales(self) -> bool:
-        """Whether :meth:`prepare_group` may fold scales into a group's producer (the pipeline
-        then probes every fold on the full-precision model first)."""
-        return False
+        """Whether :meth:`prepare_group` may fold scales into a group's producer under the run's
+        scheme (per-layer schemes: :meth:`quantkit.layers.SchemeTable.folds_scales`)."""
+        return self.folds(self.run_scheme)
 
     @property
     def block_sequential(self) -> bool:
@@ -249,22 +310,31 @@ class Algorithm(ABC):
     #: the same input, so one observer (fed once per batch) serves them all.
     shares_group_observer: bool = True
 
-    def make_observer(self, name: str, linear: nn.Linear) -> Observer | None:
+    def make_observer(self, name: str, linear: nn.Linear, scheme: LayerScheme | None = None) -> Observer | None:
         """Observer for one linear of the group being calibrated (None: nothing to collect)."""
-        return ActRangeObserver(self.a_scheme) if self.a_static else None
+        scheme = scheme or self.run_scheme
+        return ActRangeObserver(scheme.a) if scheme.a_static else None
 
-    def make_group_observers(self, linears: dict[str, nn.Linear]) -> dict[str, Observer]:
+    def make_group_observers(self, linears: dict[str, nn.Linear],
+                             schemes: Mapping[str, LayerScheme] | None = None) -> dict[str, Observer]:
         """Observers of one group by linear name; with :attr:`shares_group_observer` every name
-        maps to the same object, made for the group's first linear (the pipeline feeds an
-        object once per batch however many names map to it)."""
+        maps to the same object (the pipeline feeds an object once per batch however many
+        names map to it), made for a linear whose scheme needs one, one with static activation
+        scales first (its statistics are those of the shared input; each linear takes its own
+        static scales from them, on its own grid)."""
         if self.shares_group_observer and linears:
-            first = next(iter(linears))
-            observer = self.make_observer(first, linears[first])
-            return {} if observer is None else dict.fromkeys(linears, observer)
-        return {n: o for n, lin in linears.items() if (o := self.make_observer(n, lin)) is not None}
+            # a linear with static activation scales first: the shared observer must keep the range
+            for name in sorted(linears, key=lambda n: not self._scheme(schemes, n).a_static):
+                observer = self.make_observer(name, linears[name], self._scheme(schemes, name))
+                if observer is not None:
+                    return dict.fromkeys(linears, observer)
+            return {}
+        return {n: o for n, lin in linears.items()
+                if (o := self.make_observer(n, lin, self._scheme(schemes, n))) is not None}
 
     def prepare_group(
-        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None,
+        schemes: Mapping[str, LayerScheme] | None = None,
     ) -> None:
         """Transform a group before any group of the same phase is quantized (e.g. fold
         per-channel scales into ``prev``). The pipeline calls it for every group of a phase
@@ -274,21 +344,24 @@ class Algorithm(ABC):
 
     @abstractmethod
     def quantize_group(
-        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None,
+        schemes: Mapping[str, LayerScheme] | None = None,
     ) -> dict[str, nn.Module]:
         """Replacement modules for the linears of one group (``prev`` feeds them, if foldable)."""
 
-    def quantize_outside_block(self, name: str, linear: nn.Linear) -> nn.Module:
+    def quantize_outside_block(self, name: str, linear: nn.Linear, scheme: LayerScheme | None = None) -> nn.Module:
         """Replacement for a linear outside the decoder blocks (e.g. a non-skipped lm_head)."""
         raise ConfigError(
             f"algo={self.name} quantizes decoder blocks only; add {name!r} to skip_layers"
         )
 
-    def _to_quant_linear(self, linear: nn.Linear, observer: Observer | None, **kwargs: Any) -> nn.Module:
-        """QuantLinear with this algorithm's schemes (the linear itself if nothing quantizes)."""
-        if not self.quantizes:
+    def _to_quant_linear(self, linear: nn.Linear, observer: Observer | None, scheme: LayerScheme | None = None,
+                         **kwargs: Any) -> nn.Module:
+        """QuantLinear with ``scheme`` (default: the run's; the linear itself if nothing quantizes)."""
+        scheme = scheme or self.run_scheme
+        if scheme.w is None:
             return linear
-        static = self.a_static and isinstance(observer, ActRangeObserver)
-        act_scale, act_zero = observer.qparams() if static else (None, None)
-        return QuantLinear.from_linear(linear, self.w_scheme, self.a_scheme, act_scale=act_scale,
-                                       act_zero=act_zero, o_scheme=self.o_scheme, **kwargs)
+        static = scheme.a_static and isinstance(observer, ActRangeObserver)
+        act_scale, act_zero = observer.qparams(scheme.a) if static else (None, None)
+        return QuantLinear.from_linear(linear, scheme.w, scheme.a, act_scale=act_scale,
+                                       act_zero=act_zero, o_scheme=scheme.o, **kwargs)

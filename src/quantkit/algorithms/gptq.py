@@ -38,9 +38,10 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,6 +55,7 @@ from quantkit.algorithms.fold import FoldTarget
 from quantkit.algorithms.smoothquant import check_alpha, search_and_fold, smooth_scales
 from quantkit.algorithms.registry import register
 from quantkit.config import ConfigError, DTypeConfig, check, check_choice, check_groupsize
+from quantkit.layers import LayerScheme
 from quantkit.quant_linear import QuantLinear, weight_qparams
 from quantkit.reference import dequantize, expand_to_cols, global_scale, quantize
 from quantkit.scheme import QuantScheme
@@ -385,9 +387,7 @@ class PreHessianObserver(HessianObserver):
 class GPTQ(Algorithm):
     def __init__(self, config: GPTQConfig, w_dtype: DTypeConfig, a_dtype: DTypeConfig) -> None:
         super().__init__(config, w_dtype, a_dtype)
-        qtype = "per_group" if config.groupsize > 0 else "per_channel"
-        self.w_scheme = weight_scheme(w_dtype, qtype, config.groupsize, default_granularity(config))
-        self.a_scheme = activation_scheme(a_dtype, config.a_qtype)
+        self.w_scheme, self.a_scheme, self.o_scheme = self.build_schemes(config, w_dtype, a_dtype)
         check(
             self.w_scheme is not None or self.a_scheme is None,
             "algo=gptq quantizes weights; w_dtype=float16 with a quantized a_dtype is activation-only: use algo=rtn",
@@ -397,26 +397,34 @@ class GPTQ(Algorithm):
               f"a_dtype={a_dtype.name} is not quantized: set a_dtype (e.g. int8) or use algo.pre=awq or null")
         self._seen: Counter[str] = Counter()  # quantize calls per linear name: the block index in logs
 
-    @property
-    def needs_calibration(self) -> bool:
-        return self.w_scheme is not None
+    def build_schemes(self, config: Any, w_dtype: DTypeConfig, a_dtype: DTypeConfig
+                      ) -> tuple[QuantScheme | None, QuantScheme | None, QuantScheme | None]:
+        qtype = "per_group" if config.groupsize > 0 else "per_channel"
+        return (weight_scheme(w_dtype, qtype, config.groupsize, default_granularity(config)),
+                activation_scheme(a_dtype, config.a_qtype), None)
 
-    @property
-    def folds_scales(self) -> bool:
-        return self.config.pre is not None and self.w_scheme is not None
+    def calibrates(self, scheme: LayerScheme) -> bool:
+        return scheme.w is not None
 
-    def make_observer(self, name: str, linear: nn.Linear) -> Observer | None:
+    def folds(self, scheme: LayerScheme) -> bool:
+        return self.config.pre is not None and scheme.w is not None
+
+    def make_observer(self, name: str, linear: nn.Linear, scheme: LayerScheme | None = None) -> Observer | None:
+        scheme = scheme or self.run_scheme
         if self.config.pre is None:
-            return HessianObserver(name, ActRangeObserver(self.a_scheme) if self.a_static else None)
-        scheme = self.a_scheme if self.a_static else None  # the stats' range gives static activation scales
-        stats = AWQObserver(AWQConfig().max_tokens, scheme) if self.config.pre == "awq" else ChannelRangeObserver(scheme)
-        return PreHessianObserver(name, stats, self.a_static)
+            return HessianObserver(name, ActRangeObserver(scheme.a) if scheme.a_static else None)
+        act = scheme.a if scheme.a_static else None  # the stats' range gives static activation scales
+        stats = AWQObserver(AWQConfig().max_tokens, act) if self.config.pre == "awq" else ChannelRangeObserver(act)
+        return PreHessianObserver(name, stats, scheme.a_static)
 
     def prepare_group(
-        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None,
+        schemes: Mapping[str, LayerScheme] | None = None,
     ) -> None:
-        """``pre``: search and fold the pre-algorithm's scales, and rescale the group's Hessian."""
-        if self.config.pre is None or self.w_scheme is None or not linears:
+        """``pre``: search and fold the pre-algorithm's scales, and rescale the group's Hessian
+        (``pre=awq`` with mixed weight schemes: the scales that minimise the group's summed
+        error, each linear on its own grid; see :func:`~quantkit.algorithms.awq.search_scales`)."""
+        if self.config.pre is None or not linears:
             return
         obs = observers[next(iter(linears))]  # one observer per group: the linears share the input
         st = obs.stats
@@ -425,26 +433,30 @@ class GPTQ(Algorithm):
             s = search_and_fold(prev, linears, lambda w, _: smooth_scales(st.absmax, w.abs().amax(0), alpha),
                                 "gptq+smoothquant")
         else:
+            grids = [self._scheme(schemes, n).w for n in linears]
             s = search_and_fold(prev, linears, lambda w, splits: search_scales(
-                w, st.rows, st.mean_abs, self.w_scheme, AWQConfig().n_grid, splits), "gptq+awq")
+                w, st.rows, st.mean_abs, grids, AWQConfig().n_grid, splits), "gptq+awq")
         if s is not None:
             obs.rescale(s)
 
     def quantize_group(
-        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None,
+        schemes: Mapping[str, LayerScheme] | None = None,
     ) -> dict[str, nn.Module]:
-        out = {name: self._quantize_linear(name, linear, observers.get(name)) for name, linear in linears.items()}
+        out = {name: self._quantize_linear(name, linear, observers.get(name), self._scheme(schemes, name))
+               for name, linear in linears.items()}
         for name in linears:  # free the (in, in) Hessian the group's linears shared
             if isinstance(observers.get(name), HessianObserver):
                 observers[name].H = None
         return out
 
-    def _quantize_linear(self, name: str, linear: nn.Linear, observer: Observer | None) -> QuantLinear:
+    def _quantize_linear(self, name: str, linear: nn.Linear, observer: Observer | None,
+                         layer: LayerScheme) -> QuantLinear:
         label = f"{name}[{self._seen[name]}]"  # [k]: k-th block (blocks where it is skipped shift k)
         self._seen[name] += 1
         if not isinstance(observer, HessianObserver) or observer.H is None:
             raise RuntimeError(f"gptq {label}: no calibration inputs reached this layer")
-        scheme, cfg = self.w_scheme, self.config
+        scheme, cfg = layer.w, self.config
         if scheme.granularity == "per_group" and scheme.groupsize > linear.in_features:
             raise ConfigError(f"algo.groupsize={scheme.groupsize} is larger than the input dim "
                               f"{linear.in_features} of {label}")
@@ -454,12 +466,12 @@ class GPTQ(Algorithm):
         )
         weight = linear.weight
         module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, scheme,
-                             self.a_scheme, a_static=self.a_static, device=weight.device)
+                             layer.a, a_static=layer.a_static, device=weight.device)
         module.set_weight(codes, scale, zero, stats.global_scale)
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach())
-        if observer.act_range is not None:
-            act_scale, act_zero = observer.act_range.qparams()
+        if layer.a_static:
+            act_scale, act_zero = observer.act_range.qparams(layer.a)
             module.act_scale.copy_(act_scale.reshape(1, 1))
             if act_zero is not None:
                 module.act_zero.copy_(act_zero.reshape(1, 1))

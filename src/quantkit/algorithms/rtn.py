@@ -9,7 +9,9 @@ two flags have nothing to act on (no calibration runs) and the run log says so.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -17,6 +19,8 @@ from quantkit.algorithms.base import Algorithm, Observer, activation_scheme, def
 from quantkit.algorithms.fold import FoldTarget
 from quantkit.algorithms.registry import register
 from quantkit.config import DTypeConfig, check_groupsize
+from quantkit.layers import LayerScheme
+from quantkit.scheme import QuantScheme
 
 
 @dataclass(frozen=True)
@@ -36,15 +40,22 @@ class RTNConfig:
 class RTN(Algorithm):
     def __init__(self, config: RTNConfig, w_dtype: DTypeConfig, a_dtype: DTypeConfig) -> None:
         super().__init__(config, w_dtype, a_dtype)
-        self.w_scheme = weight_scheme(w_dtype, config.w_qtype, config.groupsize, default_granularity(config))
-        self.a_scheme = activation_scheme(a_dtype, config.a_qtype)
+        self.w_scheme, self.a_scheme, self.o_scheme = self.build_schemes(config, w_dtype, a_dtype)
+
+    def build_schemes(self, config: Any, w_dtype: DTypeConfig, a_dtype: DTypeConfig
+                      ) -> tuple[QuantScheme | None, QuantScheme | None, QuantScheme | None]:
+        return (weight_scheme(w_dtype, config.w_qtype, config.groupsize, default_granularity(config)),
+                activation_scheme(a_dtype, config.a_qtype), None)
 
     def quantize_group(
-        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None,
+        schemes: Mapping[str, LayerScheme] | None = None,
     ) -> dict[str, nn.Module]:
-        return {name: self._to_quant_linear(lin, observers.get(name)) for name, lin in linears.items()}
+        return {name: self._to_quant_linear(lin, observers.get(name), self._scheme(schemes, name))
+                for name, lin in linears.items()}
 
-    def quantize_outside_block(self, name: str, linear: nn.Linear) -> nn.Module:
-        if self.a_static:
-            return super().quantize_outside_block(name, linear)
-        return self._to_quant_linear(linear, None)
+    def quantize_outside_block(self, name: str, linear: nn.Linear, scheme: LayerScheme | None = None) -> nn.Module:
+        scheme = scheme or self.run_scheme
+        if scheme.a_static:
+            return super().quantize_outside_block(name, linear, scheme)
+        return self._to_quant_linear(linear, None, scheme)

@@ -27,8 +27,9 @@ token on the ``a_dtype`` grid (the paper's "O" in its W8A8 recipes, e.g. for int
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +39,8 @@ from quantkit.algorithms.fold import FoldTarget, fold_blocker, fold_scales
 from quantkit.algorithms.registry import register
 from quantkit.algorithms.rtn import RTN
 from quantkit.config import DTypeConfig, check
+from quantkit.layers import LayerScheme
+from quantkit.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
 
@@ -122,22 +125,28 @@ class SmoothQuant(RTN):
               f"algo=smoothquant needs a quantized a_dtype (a_dtype={a_dtype.name} leaves activations "
               "unquantized, so there is nothing to smooth for); use e.g. w_dtype=int8 a_dtype=int8 (W8A8), "
               "or algo=awq/gptq/rtn for weight-only quantization")
-        self.o_scheme = activation_scheme(a_dtype, "per_token") if config.quant_out else None
 
-    @property
-    def needs_calibration(self) -> bool:
+    def build_schemes(self, config: Any, w_dtype: DTypeConfig, a_dtype: DTypeConfig
+                      ) -> tuple[QuantScheme | None, QuantScheme | None, QuantScheme | None]:
+        w, a, _ = super().build_schemes(config, w_dtype, a_dtype)
+        return w, a, activation_scheme(a_dtype, "per_token") if config.quant_out else None
+
+    def calibrates(self, scheme: LayerScheme) -> bool:
         return True
 
-    @property
-    def folds_scales(self) -> bool:
+    def folds(self, scheme: LayerScheme) -> bool:
         return True
 
-    def make_observer(self, name: str, linear: nn.Linear) -> Observer | None:
-        return ChannelRangeObserver(self.a_scheme)
+    def make_observer(self, name: str, linear: nn.Linear, scheme: LayerScheme | None = None) -> Observer | None:
+        # the smoothing statistics do not depend on the scheme; static scales take each linear's
+        return ChannelRangeObserver((scheme or self.run_scheme).a)
 
     def prepare_group(
-        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None
+        self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None,
+        schemes: Mapping[str, LayerScheme] | None = None,
     ) -> None:
+        """One smoothing vector for the group, from the activation and weight ranges alone (the
+        same whatever each linear's scheme)."""
         if not linears:
             return
         obs = observers[next(iter(linears))]  # one observer per group: the linears share the input

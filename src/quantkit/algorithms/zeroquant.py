@@ -26,12 +26,14 @@ from __future__ import annotations
 import dataclasses
 
 from dataclasses import dataclass
+from typing import Any
 
 from quantkit.algorithms.base import Algorithm, activation_scheme, default_granularity, grid_fields, weight_scheme
 from quantkit.algorithms.registry import register
 from quantkit.algorithms.rtn import RTN
 from quantkit.config import DTypeConfig, check, check_choice, check_groupsize
 from quantkit.dtypes import get_dtype
+from quantkit.scheme import QuantScheme
 
 QUANTIZATION_TYPES = ("dynamic", "static")
 
@@ -89,12 +91,17 @@ class ZeroQuant(RTN):
 
     def __init__(self, config: ZeroQuantConfig, w_dtype: DTypeConfig, a_dtype: DTypeConfig) -> None:
         Algorithm.__init__(self, config, w_dtype, a_dtype)  # RTN's __init__ reads w_qtype/a_qtype keys
-        w_grid = override_grid(w_dtype, "w", config.w_has_zero, config.w_unsign)
-        a_grid = override_grid(a_dtype, "a", config.a_has_zero, config.a_unsign)
-        check(not a_grid.is_identity,
+        self.w_scheme, self.a_scheme, self.o_scheme = self.build_schemes(config, w_dtype, a_dtype)
+        check(self.a_scheme is not None,
               f"algo=zeroquant quantizes activations token-wise; a_dtype={a_dtype.name} leaves them "
               "unquantized: set a_dtype (e.g. a_dtype=int8), or use algo=rtn for weight-only quantization")
+
+    def build_schemes(self, config: Any, w_dtype: DTypeConfig, a_dtype: DTypeConfig
+                      ) -> tuple[QuantScheme | None, QuantScheme | None, QuantScheme | None]:
+        """The dtypes with ZeroQuant's grid keys applied (to a ``layers`` rule's dtypes too)."""
+        w_grid = override_grid(w_dtype, "w", config.w_has_zero, config.w_unsign)
+        a_grid = override_grid(a_dtype, "a", config.a_has_zero, config.a_unsign)
         qtype = "per_group" if config.groupsize > 0 else "per_channel"
-        self.w_scheme = weight_scheme(w_grid, qtype, config.groupsize, default_granularity(config))
         a_qtype = "per_tensor" if config.quantization_type == "static" else "per_token"
-        self.a_scheme = activation_scheme(a_grid, a_qtype)
+        return (weight_scheme(w_grid, qtype, config.groupsize, default_granularity(config)),
+                activation_scheme(a_grid, a_qtype), None)
