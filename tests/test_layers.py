@@ -153,6 +153,17 @@ def test_a_rule_goes_through_the_algorithm_like_the_run_scheme():
     assert static.a_static and static.w.granularity == "per_channel"
 
 
+def test_a_rule_with_a_block_format_takes_its_own_blocks():
+    """A rule naming nvfp4/mxfp4 but no groupsize quantizes in the format's blocks (the run's
+    algo.groupsize is for the run's dtype); a rule naming both must agree with the block."""
+    run = rtn(INT4)  # int4 g32
+    assert run.layer_scheme(DTypeConfig("nvfp4"), None, None).w.groupsize == 16
+    assert run.layer_scheme(DTypeConfig("mxfp4"), None, None).w.groupsize == 32
+    assert run.layer_scheme(DTypeConfig("nvfp4"), None, 16).w.groupsize == 16
+    with pytest.raises(ConfigError, match="quantizes in blocks of 1x16"):
+        run.layer_scheme(DTypeConfig("nvfp4"), None, 64)
+
+
 @pytest.mark.parametrize(("probe", "picked"), [
     (SensitivityConfig(type="down", w_dtype=INT8), {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}),
     (SensitivityConfig(type="q", w_dtype=INT8), {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}),

@@ -25,10 +25,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from quantkit import data as qdata
 from quantkit import models
+from quantkit.algorithms.base import has_own_block
 from quantkit.arch import ArchSpec, get_arch, matches_any, min_input_dim, resolve_model_type
 from quantkit.cache import cached_tensor
 from quantkit.config import ConfigError, RunConfig, check
-from quantkit.dtypes import get_dtype
 from quantkit.export import ExportError, export_format
 from quantkit.layers import SchemeTable
 from quantkit.pipeline import plan_skeleton
@@ -288,7 +288,7 @@ def check_positions(cfg: RunConfig, hf_config: Any, calibrates: bool) -> None:
 def check_groupsize(algorithm: Any, hf_config: Any, arch: ArchSpec, cfg: RunConfig | None = None) -> None:
     """Weight groups (and activation groups of block formats) fit the narrowest layer input."""
     w_key = "algo.groupsize"
-    if cfg is not None and (cfg.w_dtype.block is not None or get_dtype(cfg.w_dtype.name).block is not None):
+    if cfg is not None and has_own_block(cfg.w_dtype):
         w_key = "w_dtype.block"  # a block format's own groups
     for scheme, key in ((algorithm.w_scheme, w_key), (algorithm.a_scheme, "a_dtype.block")):
         if scheme is not None and scheme.granularity == "per_group":

@@ -16,16 +16,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from quantkit.algorithms.fold import FoldTarget
-import dataclasses
-from collections.abc import Mapping
-
 from quantkit.config import ConfigError, DTypeConfig, check, check_choice, check_groupsize
+from quantkit.dtypes import get_dtype
 from quantkit.layers import LayerScheme
 from quantkit.quant_linear import QuantLinear
 from quantkit.scheme import QuantScheme, check_format, check_grid, has_symmetric_range
@@ -228,6 +227,18 @@ def with_groupsize(config: Any, groupsize: int) -> Any:
     return dataclasses.replace(config, **changes)
 
 
+def with_default_granularity(config: Any) -> Any:
+    """``config`` with ``groupsize`` (and ``w_qtype``, ``w_groupsize``) at its class defaults."""
+    fields = {f.name: f.default for f in dataclasses.fields(config)}
+    return dataclasses.replace(config, **{k: fields[k] for k in ("groupsize", "w_qtype", "w_groupsize")
+                                          if k in fields})
+
+
+def has_own_block(dtype: DTypeConfig) -> bool:
+    """Whether ``dtype`` quantizes in blocks of its own (``block`` set, or mxfp4, nvfp4, ...)."""
+    return dtype.block is not None or get_dtype(dtype.name).block is not None
+
+
 class Algorithm(ABC):
     """Base class: weight/activation schemes and the hooks the pipeline calls.
 
@@ -258,6 +269,8 @@ class Algorithm(ABC):
         if w_dtype is None and a_dtype is None and groupsize is None:
             return self.run_scheme
         config = self.config if groupsize is None else with_groupsize(self.config, groupsize)
+        if groupsize is None and w_dtype is not None and has_own_block(w_dtype):
+            config = with_default_granularity(config)  # the rule's block format decides its groups
         return LayerScheme(*self.build_schemes(config, w_dtype or self.w_dtype, a_dtype or self.a_dtype))
 
     @property
