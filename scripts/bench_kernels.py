@@ -19,6 +19,11 @@ Two tables, all measured in one process (timers and references: ``scripts/benchl
    this GPU ("n/a" for GPUs not in ``benchlib.PEAK_TFLOPS``), speed-up over dense cuBLAS in
    the same dtype, and the error against the reference (max |err| / max |ref|; "exact" where
    bits must match).
+3. **Online Hadamard** (rotated models, ``quantkit.hadamard``): the Triton FWHT of M rows of
+   width n (K x 2^j widths such as 11008 = 172 x 64 and 14336 = 28 x 512 include torch's chunk
+   mix), alone and fused with the per-token int8 quantization that follows it, against the
+   dense ``x @ H`` (cuBLAS in the activation dtype) and the torch reference (butterflies); GB/s,
+   % copy, speed-up over ``x @ H`` and whether the result equals the reference bit for bit.
 
 On a CPU it is a smoke run in seconds: tiny shapes, the Triton interpreter when
 ``TRITON_INTERPRET=1`` (timings measure the interpreter), vendor rows that need CUDA skipped
@@ -258,6 +263,70 @@ def _matmul_line(case: cases.Case, row: dict[str, Any], m: int) -> list[object]:
     ]
 
 
+HADAMARD_GPU = [(m, n) for n in (4096, 11008, 14336) for m in (1, 16, 128, 4096)]
+HADAMARD_CPU = [(16, 576), (16, 1536)]
+
+
+def hadamard_cases(x: torch.Tensor) -> list[tuple[str, int, Callable[[], Callable[[], object]], Any]]:
+    """``(label, bytes moved, make, result)`` rows for ``x (M, n)``: the dense ``x @ H`` first."""
+    from quantkit import hadamard as had
+
+    n = x.shape[1]
+    had_k = had.chunk_matrix(n).to(x.device)
+    dense = had.hadamard_matrix(n, dtype=x.dtype).to(x.device)  # (n, n)
+    int8 = QuantScheme("int8", "per_token", symmetric_range="restricted")
+    io = 2 * x.numel() * x.element_size()
+    return [
+        ("x @ H (dense)", io + dense.numel() * dense.element_size(), lambda: (lambda: x @ dense), None),
+        ("quantkit FWHT", io, lambda: (lambda: had.hadamard_transform(x, had_k, "triton")),
+         had.hadamard_transform_reference(x, had_k)),
+        ("quantkit FWHT + int8 per-token quant", x.numel() * (x.element_size() + 1),
+         lambda: (lambda: had.hadamard_quantize(x, had_k, int8, "triton")),
+         had.hadamard_quantize_reference(x, had_k, int8)),
+        ("torch reference (butterflies)", io, lambda: (lambda: had.hadamard_transform_reference(x, had_k)), None),
+    ]
+
+
+def bench_hadamard(shapes: list[tuple[int, int]], ctx: dict[str, Any]) -> None:
+    """Table 3 (online Hadamard), written into ``ctx["report"]`` row by row."""
+    report, device, copy = ctx["report"], ctx["device"], ctx["copy"]
+    on_gpu, reps = device.type == "cuda", ctx["reps"]
+    lines: list[list[object]] = []
+    header = ["kernel", "M", "n", "ms (p20-p80)", "GB/s", "% copy", "vs x @ H", "bit-exact"]
+
+    def render(note: str = "") -> None:
+        table = markdown_table(header, lines, [False, True, True, True, True, True, True, False])
+        report.set("hadamard", f"\n## Online Hadamard (fp16 activations)\n\n{table}\n{note}")
+
+    for m, n in shapes:
+        x = torch.randn(m, n, device=device).to(torch.float16)  # (M, n)
+        dense_ms = None
+        for label, moved, make, want in hadamard_cases(x):
+            if ctx["deadline"].expired():
+                render(f"\n(stopped at the time budget before {label} M={m} n={n})\n")
+                return
+            if "quantkit" in label and not ctx["use_triton"]:
+                lines.append([label, m, n, "skipped: needs a GPU or TRITON_INTERPRET=1", "-", "-", "-", "-"])
+                render()
+                continue
+            try:
+                t = time_call(make, moved, on_gpu, on_gpu and m <= 16, reps)
+                exact = None if want is None else _bit_equal(make()(), want)
+            except Exception as exc:  # noqa: BLE001 - one broken row must not end the table
+                lines.append([label, m, n, f"failed: {type(exc).__name__}: {exc}"[:120], "-", "-", "-", "-"])
+                ctx["failures"].append(traceback.format_exc())
+                render()
+                continue
+            dense_ms = t.median if dense_ms is None else dense_ms
+            gbs = moved / t.median / 1e6
+            report.add_row("hadamard", dict(kernel=label, m=m, n=n, ms=t.median, gbs=gbs,
+                                            speedup_vs_dense=dense_ms / t.median, exact=exact))
+            lines.append([label, m, n, f"{t.median:.4f} ({t.p20:.4f}-{t.p80:.4f})", f"{gbs:.1f}",
+                          f"{100 * gbs / copy.gbs(moved, False):.1f}%", f"{dense_ms / t.median:.2f}x",
+                          {None: "-", True: "yes", False: "NO"}[exact]])
+            render()
+
+
 def _parse_list(text: str | None, convert: Callable[[str], Any]) -> list[Any] | None:
     return None if text is None else [convert(t) for t in text.split(",") if t.strip()]
 
@@ -308,6 +377,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extras", type=lambda s: _parse_list(s, _choice(cases.EXTRAS, "extra")),
                    help=f"other row groups: {', '.join(cases.EXTRAS)} (empty string: none)")
     p.add_argument("--no-ops", action="store_true", help="skip the element-wise ops table")
+    p.add_argument("--no-hadamard", action="store_true", help="skip the online Hadamard table")
     p.add_argument("--markdown", "--out", dest="markdown", type=Path, help="write the report here")
     p.add_argument("--json", type=Path, help="write the rows as JSON here")
     p.add_argument("--kernels-json", type=Path, help="write the compiled kernels it ran here")
@@ -347,6 +417,8 @@ def main(argv: list[str] | None = None) -> str:
     report.set("mm", "\n## Matmuls\n")
     for shape, dtype_name, ms, grids, extras in blocks:
         bench_matmul_block(shape, dtype_name, ms, grids, extras, ctx)
+    if not args.no_hadamard:
+        bench_hadamard(HADAMARD_GPU if on_gpu else HADAMARD_CPU, ctx)
     report.set("copies", f"\ncopy references (bytes copied, timer): {ctx['copy'].describe()}\n")
     if ctx["failures"]:
         body = "\n\n".join(f"```\n{f[-3000:]}\n```" for f in ctx["failures"])

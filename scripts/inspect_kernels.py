@@ -266,6 +266,14 @@ def grid(quick: bool) -> Iterator[tuple[str, dict[str, Any]]]:
     sq = dict(kind=sq_kinds, x=X_DTYPES, smooth=X_DTYPES, M=(1, 2, 3, 8, 16, 17, 4096), K=cols)
     for p in cover(dict(kind=("int8", False, False), x="fp16", smooth="fp16", M=16, K=4096), sq):
         yield "smooth_quantize_per_token", p
+    # the online Hadamard: power-of-two widths and K x 2^j ones (SmolLM2 576 = 36 x 16, 1536 =
+    # 12 x 128; Llama-2 11008 = 172 x 64; Llama-3 14336 = 28 x 512; 2^15 = 2 x 16384), alone or
+    # fused with a per-token quantization (int4/int8 W4A4/W8A8 grids)
+    hq = dict(quant=("none", "int8", "int4", "int4-asym", "fp8"), x=X_DTYPES,
+              M=(1, 16, 4096) if quick else (1, 2, 16, 17, 4096),
+              n=(576, 1536, 4096, 14336) if quick else (576, 1536, 4096, 11008, 14336, 32768))
+    for p in cover(dict(quant="none", x="fp16", M=16, n=4096), hq):
+        yield "hadamard", p
 
 
 def _dt(name: str) -> Any:
@@ -339,6 +347,19 @@ def plan(launcher: str, p: dict[str, Any]) -> tuple[str, list]:
             return label, pack.plan_pack_codes(codes, bits, H200)[1]
         packed = empty(rows, packed_cols(cols, bits), dtype=torch.uint8)
         return label, pack.plan_unpack_codes(packed, bits, cols, signed, H200)[1]
+    if launcher == "hadamard":
+        from quantkit.hadamard import factor
+        from quantkit.kernels import hadamard
+
+        M, n = p["M"], p["n"]
+        chunks, _ = factor(n)
+        x = empty(M, n, dtype=torch.float32 if chunks > 1 else _dt(p["x"]))  # mixed rows: fp32
+        kinds = {"int8": ("int8", False, False), "int4": ("int4", False, False),
+                 "int4-asym": ("int4", True, False), "fp8": ("fp8", False, False)}
+        s = None if p["quant"] == "none" else _scheme(kinds[p["quant"]], "per_token")
+        _, launches = hadamard.plan_hadamard(x, chunks, _dt(p["x"]), H200, s)
+        return (f"M={M} n={n} x={p['x']} {'transform' if s is None else s.describe()}",
+                launches)
     s, M, K = _scheme(p["kind"], "per_token"), p["M"], p["K"]
     launches = smooth_quant.plan_smooth_quantize_per_token(
         empty(M, K, dtype=_dt(p["x"])), empty(K, dtype=_dt(p["smooth"])), s, H200)[-1]

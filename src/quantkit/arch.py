@@ -15,6 +15,12 @@ every linear of a block belongs to a group, and every norm a scale is folded int
 output must scale alike). The pipeline adds a probe of each fold on the real block
 (:func:`quantkit.pipeline.verify_folds`).
 
+Rotation (:mod:`quantkit.rotation`) needs what the groups do not say: where the residual stream
+is written (token embeddings, the linears whose outputs are added to it), where it is read
+(the norms feeding each group, the final norm and LM head), where the values of the attention
+heads are produced and consumed, and which linears can take an online Hadamard. That is the
+row's :class:`RotationSpec`; rows without one carry the reason rotation is refused.
+
 Mixture-of-experts rows name the fused expert tensors (:class:`ExpertsSpec`); the pipeline
 turns them into ``gate_proj``/``up_proj``/``down_proj`` linears per expert
 (:mod:`quantkit.experts`), and a ``*`` in a group's names stands for every expert index.
@@ -74,12 +80,44 @@ class ExpertsSpec:
 
 
 @dataclass(frozen=True)
+class RotationSpec:
+    """What a rotation of the residual stream by an orthogonal ``Q`` touches (names relative to
+    the model for ``embeddings``/``final_norm``/``head``, to a block otherwise; ``*`` = every
+    expert). The residual readers are the linears (and full-precision ``readers``) of the
+    groups whose ``prev`` is one of ``norms``, and ``head`` after ``final_norm``.
+
+    ``writers``: linears whose output is added to the stream (``W <- Q^T W``, ``b <- Q^T b``).
+    ``values``: the linear whose output rows are the attention values, ``head_dim`` rows per
+    KV head (the last ``num_key_value_heads * head_dim`` rows with ``values_tail``, a fused
+    ``qkv_proj``); ``attn_out``: the linear reading the heads' outputs (per-head rotation).
+    ``online``: per role (``down_proj``, ``o_proj``) the linears whose input can get an online
+    Hadamard (optional ones may be absent from a block).
+    """
+
+    norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    values: str = "self_attn.v_proj"
+    values_tail: bool = False
+    attn_out: str = "self_attn.o_proj"
+    online: tuple[tuple[str, tuple[str, ...]], ...] = (("down_proj", ("mlp.down_proj",)),
+                                                       ("o_proj", ("self_attn.o_proj",)))
+    embeddings: tuple[str, ...] = ("model.embed_tokens",)
+    final_norm: str = "model.norm"
+    head: str = "lm_head"
+
+    def online_linears(self, role: str) -> tuple[str, ...]:
+        return dict(self.online)[role]
+
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """Where the blocks are (``blocks``, a ModuleList path), their linear groups, and the HF
     config attributes that give the input widths of those linears (for early groupsize
     checks; ``a*b`` multiplies two attributes). ``norm_offset``: the norms compute
     ``normalize(x) * (norm_offset + weight)`` (Gemma: 1). ``layout`` names the row in
-    messages."""
+    messages. ``rotation``: what rotating the residual stream touches, or None with the reason
+    in ``no_rotation``."""
 
     layout: str
     blocks: str
@@ -87,6 +125,8 @@ class ArchSpec:
     input_dims: tuple[str, ...]
     norm_offset: float = 0.0
     experts: ExpertsSpec | None = None
+    rotation: RotationSpec | None = RotationSpec()
+    no_rotation: str = ""
 
 
 _ATTENTION = (
@@ -114,6 +154,9 @@ _GEMMA2 = ArchSpec(
     ),
     input_dims=_LLAMA.input_dims,
     norm_offset=1.0,
+    rotation=None,
+    no_rotation=("its post-attention and post-feedforward norms scale the sublayer outputs per channel before "
+                 "they join the residual stream, and a per-channel weight there does not commute with a rotation"),
 )
 _PHI3 = ArchSpec(
     layout="phi3",
@@ -125,6 +168,7 @@ _PHI3 = ArchSpec(
         LinearGroup(("mlp.down_proj",), "mlp.gate_up_proj", prev_parts=2),  # [gate; up]
     ),
     input_dims=_LLAMA.input_dims,
+    rotation=RotationSpec(values="self_attn.qkv_proj", values_tail=True),  # [q; k; v]
 )
 # Mixtral, Qwen3-MoE: the router (mlp.gate) reads the MLP's input and stays in full precision.
 _MOE = ArchSpec(
@@ -139,6 +183,9 @@ _MOE = ArchSpec(
     ),
     input_dims=_LLAMA.input_dims + ("moe_intermediate_size",),
     experts=ExpertsSpec("mlp.experts"),
+    rotation=RotationSpec(writers=("self_attn.o_proj", "mlp.down_proj", "mlp.experts.*.down_proj"),
+                          online=(("down_proj", ("mlp.down_proj", "mlp.experts.*.down_proj")),
+                                  ("o_proj", ("self_attn.o_proj",)))),
 )
 _OPT = ArchSpec(
     layout="opt",
@@ -150,6 +197,10 @@ _OPT = ArchSpec(
         LinearGroup(("fc2",), "fc1"),  # ReLU commutes with a positive per-channel scale
     ),
     input_dims=("hidden_size", "ffn_dim"),
+    rotation=None,
+    no_rotation=("its LayerNorms subtract the mean and add a bias, which do not commute with a rotation of the "
+                 "residual stream (they would first have to become RMS norms, with the mean removed from every "
+                 "writer and a bias added to the LM head)"),
 )
 _GPT_NEOX = ArchSpec(
     layout="gpt_neox",
@@ -161,6 +212,9 @@ _GPT_NEOX = ArchSpec(
         LinearGroup(("mlp.dense_4h_to_h",), None),  # GELU does not commute with a scale
     ),
     input_dims=("hidden_size", "intermediate_size"),
+    rotation=None,
+    no_rotation=("its LayerNorms subtract the mean and add a bias (see opt), and its fused query_key_value "
+                 "interleaves the heads"),
 )
 ARCHS: dict[str, ArchSpec] = {
     "llama": _LLAMA,

@@ -330,6 +330,37 @@ class SaveConfig:
         check_choice("save.dtype", self.dtype, ("float16", "bfloat16", "float32"))
 
 
+ROTATIONS = ("none", "hadamard", "random")
+ONLINE_ROLES = ("down_proj", "o_proj")  # inputs that can take an online Hadamard (quantkit.arch.RotationSpec)
+
+
+@dataclass(frozen=True)
+class RotationConfig:
+    """An orthogonal rotation of the float model before any algorithm runs (``conf/rotation/``,
+    :mod:`quantkit.rotation`): ``name`` rotates the residual stream (``hadamard``: a randomized
+    Hadamard matrix, ``random``: a random orthogonal one, ``none``: not at all); ``heads``
+    rotates the values of every attention head (and the output projection's input) likewise;
+    ``online`` puts a Hadamard transform in front of the listed linears' inputs at run time.
+    ``seed`` draws the random signs / matrices."""
+
+    name: str = "none"
+    seed: int = 0
+    heads: bool = False
+    online: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_choice("rotation.name", self.name, ROTATIONS)
+        for role in self.online:
+            check(role in ONLINE_ROLES, f"rotation.online entry {role!r} is not valid; choose from: {', '.join(ONLINE_ROLES)}")
+        dupes = sorted({r for r in self.online if self.online.count(r) > 1})
+        check(not dupes, f"rotation.online lists {', '.join(dupes)} more than once")
+
+    @property
+    def active(self) -> bool:
+        """Whether the model is transformed at all."""
+        return self.name != "none" or self.heads or bool(self.online)
+
+
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -344,6 +375,7 @@ class RunConfig:
     data: DataConfig
     eval: EvalConfig
     save: SaveConfig = field(default_factory=SaveConfig)
+    rotation: RotationConfig = field(default_factory=RotationConfig)
     model_type: str = "auto"
     num_calibrate: int = 128
     calibrate_seq_length: int = 512

@@ -60,6 +60,19 @@ full names of its layers (one group for the whole model targets ``Linear``). Lay
 formats (e.g. W4A16 pack-quantized and W8A8 int-quantized) make the ``mixed-precision`` format,
 each group stating its own ``format``. (vLLM fuses q/k/v and gate/up into one matmul: there
 those must share a scheme; transformers loads any mix.)
+
+Rotated models (:mod:`quantkit.rotation`): the offline rotation is in the weights. An online
+Hadamard in front of a layer's input (``online_hadamard``) is compressed-tensors' transform
+``x -> (x @ W) / sqrt(n)`` at ``location: input`` (``TransformScheme``, in
+``quantization_config.transform_config``): one config group per width ``n``, its ``targets`` the
+layers, and per layer the +-1 matrix ``W = A_K kron H_P`` as ``<layer>.<group>_input.weight
+(n, n)``, applied before the activation quantization as in quantkit. ``type`` is ``hadamard``
+for powers of two (Sylvester's matrix: vLLM's hadacore kernel computes it without reading the
+weight) and ``random-hadamard`` otherwise (with ``randomize: false``: vLLM and compressed-
+tensors then multiply by the stored weight). vLLM applies it (not with tensor parallelism, and
+only to layers without a bias: others are refused); transformers 5 ignores ``transform_config``
+when loading, so such an export computes the rotated function only in vLLM or after
+compressed-tensors' ``apply_transform_config``.
 """
 
 from __future__ import annotations
@@ -73,6 +86,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantkit.hadamard import HadamardLinear, input_transform, is_power_of_two
 from quantkit.quant_linear import QuantLinear
 from quantkit.scheme import QuantScheme
 from quantkit.serialization import atomic_dir, layer_to_dict, state_tensors
@@ -81,7 +95,8 @@ PACK_BITS = (4, 8)
 _WORD_BITS = 32
 # QuantLinear buffers and constructor arguments this exporter translates; any other buffer, or
 # argument with a value (e.g. an output scheme), has no equivalent here and is an error
-_KNOWN_BUFFERS = {"qweight", "scales", "qzeros", "bias", "act_scale", "global_scale"}
+_KNOWN_BUFFERS = {"qweight", "scales", "qzeros", "bias", "act_scale", "global_scale",
+                  "input_transform.hadamard_k"}
 # block formats: (element dtype, scale format, group) -> compressed-tensors format
 _BLOCK_FORMATS = {
     ("fp4", "e8m0", 32): "mxfp4-pack-quantized",
@@ -91,7 +106,7 @@ _BLOCK_FORMATS = {
 }
 # activations each block format exports with (besides none): same element grid and groups
 _BLOCK_ACTIVATIONS = {"mxfp4-pack-quantized": ("fp4", "e8m0", 32), "mxfp8-quantized": ("fp8", "e8m0", 32)}
-_KNOWN_ARGS = {"in_features", "out_features", "bias", "w_scheme", "a_scheme", "a_static"}
+_KNOWN_ARGS = {"in_features", "out_features", "bias", "w_scheme", "a_scheme", "a_static", "online_hadamard"}
 
 
 class ExportError(ValueError):
@@ -310,7 +325,35 @@ def compressed_tensors_state(
         "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
         "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None,
     }
+    transforms = _online_transforms(model, tensors, float_dtype)
+    if transforms:
+        config["transform_config"] = transforms
     return tensors, config
+
+
+def _online_transforms(model: nn.Module, tensors: dict[str, torch.Tensor],
+                       float_dtype: torch.dtype | None) -> dict[str, Any] | None:
+    """The ``transform_config`` of the online Hadamards (see the module doc); replaces each
+    layer's ``input_transform.hadamard_k`` in ``tensors`` by its ``<group>_input.weight``."""
+    groups: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        transform = input_transform(module)
+        if transform is None or not isinstance(module, (QuantLinear, HadamardLinear)):
+            continue
+        if module.bias is not None:
+            raise ExportError(f"layer {name}: an online Hadamard in front of a layer with a bias has no "
+                              "compressed-tensors runtime (vLLM applies input transforms to bias-free layers only)")
+        n = transform.size
+        group = f"hadamard_{n}"
+        tensors.pop(f"{name}.input_transform.hadamard_k", None)
+        tensors[f"{name}.{group}_input.weight"] = transform.matrix().to(float_dtype or torch.float32).contiguous()
+        scheme = groups.setdefault(group, {
+            "type": "hadamard" if is_power_of_two(n) else "random-hadamard",
+            "apply": [{"targets": [], "location": "input", "inverse": False, "ignore": []}],
+            "randomize": False, "requires_grad": False, "head_dim": None, "precision": "float32",
+        })
+        scheme["apply"][0]["targets"].append(name)
+    return {"config_groups": groups} if groups else None
 
 
 def export_compressed_tensors(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike,

@@ -5,7 +5,8 @@ the ``meta`` device (names and shapes, no memory), and reads and tokenizes the e
 calibration text. Those are cheap next to loading and quantizing the weights, so every bad input
 (a missing or truncated checkpoint file, a ``model_type`` whose layout the model does not have,
 ``skip_layers`` that match nothing or everything, ``layers`` rules that match nothing or set an
-invalid scheme, sequence lengths beyond the model's positions,
+invalid scheme, a rotation the layout does not support or whose Hadamard orders do not exist,
+sequence lengths beyond the model's positions,
 an unreadable or too short corpus, an unknown task or task data that cannot be read) stops the
 run in seconds with one ``ConfigError`` line that names the key to change. The runner then loads
 the weights with the tokenizer read here.
@@ -32,6 +33,7 @@ from quantkit.config import ConfigError, RunConfig, check
 from quantkit.export import ExportError, export_format
 from quantkit.layers import SchemeTable
 from quantkit.pipeline import plan_skeleton
+from quantkit.rotation import check_inputs as check_rotation
 from quantkit.tasks import TaskPlan, prepare_tasks
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ def prepare_inputs(cfg: RunConfig, algorithm: Any) -> RunInputs:
     skeleton = meta_model(hf_config, value)
     check_layout(skeleton, arch, model_type, hf_config.model_type)
     check_skip_layers(skeleton, arch, cfg.skip_layers, algorithm.quantizes)
+    check_rotation(arch, cfg.rotation, hf_config, skeleton)
     check_groupsize(algorithm, hf_config, arch, cfg)
     schemes = check_layers(skeleton, arch, cfg, algorithm)
     calibrates = schemes.needs_calibration(algorithm)

@@ -46,8 +46,9 @@ from quantkit.calibration import (
 )
 from quantkit.config import ConfigError, LayerRule, SensitivityConfig
 from quantkit.experts import UnfusedExperts, calibrate_all_experts, unfuse_experts
+from quantkit.hadamard import input_transform, transformed_input
 from quantkit.layers import LayerScheme, SchemeTable, resolve, run_rules
-from quantkit.quant_linear import QuantLinear
+from quantkit.quant_linear import QuantLinear, carry_input_transform
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +134,17 @@ def _run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[s
 
 def _observe(linears: dict[str, nn.Linear], observers: dict[str, Any]) -> list[Any]:
     """Forward hooks that feed each linear's input, flattened to (tokens, in), to its observer
-    (an observer shared by several linears of a group is fed once, from the first of them)."""
+    (an observer shared by several linears of a group is fed once, from the first of them).
+    A linear with an online Hadamard (a rotated model) multiplies its weight by the transformed
+    input: that is what its observer sees."""
     handles, hooked = [], set()
     for name, observer in observers.items():
         if id(observer) in hooked:
             continue
         hooked.add(id(observer))
-        def hook(_m: nn.Module, args: tuple, _out: Any, observer: Any = observer) -> None:
-            observer.update(args[0].reshape(-1, args[0].shape[-1]))
+        def hook(m: nn.Module, args: tuple, _out: Any, observer: Any = observer) -> None:
+            x = transformed_input(m, args[0])
+            observer.update(x.reshape(-1, x.shape[-1]))
         handles.append(linears[name].register_forward_hook(hook))
     return handles
 
@@ -222,8 +226,9 @@ def _submodule(block: nn.Module, name: str) -> nn.Module | None:
 
 def fold_target(block: nn.Module, group: LinearGroup, arch: ArchSpec) -> FoldTarget | None:
     """Where ``group``'s scales fold in ``block`` now (under ``layer_sequential`` a linear
-    producer may already be a QuantLinear, which :func:`fold_blocker` then reports)."""
-    if group.prev is None:
+    producer may already be a QuantLinear, which :func:`fold_blocker` then reports). None for
+    linears with an online Hadamard: a scale folded upstream would act before the transform."""
+    if group.prev is None or any(input_transform(block.get_submodule(n)) is not None for n in group.linears):
         return None
     module = block.get_submodule(group.prev)
     is_linear = isinstance(module, (nn.Linear, QuantLinear))
@@ -421,6 +426,7 @@ def _quantize_block(block: nn.Module, i: int, plan: list[Planned], arch: ArchSpe
         for (group, linears), target in zip(phase, targets):
             replacements = algorithm.quantize_group(linears, observers, target, schemes(linears))
             for name, module in replacements.items():
+                module = carry_input_transform(linears[name], module) if name in linears else module
                 block.set_submodule(name, module)
                 report.quantized.append(f"{arch.blocks}.{i}.{name}")
         if replay is not None:  # scales folded into a producer change what contains it

@@ -16,6 +16,10 @@ Buffers (weight ``W (out, in)`` quantized under a :class:`QuantScheme` with ``G`
 
 Activations are quantized on the way in when an activation scheme is set: dynamically (scale
 computed per call from the input, e.g. per token) or statically (``act_scale``/``act_zero``).
+With ``online_hadamard`` (a rotated model, :mod:`quantkit.rotation`) the input is first
+multiplied by the orthogonal Hadamard matrix ``H_in`` (:class:`~quantkit.hadamard.OnlineHadamard`,
+buffer ``input_transform.hadamard_k``): the weight was quantized as ``W H_in``, so the layer
+computes ``quant(x H_in) @ dequant(W H_in)^T``.
 An output scheme (``o_scheme``, SmoothQuant's ``quant_out``) also quantizes the layer's
 output, dynamically per token. On CPU the forward dequantizes through the torch reference;
 the fused Triton matmuls replace this on CUDA.
@@ -27,6 +31,7 @@ import torch
 from torch import nn
 
 from quantkit import ops, scales as scale_formats
+from quantkit.hadamard import OnlineHadamard, hadamard_quantize, hadamard_transform, input_transform
 from quantkit.packing import packed_cols
 from quantkit.scheme import QuantScheme
 
@@ -61,7 +66,8 @@ def weight_qparams(w: torch.Tensor, scheme: QuantScheme, global_scale: torch.Ten
 
 
 class QuantLinear(nn.Module):
-    """``y = out_quant(act_quant(x) @ dequant(qweight, scales, qzeros).T + bias)``.
+    """``y = out_quant(act_quant(T(x)) @ dequant(qweight, scales, qzeros).T + bias)``; ``T`` is the
+    online Hadamard where ``online_hadamard`` is set, else the identity.
 
     ``backend`` (an attribute, not saved): ``auto`` runs the fused Triton matmuls on CUDA
     inputs and the torch reference elsewhere; ``triton`` forces the kernels (on a CPU only
@@ -83,6 +89,7 @@ class QuantLinear(nn.Module):
         a_static: bool = False,
         device: torch.device | str | None = None,
         o_scheme: QuantScheme | None = None,
+        online_hadamard: bool = False,
     ) -> None:
         super().__init__()
         if o_scheme is not None and o_scheme.granularity not in ("per_token", "per_group"):
@@ -106,6 +113,21 @@ class QuantLinear(nn.Module):
         self.register_buffer("act_scale", act_scale if static else None)
         act_zero = torch.zeros(1, 1, dtype=torch.int32, device=device)
         self.register_buffer("act_zero", act_zero if static and a_scheme.has_zero else None)
+        self.online_hadamard = False
+        self.input_transform: OnlineHadamard | None = None
+        if online_hadamard:
+            self.add_online_hadamard(device)
+
+    def add_online_hadamard(self, device: torch.device | str | None = None) -> None:
+        """Multiply every input by ``H_in`` first (the weight must already be ``W H_in``)."""
+        self.online_hadamard = True
+        self.input_transform = OnlineHadamard(self.in_features, device)
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ H_in`` with ``online_hadamard``, else ``x``."""
+        if self.input_transform is None:
+            return x
+        return hadamard_transform(x, self.input_transform.hadamard_k, self.backend)
 
     @classmethod
     def from_linear(
@@ -143,6 +165,7 @@ class QuantLinear(nn.Module):
         module = cls(
             linear.in_features, linear.out_features, linear.bias is not None, w_scheme, a_scheme,
             a_static=act_scale is not None, device=w.device, o_scheme=o_scheme,
+            online_hadamard=input_transform(linear) is not None,
         )
         module.set_weight(codes, scale, zero, global_scale)
         if linear.bias is not None:
@@ -228,7 +251,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if ops.use_triton(x, self.backend):
             return self.quantize_output(self._fused_forward(x))
-        x = self.quantize_input(x)
+        x = self.quantize_input(self.transform_input(x))
         w = self._forward_weight(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return self.quantize_output(nn.functional.linear(x, w, bias))
@@ -240,11 +263,14 @@ class QuantLinear(nn.Module):
         packed weight codes. Same numbers as the torch path up to float accumulation order."""
         kernel = self._code_matmul()
         if kernel is None:
-            x = self.quantize_input(x)
+            x = self.quantize_input(self.transform_input(x))
             return ops.quant_linear_matmul(x, self.qweight, self.scales, self.qzeros, self.bias, self.w_scheme,
                                            backend=self.backend, global_scale=self.global_scale)
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.a_static:
+        if self.input_transform is not None and not self.a_static:  # transform + quantize, one kernel
+            codes, x_scale, _ = hadamard_quantize(x2, self.input_transform.hadamard_k, self.a_scheme, self.backend)
+        elif self.a_static:
+            x2 = self.transform_input(x2)
             x_scale = self.act_scale
             codes = ops.quantize_with_qparams(x2, x_scale, None, self.a_scheme, backend=self.backend)
         else:
@@ -287,4 +313,21 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         act = f", act={self.a_scheme.describe()}{' static' if self.a_static else ''}" if self.a_scheme else ""
         out = f", out_act={self.o_scheme.describe()}" if self.o_scheme else ""
-        return f"in={self.in_features}, out={self.out_features}, w={self.w_scheme.describe()}{act}{out}"
+        had = ", online_hadamard" if self.online_hadamard else ""
+        return f"in={self.in_features}, out={self.out_features}, w={self.w_scheme.describe()}{act}{out}{had}"
+
+
+def carry_input_transform(original: nn.Module, replacement: nn.Module) -> nn.Module:
+    """``replacement`` of ``original`` with ``original``'s online transform (an algorithm that
+    built its QuantLinear itself does not know about it); a float replacement becomes a
+    :class:`~quantkit.hadamard.HadamardLinear`."""
+    from quantkit.hadamard import HadamardLinear
+
+    if input_transform(original) is None or input_transform(replacement) is not None:
+        return replacement
+    if isinstance(replacement, QuantLinear):
+        replacement.add_online_hadamard(replacement.qweight.device)
+        return replacement
+    if type(replacement) is nn.Linear:
+        return HadamardLinear.from_linear(replacement)
+    raise TypeError(f"cannot give a {type(replacement).__name__} the online Hadamard of the layer it replaces")

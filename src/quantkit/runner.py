@@ -5,7 +5,8 @@
 2. validate and read the inputs without weights (:mod:`quantkit.inputs`): the model's files,
    config, layout and tokenizer, ``skip_layers``, sequence lengths, group size, the evaluation
    text, the calibration tokens and the task data of ``eval.tasks``;
-3. load the weights; 4. quantize; 5. evaluate; 6. write ``results.json`` atomically.
+3. load the weights; 4. rotate (``rotation``, :mod:`quantkit.rotation`; also without quantization)
+   and quantize; 5. evaluate; 6. write ``results.json`` atomically.
 
 A bad override or input fails in steps 1-2, in seconds, and leaves no results behind.
 """
@@ -27,6 +28,8 @@ from quantkit.config import ConfigError, RunConfig, check
 from quantkit.evaluation import evaluate
 from quantkit.inputs import prepare_inputs
 from quantkit.pipeline import quantize_model
+from quantkit.rotation import label as rotation_label
+from quantkit.rotation import rotate_model
 from quantkit.results import (
     RESULTS_FILE, SCHEMA_VERSION, algorithm_label, bits_per_weight, device_name, model_bytes, peak_memory,
     versions, write_json_atomic,
@@ -108,7 +111,10 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
     size_before = model_bytes(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    # 4. quantize
+    # 4. rotate the float model (before any algorithm), then quantize
+    rotation = None
+    if cfg.rotation.active:
+        rotation = rotate_model(model, inputs.arch, cfg.rotation, inputs.hf_config, inputs.eval_ids).as_dict()
     t0 = time.perf_counter()
     report = quantize_model(model, inputs.arch, algorithm, inputs.samples, device, offload, cfg.skip_layers,
                             calibrate_dtype=autocast, reuse_outputs=cfg.calibrate_reuse, layers=cfg.layers,
@@ -122,10 +128,12 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
         saved = save_for_run(model, tokenizer, Path(cfg.output_dir) / "model", cfg.save.format, cfg.save.dtype, resolved)
         saved["saved_size_ratio"] = saved["saved_bytes"] / size_before  # vs the float16 checkpoint
 
+    algo = algorithm_label(algorithm.name, getattr(cfg.algo, "pre", None))
     results: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "status": "complete",
-        "algo": algorithm_label(algorithm.name, getattr(cfg.algo, "pre", None)),
+        "algo": f"{rotation_label(cfg.rotation)}+{algo}" if rotation else algo,
+        "rotation": rotation,
         "w_dtype": cfg.w_dtype.name,
         "a_dtype": cfg.a_dtype.name,
         # the groups the weights have (a block format's own block, not algo.groupsize)

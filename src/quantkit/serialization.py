@@ -19,6 +19,12 @@ A saved folder holds:
   ``block_rows``).
 * ``config.json`` (the HF model config) and the tokenizer files.
 
+Rotated models (:mod:`quantkit.rotation`): the offline rotation is in the weights (and an
+untied LM head in ``config.json``); an online Hadamard is part of its layer: a QuantLinear
+stores ``online_hadamard`` with its arguments, a float layer that has one
+(:class:`~quantkit.hadamard.HadamardLinear`) is listed under ``transforms``, and both store the
+chunk-mix matrix ``<layer>.input_transform.hadamard_k``.
+
 :func:`load` rebuilds the HF skeleton from ``config.json`` (no download, no weights),
 replaces the listed linears by ``QuantLinear`` with the stored schemes, verifies every
 tensor's checksum, checks its name, shape and dtype against the skeleton and loads them
@@ -55,6 +61,7 @@ import torch
 from torch import nn
 
 from quantkit.experts import unfuse_where_named
+from quantkit.hadamard import HadamardLinear
 from quantkit.quant_linear import QuantLinear
 from quantkit.scheme import QuantScheme
 
@@ -208,6 +215,7 @@ def save_quantized(
     out_dir = Path(out_dir)
     tensors, aliases = state_tensors(model, float_dtype)
     layers = {n: layer_to_dict(m) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    transforms = {n: {"online_hadamard": True} for n, m in model.named_modules() if isinstance(m, HadamardLinear)}
     stored_dtype = float_dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     manifest = {
         "format": FORMAT_NAME,
@@ -217,6 +225,7 @@ def save_quantized(
         "float_dtype": str(stored_dtype).replace("torch.", ""),
         "layers": layers,
         "tied": aliases,
+        "transforms": transforms,
         "checksums": {"algorithm": CHECKSUM, "tensors": {n: tensor_checksum(t) for n, t in tensors.items()}},
         "run_config": run_config,
     }
@@ -341,7 +350,16 @@ def _skeleton(path: Path, manifest: dict[str, Any]) -> nn.Module:
         )
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    unfuse_where_named(model, layers)  # MoE experts were saved as one linear per expert and matrix
+    transforms = manifest.get("transforms", {})
+    if not isinstance(transforms, dict) or any(v != {"online_hadamard": True} for v in transforms.values()):
+        raise CheckpointError(f"{path / CONFIG_FILE}: transforms must map layer names to {{\"online_hadamard\": true}}")
+    unfuse_where_named(model, [*layers, *transforms])  # MoE experts were saved as one linear per expert and matrix
+    for name in transforms:
+        original = _submodule(model, name)
+        if type(original) is not nn.Linear:
+            raise CheckpointError(f"{path / CONFIG_FILE}: transform of {name!r}: config.json builds "
+                                  f"{type(original).__name__ if original is not None else 'nothing'} there, not a Linear")
+        model.set_submodule(name, HadamardLinear.from_linear(original))
     for name, layer in layers.items():
         try:
             original = model.get_submodule(name)
@@ -357,6 +375,13 @@ def _skeleton(path: Path, manifest: dict[str, Any]) -> nn.Module:
         _warn_if_clipped(name, module, path)
         model.set_submodule(name, module)
     return model
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _warn_if_clipped(name: str, module: QuantLinear, path: Path) -> None:
