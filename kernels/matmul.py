@@ -453,7 +453,8 @@ def word_aligned(K: int, bits: int) -> bool:
 
 
 def default_config(M: int, N: int, K: int, group_size: int, target: Target, *,
-                   x_dtype: torch.dtype = torch.float16, bits: int = 4) -> MatmulConfig:
+                   x_dtype: torch.dtype = torch.float16, bits: int = 4,
+                   scale_format: str = "float16") -> MatmulConfig:
     """Tensor-core tiles for H100/H200 (and large single tiles for the interpreter).
 
     GPU: ``M <= 16`` a 16 x 64 x 128 tile (decode batches the GEMV does not take); larger ``M``
@@ -462,8 +463,11 @@ def default_config(M: int, N: int, K: int, group_size: int, target: Target, *,
     (int3, int8, K not a multiple of 32 codes: gathered byte by byte, see
     :func:`word_aligned`) and group sizes no power of two divides (scales gathered per element)
     take ``BLOCK_K = 32``, and narrower tiles where that alone still spills on sm90 (gathered
-    scales with 64 rows; half the columns with fp32 activations). Otherwise ``BLOCK_K`` drops to the
-    group size (>= 32) so that a K-tile has one scale per row. Small grids are split over K.
+    scales with 64 rows; 6-bit codes with 128 rows; with fp32 activations half the columns in
+    16-row tiles, with gathered codes or scales and where scales decode from e8m0/e4m3 bytes, a
+    quarter with 6-bit codes). Otherwise ``BLOCK_K`` drops to the group size
+    (>= 32) so that a K-tile has one scale per row, or holds whole groups of a block format's
+    16/32. Small grids are split over K.
     """
     if not target.gpu:  # interpreter: few, large block operations
         block_m = max(16, min(64, triton.next_power_of_2(M)))
@@ -486,7 +490,13 @@ def default_config(M: int, N: int, K: int, group_size: int, target: Target, *,
         block_k = 32
     if gathered and block_m == 64:  # the gathered / byte-wise tiles take the registers
         block_n = 64
-    if x_dtype == torch.float32 and (gathered or not aligned):
+    if bits == 6 and block_m == 128:  # 4 codes in 3 bytes: the widest decode of all
+        block_n = 64
+    # fp32 activations (three MMAs per step) take half the columns in 16-row tiles and with
+    # gathered codes or scales or scales that decode from e8m0/e4m3 bytes; 6-bit codes a quarter
+    if x_dtype == torch.float32 and (block_m == 16 or gathered or not aligned or scale_format != "float16"):
+        block_n //= 2
+    if x_dtype == torch.float32 and bits == 6:
         block_n //= 2
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     split = split_k_for(tiles, triton.cdiv(K, block_k), target)
@@ -735,7 +745,7 @@ def plan_quant_linear_matmul(
     N = qweight.shape[0]
     group_size = scheme.group_cols(K)
     cfg = config or default_config(M, N, K, group_size, target, x_dtype=x.dtype,
-                                   bits=scheme.bits)
+                                   bits=scheme.bits, scale_format=scheme.scale_format)
     stride_sn, stride_sg = (0 if n == 1 else st for n, st in zip(scales.shape, scales.stride()))
     stride_zn = 0 if qzeros is None or qzeros.shape[0] == 1 else qzeros.stride(0)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)

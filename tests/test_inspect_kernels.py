@@ -67,6 +67,7 @@ def _jit_kernels() -> set[str]:
     from quantkit.kernels import (
         dequantize,
         gemv,
+        hadamard,
         int8_matmul,
         matmul,
         pack,
@@ -75,7 +76,7 @@ def _jit_kernels() -> set[str]:
     )
 
     names = set()
-    for module in (dequantize, gemv, int8_matmul, matmul, pack, quantize, smooth_quant):
+    for module in (dequantize, gemv, hadamard, int8_matmul, matmul, pack, quantize, smooth_quant):
         for name, obj in vars(module).items():
             if name.endswith("_kernel") and type(obj).__name__ in ("JITFunction",
                                                                    "InterpretedFunction"):

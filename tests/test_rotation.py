@@ -26,7 +26,7 @@ from quantkit.algorithms.zeroquant import ZeroQuantConfig
 from quantkit.arch import get_arch, get_blocks
 from quantkit.config import ConfigError, DTypeConfig, RotationConfig
 from quantkit.hadamard import HadamardLinear, OnlineHadamard, hadamard_matrix, input_transform
-from quantkit.pipeline import _observe, fold_target, plan_block, PipelineReport, quantize_model
+from quantkit.pipeline import PipelineReport, _observe, fold_target, plan_block, plan_schemes, quantize_model
 from quantkit.quant_linear import QuantLinear
 from quantkit.rotation import Orthogonal, check_inputs, rms_norm_problem, rotate_model
 from quantkit.serialization import CONFIG_FILE, CheckpointError
@@ -248,7 +248,8 @@ def test_online_linears_are_never_fold_targets():
     """A scale folded into up_proj would act before down_proj's Hadamard: AWQ/SmoothQuant keep s=1 there."""
     model = rotated("llama", RotationConfig("hadamard", online=("down_proj",)))
     arch, block = get_arch("llama"), model.model.layers[0]
-    planned = {tuple(g.linears): g for entry in plan_block(block, 0, arch, (), PipelineReport()) for g, _ in entry}
+    table = plan_schemes(model, arch, build_algorithm(RTNConfig(groupsize=32), INT4, FP16))
+    planned = {tuple(g.linears): g for entry in plan_block(block, 0, arch, table, PipelineReport()) for g, _ in entry}
     assert fold_target(block, planned[("mlp.down_proj",)], arch) is None
     assert fold_target(block, planned[("mlp.gate_proj", "mlp.up_proj")], arch) is not None
 
@@ -394,7 +395,8 @@ def _run(tmp_path, *overrides: str) -> dict:
     from quantkit.config import build_run_config
     from tests.test_config import compose_dict
 
-    return runner.run(build_run_config(compose_dict(*TINY, *overrides, f"output_dir={tmp_path}")))
+    resolved = compose_dict(*TINY, *overrides, f"output_dir={tmp_path}")
+    return runner.run(build_run_config(resolved), resolved)
 
 
 def test_rotation_alone_keeps_the_float_perplexity(tmp_path, _cache):
