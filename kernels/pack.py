@@ -163,11 +163,14 @@ def run_layout(bits: int, cols: int) -> tuple[int, int, int]:
     return cpr, bpr, triton.cdiv(cols, CODES_PER_RUN) * (CODES_PER_RUN // cpr)
 
 
-def _tile(rows: int, runs: int, on_gpu: bool) -> tuple[int, int]:
-    """``(BLOCK_M, BLOCK_R)`` for a ``(rows, runs)`` problem."""
+def _tile(rows: int, runs: int, on_gpu: bool, bits: int) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_R)`` for a ``(rows, runs)`` problem. 8-bit runs are 8 bytes each way (the
+    widest tile): a quarter of the runs per program keeps them in registers (ptxas put the full
+    tile in local memory for rows whose stride is not a multiple of 16)."""
     if on_gpu:
         block_r = min(triton.next_power_of_2(runs), _GPU_MAX_BLOCK_R)
-        block_m = min(triton.next_power_of_2(rows), max(1, _GPU_TILE_RUNS // block_r))
+        tile_runs = _GPU_TILE_RUNS // 4 if bits == 8 else _GPU_TILE_RUNS
+        block_m = min(triton.next_power_of_2(rows), max(1, tile_runs // block_r))
         return block_m, block_r
     block_r = min(triton.next_power_of_2(runs), _INTERPRET_MAX_BLOCK_R)
     block_m = min(triton.next_power_of_2(rows), _INTERPRET_MAX_BLOCK_M)
@@ -205,7 +208,7 @@ def plan_pack_codes(
     packed = torch.empty(rows, packed_cols(cols, bits), dtype=torch.uint8, device=codes.device)
     if packed.numel() == 0:
         return packed, []
-    block_m, block_r = _tile(rows, runs, target.gpu)
+    block_m, block_r = _tile(rows, runs, target.gpu, bits)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(runs, block_r))
     args = (codes, packed, rows, cols, runs, codes.stride(0), codes.stride(1), packed.stride(0))
     constexprs = dict(
@@ -251,7 +254,7 @@ def plan_unpack_codes(
     )
     if codes.numel() == 0:
         return codes, []
-    block_m, block_r = _tile(rows, runs, target.gpu)
+    block_m, block_r = _tile(rows, runs, target.gpu, bits)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(runs, block_r))
     args = (packed, codes, rows, cols, runs, packed.stride(0), packed.stride(1), codes.stride(0))
     constexprs = dict(
