@@ -256,11 +256,11 @@ class Algorithm(ABC):
         self.a_scheme: QuantScheme | None = None
         self.o_scheme: QuantScheme | None = None  # layer outputs (SmoothQuant's quant_out)
 
+    @abstractmethod
     def build_schemes(self, config: Any, w_dtype: DTypeConfig, a_dtype: DTypeConfig
                       ) -> tuple[QuantScheme | None, QuantScheme | None, QuantScheme | None]:
         """``(weights, activations, outputs)`` schemes for ``config`` and the dtypes (None: not
         quantized); errors name the config keys. Subclasses set the run's from it."""
-        raise NotImplementedError(f"algo={self.name} does not build per-layer schemes")
 
     def layer_scheme(self, w_dtype: DTypeConfig | None = None, a_dtype: DTypeConfig | None = None,
                      groupsize: int | None = None) -> LayerScheme:
