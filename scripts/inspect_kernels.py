@@ -434,6 +434,39 @@ def table(records: list[dict]) -> str:
     return "\n".join([head, *rows])
 
 
+def _problem(r: dict) -> str:
+    return r["problems"][0]
+
+
+def summary(records: list[dict]) -> str:
+    """Markdown: one row per kernel (configs, worst registers, spills, shared memory, MMA kinds,
+    load widths, loop shuffles/barriers, SASS per weight element), then the decode GEMV's SASS
+    per weight element on 4096 x 4096 float16 problems, one row per weight grid and M."""
+    ok = [r for r in records if not r["error"]]
+    head = ("| kernel | configs | max regs | configs spilling | max smem B | mma | load bits "
+            "| max loop SHFL | max loop BAR | SASS/w min-max |\n|---|---:|---:|---:|---:|---|---|---:|---:|---|")
+    rows = []
+    for kernel in sorted({r["kernel"] for r in records}):
+        rs = [r for r in ok if r["kernel"] == kernel]
+        failed = sum(1 for r in records if r["kernel"] == kernel and r["error"])
+        if not rs:
+            rows.append(f"| {kernel} | {failed} failed | | | | | | | | |")
+            continue
+        sass = [r["sass_per_weight"] for r in rs if r["sass_per_weight"] is not None]
+        cells = [kernel, f"{len(rs)}" + (f" (+{failed} failed)" if failed else ""), max(r["regs"] for r in rs),
+                 sum(1 for r in rs if r["spills_bytes"]), max(r["smem_bytes"] for r in rs),
+                 ",".join(sorted({r["mma"] for r in rs})), sorted({b for r in rs for b in r["load_bits"]}),
+                 max((r["loop_shuffles"] or 0) for r in rs), max((r["loop_barriers"] or 0) for r in rs),
+                 f"{min(sass):.2f}-{max(sass):.2f}" if sass else None]
+        rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    gemv = sorted((r for r in ok if r["kernel"] == "_dequant_gemv_kernel" and "N=4096 K=4096" in _problem(r)
+                   and "x=fp16" in _problem(r)), key=lambda r: (r["constexprs"].get("BLOCK_M", 0), _problem(r)))
+    lines = ["| problem | regs | loads | loop SHFL | SASS/w |", "|---|---:|---|---:|---:|"]
+    lines += [f"| {_problem(r)} | {r['regs']} | {_cell(r['load_bits'])} | {_cell(r['loop_shuffles'])} "
+              f"| {_cell(r['sass_per_weight'])} |" for r in gemv]
+    return "\n".join([head, *rows, "", "Decode GEMV, 4096 x 4096, float16 activations:", "", *lines]) + "\n"
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"--jobs must be a positive integer, got {text!r}")
@@ -449,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--match", help="only problems whose label contains this text")
     parser.add_argument("--jobs", type=_positive, default=os.cpu_count() or 1,
                         help="compile processes (default: all CPUs)")
+    parser.add_argument("--summary", type=Path, help="write the per-kernel summary (markdown) here")
     parser.add_argument("--plan-only", action="store_true",
                         help="count problems and unique configs per kernel, compile nothing")
     args = parser.parse_args(argv)
@@ -481,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(1 for r in records if r['spills_bytes'])} spill", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(records, indent=1) + "\n")
+    if args.summary:
+        args.summary.write_text(summary(records))
     return 1 if failed else 0
 
 

@@ -180,3 +180,18 @@ def test_w4a16_decode_gemv_within_instruction_budget(records: list[dict], n: int
     weight_bytes = (r["weights_per_iter"] * r["weight_bits"] / 8 / (32 * r["num_warps"])
                     * r["unroll"])
     assert 16 * r["load_counts"].get("128", 0) >= weight_bytes
+
+
+def test_summary_has_a_row_per_kernel_and_the_decode_gemv_table() -> None:
+    def rec(kernel: str, problem: str, regs: int, spills: int, sass: float | None, error: str | None = None) -> dict:
+        return dict(kernel=kernel, config=problem, problems=[problem], regs=regs, spills_bytes=spills,
+                    smem_bytes=512, mma="none", load_bits=[8, 128], loop_shuffles=0, loop_barriers=0,
+                    sass_per_weight=sass, constexprs=dict(BLOCK_M=1), error=error)
+
+    records = [rec("_dequant_gemv_kernel", "M=1 N=4096 K=4096 w=int4 g128 x=fp16", 90, 0, 4.0),
+               rec("_dequant_gemv_kernel", "M=1 N=576 K=576 w=int4 g128 x=fp16", 100, 16, 9.5),
+               rec("_pack_kernel", "pack", 40, 0, None), rec("_pack_kernel", "pack2", 0, 0, None, "boom")]
+    text = _script().summary(records)
+    assert "| _dequant_gemv_kernel | 2 | 100 | 1 | 512 | none | 8,128 | 0 | 0 | 4.00-9.50 |" in text
+    assert "| _pack_kernel | 1 (+1 failed) | 40 | 0 | 512 | none | 8,128 | 0 | 0 | - |" in text
+    assert "| M=1 N=4096 K=4096 w=int4 g128 x=fp16 | 90 | 8,128 | 0 | 4.0 |" in text and "N=576" not in text.split("Decode")[1]
