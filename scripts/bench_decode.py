@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import json
 import time
 import traceback
 from collections.abc import Callable
@@ -48,7 +47,7 @@ from typing import Any
 
 import torch
 
-from benchlib import Deadline, Report, environment, fmt, markdown_table, summary_stats
+from benchlib import Deadline, Report, environment, finish, fmt, markdown_table, summary_stats
 
 LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
@@ -379,13 +378,7 @@ def main(argv: list[str] | None = None) -> str:
         + ("; decode steps replayed as CUDA graphs where the check passes" if on_gpu else ""), "",
     ]))
     run(args, device, report)
-    if args.kernels_json is not None and on_gpu:
-        from kernel_inventory import loaded_kernels
-
-        args.kernels_json.write_text(json.dumps(loaded_kernels(), indent=1, default=str))
-    text = report.text()
-    print(text)
-    return text
+    return finish(report, args.kernels_json, on_gpu)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import traceback
 from collections.abc import Callable
@@ -55,7 +54,7 @@ import torch
 
 import bench_matmul_cases as cases
 from benchlib import (
-    CopyReference, Deadline, Report, Timing, environment, fmt, markdown_table, peak_tflops,
+    CopyReference, Deadline, Report, Timing, environment, finish, fmt, markdown_table, peak_tflops,
     time_call,
 )
 from quantkit import ops
@@ -423,13 +422,7 @@ def main(argv: list[str] | None = None) -> str:
     if ctx["failures"]:
         body = "\n\n".join(f"```\n{f[-3000:]}\n```" for f in ctx["failures"])
         report.set("failures", f"\n## Failures ({len(ctx['failures'])})\n\n{body}\n")
-    if args.kernels_json is not None and on_gpu:
-        from kernel_inventory import loaded_kernels
-
-        args.kernels_json.write_text(json.dumps(loaded_kernels(), indent=1, default=str))
-    text = report.text()
-    print(text)
-    return text
+    return finish(report, args.kernels_json, on_gpu)
 
 
 if __name__ == "__main__":

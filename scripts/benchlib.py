@@ -304,6 +304,18 @@ class Report:
             _write_atomic(self.json_path, json.dumps(payload, indent=1, default=str))
 
 
+def finish(report: Report, kernels_json: Path | None, on_gpu: bool) -> str:
+    """Write the compiled kernels the run loaded (GPU only) to ``kernels_json``, print the
+    report and return its text: the common end of the benchmark scripts."""
+    if kernels_json is not None and on_gpu:
+        from kernel_inventory import loaded_kernels
+
+        kernels_json.write_text(json.dumps(loaded_kernels(), indent=1, default=str))
+    text = report.text()
+    print(text)
+    return text
+
+
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
