@@ -13,7 +13,7 @@ an R lazy-load database; no R is needed to read it:
    ``Rdata.rdb``, where each object is a 4-byte big-endian length plus a zlib stream of the
    same serialization: for each novel a character vector, one element per line of text.
 
-The split is by book, deterministic: ``test`` is *Persuasion* (about 110k SmolLM2 tokens),
+The split is by book, deterministic: ``test`` is *Persuasion* (115,861 SmolLM2 tokens),
 ``train`` the other five, each book's lines joined with ``"\\n"``, books with ``"\\n\\n"``. Both
 splits are written once to ``<quantkit cache>/corpora/austen-v1/{train,test}.txt`` (atomically:
 an interrupted build leaves nothing that looks finished) and read from there afterwards.
