@@ -3,6 +3,9 @@ r"""Text corpora for calibration and perplexity, following the GPTQ evaluation p
 Named corpora (`CORPORA`), each a single string per split:
 
 - `pydoc`: Python's own `pydoc_data.topics` (offline); splits train, test; "\n\n"-joined.
+- `austen`: Jane Austen's six novels from the Debian package `r-cran-janeaustenr`, fetched with
+  `apt-get download` and built into the cache on first use (:mod:`quantkit.austen`); splits
+  train (five novels), test (Persuasion).
 - `wikitext2`: hub `wikitext` / `wikitext-2-raw-v1`, column "text"; splits train,
   validation, test; "\n\n"-joined.
 - `ptb`: hub `ptb_text_only` / `penn_treebank`, column "sentence"; splits train, validation,
@@ -110,7 +113,10 @@ HUB_CORPORA: dict[str, HubCorpus] = {
     ),
 }
 
-CORPORA: tuple[str, ...] = ("pydoc", *HUB_CORPORA)
+OFFLINE_CORPORA: tuple[str, ...] = ("pydoc", "austen")
+"""Named corpora that read no file and need no hub (`austen` needs Debian's apt once)."""
+
+CORPORA: tuple[str, ...] = (*OFFLINE_CORPORA, *HUB_CORPORA)
 """Every text corpus name `load_text` accepts besides local paths."""
 
 BENCHMARK_CORPORA: tuple[str, ...] = ("ceval", "cmmlu", "boss")
@@ -131,13 +137,13 @@ def load_text(name: str, split: str, path: str | None = None, keys: CorpusKeys =
             raise DataError(f"{keys.split}={split!r}: {name} is a calibration corpus (its worked examples, split "
                             "train) and an eval.tasks benchmark, not a perplexity corpus")
         return "\n\n".join(calibration_documents(name, path, subjects, keys.path or f"eval.{name}.path"))
-    if name == "pydoc":
+    if name in OFFLINE_CORPORA:
         if path is not None:
             raise DataError(
-                f"{keys.path}={path!r} is set, but corpus 'pydoc' is built in and reads no file: "
+                f"{keys.path}={path!r} is set, but corpus {name!r} is built in and reads no file: "
                 f"unset {keys.path}, or evaluate on the file itself with data=text data.path=FILE"
             )
-        return _pydoc_text(split, keys)
+        return _pydoc_text(split, keys) if name == "pydoc" else _austen_text(split, keys)
     if name in HUB_CORPORA:
         return _hub_text(name, HUB_CORPORA[name], split, path, keys)
     if Path(name).expanduser().exists():
@@ -157,6 +163,22 @@ def _pydoc_text(split: str, keys: CorpusKeys) -> str:
     if split not in chosen:
         raise DataError(f"{keys.split}={split!r} is not a split of corpus 'pydoc': expected train or test")
     return "\n\n".join(topics[name] for name in chosen[split])
+
+
+def _austen_text(split: str, keys: CorpusKeys) -> str:
+    from quantkit import austen
+
+    if split not in austen.SPLITS:
+        raise DataError(f"{keys.split}={split!r} is not a split of corpus 'austen': expected train or test")
+    try:
+        return austen.austen_text(split)
+    except austen.AustenError as err:
+        raise DataError(
+            f"{keys.name}='austen': the corpus is built once from the Debian package {austen.PACKAGE}, which "
+            f"could not be fetched or read ({err}); fetch it where apt works (apt-get download {austen.PACKAGE}) "
+            "and build the cache with python -m quantkit.austen FILE.deb, or evaluate on a local text with "
+            "data=text data.path=FILE, or use the built-in corpus 'pydoc'"
+        ) from None
 
 
 def _hub_text(name: str, spec: HubCorpus, split: str, path: str | None, keys: CorpusKeys) -> str:

@@ -386,6 +386,7 @@ def _quantize_block(block: nn.Module, i: int, plan: list[Planned], arch: ArchSpe
                     table: SchemeTable) -> None:
     """Calibrate and quantize one block (on ``device``); leave the next block's inputs in ``calib``."""
     prefix = f"{arch.blocks}.{i}."
+    algorithm.start_block(prefix)
 
     def schemes(linears: dict[str, nn.Linear]) -> dict[str, LayerScheme]:
         return {n: table[prefix + n] for n in linears}

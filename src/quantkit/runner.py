@@ -157,6 +157,7 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
         "sensitivity": cfg.sensitivity.label,
         "scheme_counts": report.schemes.counts() if report else {},
         "layer_schemes": report.schemes.to_json() if report else {},
+        **(algorithm.record() if report else {}),  # the algorithm's own choices (SmoothQuant: alpha per group)
         "quantization_seconds": quant_seconds,
         "load_seconds": load_seconds,
         "total_seconds": time.perf_counter() - t_start,

@@ -345,6 +345,16 @@ class Algorithm(ABC):
         return {n: o for n, lin in linears.items()
                 if (o := self.make_observer(n, lin, self._scheme(schemes, n))) is not None}
 
+    def start_block(self, prefix: str) -> None:
+        """The pipeline is about to calibrate the block whose linears' full names start with
+        ``prefix`` (``model.layers.3.``): where an algorithm records per-group choices, this names
+        them. Default: nothing."""
+
+    def record(self) -> dict[str, Any]:
+        """Entries for results.json of what the algorithm chose while quantizing (e.g.
+        SmoothQuant's alpha per group); keys must not collide with the runner's. Default: none."""
+        return {}
+
     def prepare_group(
         self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None,
         schemes: Mapping[str, LayerScheme] | None = None,

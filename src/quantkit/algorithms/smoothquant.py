@@ -22,11 +22,17 @@ Then the weights are quantized round-to-nearest on ``w_dtype`` and the activatio
 asymmetric grids) calibrated on the *smoothed* inputs (the observed per-channel ranges are
 divided by ``s``, which is exact). ``quant_out`` also fake-quantizes every layer output per
 token on the ``a_dtype`` grid (the paper's "O" in its W8A8 recipes, e.g. for int8 BMMs).
+
+``alpha=auto`` picks alpha per group from ``alpha_grid`` by the quantized group's output error
+on the calibration tokens (:mod:`quantkit.algorithms.smoothquant_search`). The alpha of every
+group (and with ``auto`` the loss of every grid value) is recorded in ``results.json`` under
+``smoothquant`` (:meth:`SmoothQuant.record`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,10 +40,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantkit.algorithms.awq import AWQObserver
 from quantkit.algorithms.base import ChannelRangeObserver, Observer, activation_scheme, check_weight_activation_keys
 from quantkit.algorithms.fold import FoldTarget, fold_blocker, fold_scales
 from quantkit.algorithms.registry import register
 from quantkit.algorithms.rtn import RTN
+from quantkit.algorithms.smoothquant_search import DEFAULT_ALPHA_GRID, alpha_losses, best_alpha
 from quantkit.config import DTypeConfig, check
 from quantkit.layers import LayerScheme
 from quantkit.scheme import QuantScheme
@@ -54,10 +62,14 @@ class SmoothQuantConfig:
 
     ``w_groupsize`` is the seed's spelling of ``groupsize``: when set it replaces ``groupsize``
     (after validation ``groupsize`` always holds the effective value), as in ``AWQConfig``.
+    ``alpha`` is a number in [0, 1] or ``"auto"`` (searched per group on ``alpha_grid`` with
+    ``max_tokens`` calibration rows); the two search keys are errors when set with a number.
     """
 
     name: str = "smoothquant"
-    alpha: float = 0.5
+    alpha: float | str = 0.5
+    alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
+    max_tokens: int = 2048
     groupsize: int = -1
     w_groupsize: int | None = None
     w_qtype: str = "per_channel"
@@ -67,13 +79,34 @@ class SmoothQuantConfig:
     layer_sequential: bool = False
 
     def __post_init__(self) -> None:
-        check_alpha("algo.alpha", self.alpha)
+        check_alpha("algo.alpha", self.alpha, auto=True)
+        check(len(self.alpha_grid) >= 1, "algo.alpha_grid=[] is not valid; give at least one alpha in [0, 1]")
+        for i, value in enumerate(self.alpha_grid):
+            check_alpha(f"algo.alpha_grid[{i}]", value)
+        check(len(set(self.alpha_grid)) == len(self.alpha_grid),
+              f"algo.alpha_grid={list(self.alpha_grid)} repeats a value")
+        check(self.max_tokens >= 1, f"algo.max_tokens={self.max_tokens} must be >= 1")
+        if not self.auto:
+            for key, default in (("alpha_grid", DEFAULT_ALPHA_GRID), ("max_tokens", 2048)):
+                check(getattr(self, key) == default,
+                      f"algo.{key} acts only with algo.alpha=auto (algo.alpha={self.alpha}); leave it at its "
+                      "default or set algo.alpha=auto")
         check_weight_activation_keys(self)
 
+    @property
+    def auto(self) -> bool:
+        """Whether alpha is searched per group (``alpha=auto``)."""
+        return self.alpha == "auto"
 
-def check_alpha(key: str, alpha: float) -> None:
-    check(0.0 <= alpha <= 1.0, f"{key}={alpha} is not valid; use a number in [0, 1] "
-          "(0: no migration, 1: the whole activation range moves into the weights)")
+
+def check_alpha(key: str, alpha: float | str, auto: bool = False) -> None:
+    """``alpha`` is a number in [0, 1] (or, with ``auto``, the string ``auto``)."""
+    if auto and alpha == "auto":
+        return
+    number = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+    check(number and 0.0 <= alpha <= 1.0,
+          f"{key}={alpha!r} is not valid; use a number in [0, 1] (0: no migration, 1: the whole activation "
+          "range moves into the weights)" + (" or auto (searched per layer group on algo.alpha_grid)" if auto else ""))
 
 
 def smooth_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -125,6 +158,8 @@ class SmoothQuant(RTN):
               f"algo=smoothquant needs a quantized a_dtype (a_dtype={a_dtype.name} leaves activations "
               "unquantized, so there is nothing to smooth for); use e.g. w_dtype=int8 a_dtype=int8 (W8A8), "
               "or algo=awq/gptq/rtn for weight-only quantization")
+        self._block = ""  # full-name prefix of the block being quantized (start_block)
+        self._groups: list[dict[str, Any]] = []  # one record per smoothed group, in pipeline order
 
     def build_schemes(self, config: Any, w_dtype: DTypeConfig, a_dtype: DTypeConfig
                       ) -> tuple[QuantScheme | None, QuantScheme | None, QuantScheme | None]:
@@ -138,20 +173,63 @@ class SmoothQuant(RTN):
         return True
 
     def make_observer(self, name: str, linear: nn.Linear, scheme: LayerScheme | None = None) -> Observer | None:
-        # the smoothing statistics do not depend on the scheme; static scales take each linear's
-        return ChannelRangeObserver((scheme or self.run_scheme).a)
+        # the smoothing statistics do not depend on the scheme; static scales take each linear's.
+        # alpha=auto also keeps a subsample of the input rows to measure each alpha's error on.
+        a = (scheme or self.run_scheme).a
+        return AWQObserver(self.config.max_tokens, a) if self.config.auto else ChannelRangeObserver(a)
+
+    def start_block(self, prefix: str) -> None:
+        self._block = prefix
 
     def prepare_group(
         self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None,
         schemes: Mapping[str, LayerScheme] | None = None,
     ) -> None:
-        """One smoothing vector for the group, from the activation and weight ranges alone (the
-        same whatever each linear's scheme)."""
+        """One smoothing vector for the group: from the activation and weight ranges alone with
+        a fixed alpha (the same whatever each linear's scheme); with ``alpha=auto`` at the alpha
+        of ``alpha_grid`` whose quantized group (each linear on its own scheme) reproduces the
+        full-precision outputs best."""
         if not linears:
             return
-        obs = observers[next(iter(linears))]  # one observer per group: the linears share the input
-        alpha = self.config.alpha
-        s = search_and_fold(prev, linears, lambda w, _: smooth_scales(obs.absmax, w.abs().amax(0), alpha),
-                            "smoothquant")
+        names = list(linears)
+        obs = observers[names[0]]  # one observer per group: the linears share the input
+        reason = fold_blocker(prev, list(linears.values()))
+        record: dict[str, Any] = {"linears": [self._block + n for n in names],
+                                  "alpha": None if reason else self.config.alpha}
+        if reason:
+            record["reason"] = reason
+        self._groups.append(record)
+
+        def scales(w: torch.Tensor, splits: list[int]) -> torch.Tensor:
+            w_absmax = w.abs().amax(0)  # (in,)
+            if not self.config.auto:
+                return smooth_scales(obs.absmax, w_absmax, self.config.alpha)
+            grid = self.config.alpha_grid
+            biases = [linears[n].bias for n in names]
+            bias = None if all(b is None for b in biases) else torch.cat(
+                [torch.zeros(lin.out_features) if b is None else b.detach().float().cpu()
+                 for b, lin in zip(biases, linears.values())])  # (sum_out,)
+            losses = alpha_losses(obs.rows, w, splits, [self._scheme(schemes, n) for n in names],
+                                  lambda a: smooth_scales(obs.absmax, w_absmax, a), grid,
+                                  None if bias is None else bias.to(w.device), (obs.lo, obs.hi))
+            record["alpha"] = alpha = best_alpha(grid, losses)
+            record["losses"] = losses
+            log.debug("smoothquant: %s alpha=%s (losses %s)", record["linears"], alpha, losses)
+            return smooth_scales(obs.absmax, w_absmax, alpha)
+
+        s = search_and_fold(prev, linears, scales, "smoothquant")
         if s is not None:
             obs.rescale(s)
+
+    def record(self) -> dict[str, Any]:
+        """``{"smoothquant": ...}`` for results.json: the run's ``alpha`` (and ``alpha_grid`` with
+        auto), how many groups took each alpha (``alpha_counts``; ``none``: no exact fold, s = 1)
+        and per group its linears' full names, its ``alpha`` (null: not smoothed, with the
+        ``reason``) and with auto the ``losses`` over the grid."""
+        counts = Counter("none" if g["alpha"] is None else f"{g['alpha']:g}" for g in self._groups)
+        out: dict[str, Any] = {"alpha": self.config.alpha}
+        if self.config.auto:
+            out["alpha_grid"] = list(self.config.alpha_grid)
+        out["alpha_counts"] = dict(sorted(counts.items()))
+        out["groups"] = self._groups
+        return {"smoothquant": out}
