@@ -499,8 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     per_kernel: dict[str, int] = {}
     for v in variants:
         per_kernel[v.kernel] = per_kernel.get(v.kernel, 0) + 1
-    summary = ", ".join(f"{k} {c}" for k, c in sorted(per_kernel.items()))
-    print(f"{n} launches of the grid -> {len(variants)} unique sm90 configs ({summary}); "
+    counts = ", ".join(f"{k} {c}" for k, c in sorted(per_kernel.items()))
+    print(f"{n} launches of the grid -> {len(variants)} unique sm90 configs ({counts}); "
           f"planned in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if args.plan_only:
         return 0

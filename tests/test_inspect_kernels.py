@@ -44,17 +44,24 @@ def _script() -> ModuleType:
     return module
 
 
-@pytest.fixture(scope="module")
-def records(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """Records of ``--quick``, computed once per test session even across xdist workers."""
+def _quick_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where ``--quick`` writes its JSON (its summary beside it, ``.md``): one per test session,
+    shared by the xdist workers."""
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp/.. is this session's, shared by workers
         shared = shared.parent
-    out = shared / "inspect_quick.json"
+    return shared / "inspect_quick.json"
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """Records of ``--quick``, computed once per test session even across xdist workers."""
+    out = _quick_json(tmp_path_factory)
     with FileLock(str(out) + ".lock"):
         if not out.exists():
             proc = subprocess.run(
-                [sys.executable, str(SCRIPT), "--quick", "--jobs", "2", "--json", str(out)],
+                [sys.executable, str(SCRIPT), "--quick", "--jobs", "2", "--json", str(out),
+                 "--summary", str(out.with_suffix(".md"))],
                 cwd=REPO_ROOT, env=interpreter_unset_env(), capture_output=True, text=True,
                 timeout=3600,
             )
@@ -180,6 +187,12 @@ def test_w4a16_decode_gemv_within_instruction_budget(records: list[dict], n: int
     weight_bytes = (r["weights_per_iter"] * r["weight_bits"] / 8 / (32 * r["num_warps"])
                     * r["unroll"])
     assert 16 * r["load_counts"].get("128", 0) >= weight_bytes
+
+
+def test_the_script_writes_its_summary(records: list[dict], tmp_path_factory: pytest.TempPathFactory) -> None:
+    text = _quick_json(tmp_path_factory).with_suffix(".md").read_text()
+    assert text == _script().summary(records)
+    assert "_dequant_gemv_kernel" in text and "Decode" in text
 
 
 def test_summary_has_a_row_per_kernel_and_the_decode_gemv_table() -> None:
