@@ -1,7 +1,7 @@
 """The static sm90 inspection tier: ``scripts/inspect_kernels.py --quick`` compiles a
 representative subset of the configurations the dispatchers select on an H200 (every kernel,
-every M bucket, every weight-grid kind, x dtype and group size one at a time; about 130
-variants, ~2 CPU-minutes) and the tests read its JSON records. The full grid (~880 variants)
+every M bucket, every weight-grid kind, x dtype and group size one at a time; about 210
+variants, a few CPU-minutes) and the tests read its JSON records. The full grid (~1480 variants)
 is ``make inspect``.
 
 Budget of the W4A16 decode GEMV (ENVIRONMENT.md): an H200 streams 4.8 TB/s, i.e. 9.6e12
