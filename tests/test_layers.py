@@ -334,7 +334,7 @@ def test_cli_mixed_run_records_every_layer_scheme(tmp_path):
     p, m = (json.loads((d / "results.json").read_text()) for d in (plain, mixed))
     assert m["config"]["layers"] == [{"match": ".*down_proj", "w_dtype": {
         "name": "int8", "has_zero": False, "unsigned": False, "symmetric_range": None, "scale_format": None,
-        "block": None}}]
+        "block": None, "clip_ratio": 1.0}}]
     assert m["layer_schemes"]["model.layers.1.mlp.down_proj"] == {"scheme": "int8 g32", "source": "layers[0]"}
     assert m["layer_schemes"]["model.layers.1.mlp.up_proj"] == {"scheme": "int3 g32 asym unsigned", "source": "run"}
     assert m["layer_schemes"]["lm_head"] == {"scheme": "float16", "source": "skip_layers"}

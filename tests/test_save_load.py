@@ -219,12 +219,12 @@ def test_saved_folder_contents_and_manifest(tiny, tmp_path):
     assert {CONFIG_FILE, WEIGHTS_FILE, "config.json", "tokenizer.json"} <= files
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in (tmp_path / "q").iterdir())
     manifest = json.loads((tmp_path / "q" / CONFIG_FILE).read_text())
-    assert manifest["format_version"] == FORMAT_VERSION == 3 and manifest["quantkit_version"] == quantkit.__version__
+    assert manifest["format_version"] == FORMAT_VERSION == 4 and manifest["quantkit_version"] == quantkit.__version__
     assert manifest["run_config"] == {"algo": {"name": "rtn"}}
     layer = manifest["layers"]["model.layers.0.mlp.down_proj"]
     assert layer["w_scheme"] == {"dtype": "int4", "granularity": "per_group", "groupsize": 48,
                                  "has_zero": True, "unsigned": True, "symmetric_range": "full",
-                                 "scale_format": "float16", "block_rows": 1}
+                                 "scale_format": "float16", "block_rows": 1, "clip_ratio": 1.0}
     checksums = manifest["checksums"]
     assert checksums["algorithm"] == "sha256"
     state = model.state_dict()
@@ -266,8 +266,8 @@ def _edit_json(path, edit):
 
 
 def test_newer_format_version_is_refused(saved):
-    _edit_json(saved / CONFIG_FILE, lambda d: d.update(format_version=4, quantkit_version="9.0"))
-    with pytest.raises(CheckpointError, match=r"format version 4 .*reads versions up to 3: upgrade quantkit"):
+    _edit_json(saved / CONFIG_FILE, lambda d: d.update(format_version=5, quantkit_version="9.0"))
+    with pytest.raises(CheckpointError, match=r"format version 5 .*reads versions up to 4: upgrade quantkit"):
         quantkit.load(saved)
 
 
@@ -319,8 +319,21 @@ def test_format_2_manifest_without_matching_checksums_is_refused(saved, edit, me
         quantkit.load(saved)
 
 
+def _as_format_3(path: Path) -> None:
+    """What quantkit wrote before format 4: no clip_ratio in the schemes."""
+    def edit(d):
+        d["format_version"] = 3
+        for layer in d["layers"].values():
+            for value in layer.values():
+                if isinstance(value, dict):
+                    value.pop("clip_ratio")
+    _edit_json(path / CONFIG_FILE, edit)
+
+
 def _as_format_2(path: Path) -> None:
     """What quantkit wrote before format 3: no scale_format and block_rows in the schemes."""
+    _as_format_3(path)
+
     def edit(d):
         d["format_version"] = 2
         for layer in d["layers"].values():
@@ -343,6 +356,28 @@ def _as_format_1(path: Path) -> None:
                 if isinstance(value, dict):
                     value.pop("symmetric_range")
     _edit_json(path / CONFIG_FILE, edit)
+
+
+def test_format_3_checkpoint_loads_unclipped(tiny, tmp_path):
+    model, tok = quantized(tiny, DTypeConfig("int4"), DTypeConfig("int8"))
+    expected = logits(model)
+    quantkit.save_quantized(model, tok, tmp_path / "q")
+    _as_format_3(tmp_path / "q")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = quantkit.load(tmp_path / "q")
+    assert loaded.model.layers[0].self_attn.q_proj.a_scheme.clip_ratio == 1.0
+    assert torch.equal(logits(loaded), expected)
+
+
+def test_clipped_activations_save_and_load(tiny, tmp_path):
+    """A clip ratio is part of the activation scheme: the reloaded model computes the same."""
+    model, tok = quantized(tiny, DTypeConfig("int4"), DTypeConfig("int4", clip_ratio=0.9))
+    expected = logits(model)
+    quantkit.save_quantized(model, tok, tmp_path / "q")
+    loaded = quantkit.load(tmp_path / "q")
+    assert loaded.model.layers[0].self_attn.q_proj.a_scheme.clip_ratio == 0.9
+    assert torch.equal(logits(loaded), expected)
 
 
 def test_format_2_checkpoint_loads_with_float16_scales(saved):

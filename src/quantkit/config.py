@@ -117,7 +117,9 @@ class DTypeConfig:
     ``symmetric_range`` (full, restricted; None: full for weights, restricted for activations)
     acts on symmetric signed integer grids. ``scale_format`` (float16, float32, e8m0, e4m3; None:
     the dtype's own) and ``block`` (columns, ``[columns]`` or ``[rows, columns]``; None: the
-    dtype's own, for plain grids the algorithm's group size) describe the scales. Which
+    dtype's own, for plain grids the algorithm's group size) describe the scales.
+    ``clip_ratio`` (in ``(0, 1]``, activations only) shrinks each dynamic or static activation
+    scale to cover ``clip_ratio * amax`` (larger values saturate). Which
     combinations are valid is decided where the role is known, by
     :func:`quantkit.scheme.check_grid` and :func:`quantkit.scheme.check_format`
     (``quantkit.algorithms.base``).
@@ -129,9 +131,13 @@ class DTypeConfig:
     symmetric_range: str | None = None
     scale_format: str | None = None
     block: tuple[int, ...] | int | None = None
+    clip_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         check_choice("dtype name", self.name, dtype_names())
+        check(not isinstance(self.clip_ratio, bool) and isinstance(self.clip_ratio, (int, float))
+              and 0.0 < self.clip_ratio <= 1.0,
+              f"clip_ratio={self.clip_ratio!r} must be a number in (0, 1] (1: no clipping)")
         spec = get_dtype(self.name)
         check(
             not spec.is_float or not (self.has_zero or self.unsigned),

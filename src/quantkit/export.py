@@ -128,6 +128,9 @@ def export_format(w: QuantScheme | None, a: QuantScheme | None, a_static: bool =
         raise fail("nothing is quantized")
     if o is not None:
         raise fail(f"output quantization ({o.describe()}) is not exported")
+    if a is not None and a.clip_ratio != 1.0:
+        raise fail(f"activation clip_ratio={a.clip_ratio} has no equivalent (its quantization args hold no clip "
+                   "ratio: a runtime would compute unclipped scales); save with quantkit.save_quantized instead")
     if w.granularity not in ("per_channel", "per_group"):
         raise fail("weights must be per_channel or per_group")
     if w.block_rows > 1:

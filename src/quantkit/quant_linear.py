@@ -27,6 +27,8 @@ the fused Triton matmuls replace this on CUDA.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -55,14 +57,52 @@ def storage_scale(scale: torch.Tensor, scheme: QuantScheme | None = None,
     return scale.float()
 
 
-def weight_qparams(w: torch.Tensor, scheme: QuantScheme, global_scale: torch.Tensor | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale (storage-rounded) and zero of a weight ``(out, in)`` computed from ``w`` itself
-    (e4m3 schemes: with the per-tensor ``global_scale``, by default that of ``w``)."""
-    from quantkit.reference import compute_qparams
+OBSERVERS = ("minmax", "mse")
 
-    scale, zero = compute_qparams(w, scheme, global_scale)
-    return storage_scale(scale, scheme), zero
+
+@dataclass(frozen=True)
+class MSERange:
+    """The range search of the GPTQ reference quantizer (``mse=True``; llm-compressor's ``mse``
+    observer): each group's range ``[lo, hi]`` (or ``amax``) is shrunk by ``f = 1 - k / n_grid``,
+    ``k = 0 .. round(max_shrink * n_grid)``, and the ``f`` with the smallest
+    ``sum |w - dequant(quant(w))|^norm`` over the group wins (ties keep the larger range, so it is
+    never worse than min/max on that loss). Shrinking both ends alike keeps the zero point."""
+
+    n_grid: int = 100
+    max_shrink: float = 0.8
+    norm: float = 2.4
+
+
+def weight_qparams(w: torch.Tensor, scheme: QuantScheme, global_scale: torch.Tensor | None = None,
+                   mse: MSERange | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (storage-rounded) and zero of a weight ``(out, in)`` computed from ``w`` itself
+    (e4m3 schemes: with the per-tensor ``global_scale``, by default that of ``w``): from its
+    min/max, or with ``mse`` the clipped range of :class:`MSERange`."""
+    from quantkit import reference
+
+    scale, zero = reference.compute_qparams(w, scheme, global_scale)
+    if mse is None:
+        return storage_scale(scale, scheme), zero
+    w = reference.as_rows(w).float()
+    intrinsic = scheme.scale_format in ("e8m0", "e4m3")  # scales computed from amax by their own rule
+    if intrinsic:
+        amax = reference.group_amax(w, scheme)
+        if scheme.has_global_scale and global_scale is None:
+            global_scale = reference.global_scale(w, scheme)
+    best, best_err = storage_scale(scale, scheme), None
+    for k in range(int(round(mse.max_shrink * mse.n_grid)) + 1):
+        f = 1.0 - k / mse.n_grid
+        cand = (scale_formats.scale_from_amax(amax * f, scheme.dtype, scheme.absmax_code, scheme.scale_format,
+                                              global_scale) if intrinsic else storage_scale(scale * f, scheme))
+        q = reference.dequantize(reference.quantize(w, cand, zero, scheme), cand, zero, scheme)
+        err = reference.group_sum((q - w).abs().pow(mse.norm), scheme)  # scale_shape
+        if best_err is None:
+            best, best_err = cand, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, cand, best)
+    return best, zero
 
 
 class QuantLinear(nn.Module):

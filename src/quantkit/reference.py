@@ -57,12 +57,18 @@ def _reduce_groups(x: torch.Tensor, scheme: QuantScheme, op: str) -> torch.Tenso
     nblocks = -(-rows // r)
     pad, pad_rows = ngroups * g - cols, nblocks * r - rows
     if pad or pad_rows:  # pad the short last group with a value that never wins the reduction
-        fill = float("inf") if op == "amin" else float("-inf")
+        fill = {"amin": float("inf"), "amax": float("-inf"), "sum": 0.0}[op]
         x = torch.nn.functional.pad(x, (0, pad, 0, pad_rows), value=fill)
     if r == 1:
         return getattr(x.reshape(rows, ngroups, g), op)(dim=-1)  # (rows, ngroups)
     blocks = x.reshape(nblocks, r, ngroups, g).transpose(1, 2).reshape(nblocks, ngroups, r * g)
     return getattr(blocks, op)(dim=-1)  # (ceil(rows / r), ngroups)
+
+
+def group_sum(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Sum of every scale's group (or 2-D block) of ``x (..., cols)``, float32 of
+    :meth:`QuantScheme.scale_shape`."""
+    return _reduce_groups(as_rows(x).float(), scheme, "sum")
 
 
 def group_amax(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:

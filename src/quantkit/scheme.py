@@ -193,6 +193,12 @@ class QuantScheme:
         scale_format: how each scale is represented (``None``: the dtype's own, see
             :data:`quantkit.dtypes.SCALE_FORMATS`).
         block_rows: rows of a 2-D block (per_group only; 1: groups within a row).
+        clip_ratio: in ``(0, 1]``: a group's scale covers ``clip_ratio * amax`` (values beyond
+            saturate to the grid's end), i.e. ``absmax_code`` is divided by it. Grids without a
+            zero point whose scale is ``amax / absmax_code`` (float16/float32 scales) only; on a
+            restricted grid saturated negative values then reach ``qmin`` as well. Runs
+            use it for activations (``a_dtype.clip_ratio``; QuaRot clips per-token int4
+            activations at 0.9).
     """
 
     dtype: QuantDType
@@ -203,6 +209,7 @@ class QuantScheme:
     symmetric_range: str = "full"
     scale_format: str | None = None
     block_rows: int = 1
+    clip_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", get_dtype(self.dtype))
@@ -249,6 +256,16 @@ class QuantScheme:
         if self.block_rows > 1 and (self.granularity != "per_group" or self.has_zero):
             raise ValueError(f"block_rows={self.block_rows} (2-D blocks) needs per_group granularity "
                              f"without a zero point, got {self.granularity}, has_zero={self.has_zero}")
+        if isinstance(self.clip_ratio, bool) or not isinstance(self.clip_ratio, (int, float)) \
+                or not 0.0 < self.clip_ratio <= 1.0:
+            raise ValueError(f"clip_ratio must be a number in (0, 1], got {self.clip_ratio!r}")
+        object.__setattr__(self, "clip_ratio", float(self.clip_ratio))
+        if self.clip_ratio != 1.0 and (self.has_zero or self.scale_format in FLOAT_ONLY_SCALE_FORMATS):
+            raise ValueError(
+                f"clip_ratio={self.clip_ratio} needs a grid whose scale is amax / absmax_code: no zero point "
+                f"and float16/float32 scales, not {self.dtype.name} with has_zero={self.has_zero}, "
+                f"scale_format={self.scale_format}"
+            )
         if self.symmetric_range != "full" and not self.symmetric:
             raise ValueError(
                 f"symmetric_range={self.symmetric_range} acts on signed integer grids without a "
@@ -288,14 +305,16 @@ class QuantScheme:
         """The code value the largest magnitude of a group maps to, on grids without a zero
         point: ``scale = amax / absmax_code``. Float grids: their largest finite value;
         unsigned integer grids: ``qmax`` (of ``max(x, 0)``); signed integer grids:
-        ``qmax + 1/2`` (full range) or ``qmax`` (restricted)."""
+        ``qmax + 1/2`` (full range) or ``qmax`` (restricted); each divided by ``clip_ratio``."""
         if self.has_zero:
             raise ValueError(f"{self.describe()} has a zero point: its scale is (hi - lo) / (qmax - qmin)")
         if self.dtype.is_float:
-            return float(self.dtype.max_value)
-        if self.symmetric and self.symmetric_range == "full":
-            return self.qmax + 0.5
-        return float(self.qmax)
+            code = float(self.dtype.max_value)
+        elif self.symmetric and self.symmetric_range == "full":
+            code = self.qmax + 0.5
+        else:
+            code = float(self.qmax)
+        return code if self.clip_ratio == 1.0 else code / self.clip_ratio
 
     def group_cols(self, cols: int) -> int:
         """Columns per group for a ``(rows, cols)`` tensor (``cols`` for per row/tensor)."""
@@ -329,4 +348,5 @@ class QuantScheme:
         sign = " unsigned" if self.unsigned else ""
         restricted = " restricted" if self.symmetric_range == "restricted" else ""
         scales = f" {self.scale_format}" if self.scale_format != self.dtype.scale_format else ""
-        return f"{self.dtype.name} {gran}{zero}{sign}{restricted}{scales}"
+        clip = f" clip{self.clip_ratio:g}" if self.clip_ratio != 1.0 else ""
+        return f"{self.dtype.name} {gran}{zero}{sign}{restricted}{scales}{clip}"

@@ -16,7 +16,7 @@ A saved folder holds:
   aliases, the run config, a SHA-256 checksum of every stored tensor's bytes and, per
   quantized linear, its constructor arguments with the schemes (``dtype``, ``granularity``,
   ``groupsize``, ``has_zero``, ``unsigned``, ``symmetric_range``, ``scale_format``,
-  ``block_rows``).
+  ``block_rows``, ``clip_ratio``).
 * ``config.json`` (the HF model config) and the tokenizer files.
 
 Rotated models (:mod:`quantkit.rotation`): the offline rotation is in the weights (and an
@@ -32,7 +32,7 @@ strictly: the result computes exactly what the saved model computed. Anything in
 (a flipped byte in the data included) raises :class:`CheckpointError` naming the file or
 tensor.
 
-Older checkpoints. Format 2 (before scale formats) loads with ``scale_format="float16"`` and
+Older checkpoints. Format 3 (before clip ratios) loads with ``clip_ratio=1.0``. Format 2 (before scale formats) loads with ``scale_format="float16"`` and
 ``block_rows=1``, the only layout it could hold. Format 1 (before symmetric_range and checksums) still loads: its symmetric
 signed integer schemes get ``symmetric_range="restricted"``, the only grid that existed then
 (it matters for activations, whose scales are computed at run time), and its tensors load
@@ -68,8 +68,9 @@ from quantkit.scheme import QuantScheme
 FORMAT_NAME = "quantkit"
 # bump when a reader of the old version would misread the new layout. 2: schemes record
 # symmetric_range (format 1 meant "restricted"), tensors carry checksums. 3: schemes record
-# scale_format and block_rows (format 2 meant float16 scales, 1-row groups).
-FORMAT_VERSION = 3
+# scale_format and block_rows (format 2 meant float16 scales, 1-row groups). 4: schemes record
+# clip_ratio (format 3 meant 1.0).
+FORMAT_VERSION = 4
 CHECKSUM = "sha256"
 CONFIG_FILE = "quantkit_config.json"
 WEIGHTS_FILE = "quantkit_weights.safetensors"
@@ -263,17 +264,30 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         _upgrade_v1(manifest)
     if version < 3:
         _upgrade_v2(manifest)
+    if version < 4:
+        _upgrade_v3(manifest)
     return manifest
+
+
+def _scheme_dicts(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The scheme dicts of a manifest's layers (for the in-memory format upgrades)."""
+    layers = manifest.get("layers")
+    return [value for layer in (layers.values() if isinstance(layers, dict) else ())
+            for value in (layer.values() if isinstance(layer, dict) else ())
+            if isinstance(value, dict) and "dtype" in value]
+
+
+def _upgrade_v3(manifest: dict[str, Any]) -> None:
+    """Format 3 -> 4 in memory: no scale was clipped."""
+    for scheme in _scheme_dicts(manifest):
+        scheme.setdefault("clip_ratio", 1.0)
 
 
 def _upgrade_v2(manifest: dict[str, Any]) -> None:
     """Format 2 -> 3 in memory: every scale was float16, every group one row."""
-    layers = manifest.get("layers")
-    for layer in layers.values() if isinstance(layers, dict) else ():
-        for value in layer.values() if isinstance(layer, dict) else ():
-            if isinstance(value, dict) and "dtype" in value:
-                value.setdefault("scale_format", "float16")
-                value.setdefault("block_rows", 1)
+    for scheme in _scheme_dicts(manifest):
+        scheme.setdefault("scale_format", "float16")
+        scheme.setdefault("block_rows", 1)
 
 
 def _upgrade_v1(manifest: dict[str, Any]) -> None:

@@ -84,6 +84,9 @@ def weight_scheme(w_dtype: DTypeConfig, w_qtype: str, groupsize: int, default: b
     the algorithm's defaults (``default=True``) or name the same groups.
     """
     check_choice("algo.w_qtype", w_qtype, W_QTYPES)
+    check(w_dtype.clip_ratio == 1.0,
+          f"w_dtype.clip_ratio={w_dtype.clip_ratio}: a fixed clip ratio applies to activations only "
+          "(a_dtype.clip_ratio); leave it at 1.0 (AWQ searches weight clipping itself: algo.max_shrink)")
     grid = grid_fields(w_dtype, "w")
     scale_format, block = dtype_format(w_dtype, "w")
     if w_dtype.is_identity:
@@ -135,6 +138,8 @@ def activation_scheme(a_dtype: DTypeConfig, a_qtype: str) -> QuantScheme | None:
     grid = grid_fields(a_dtype, "a")
     scale_format, block = dtype_format(a_dtype, "a")
     if a_dtype.is_identity:
+        check(a_dtype.clip_ratio == 1.0, f"a_dtype.clip_ratio={a_dtype.clip_ratio} has nothing to act on: "
+                                         "a_dtype=float16 is not quantized")
         return None
     if block is not None:
         check(block[0] == 1, f"a_dtype.block={list(block)}: activations are quantized in groups of one token by "
@@ -142,10 +147,16 @@ def activation_scheme(a_dtype: DTypeConfig, a_qtype: str) -> QuantScheme | None:
         check(a_qtype == "per_token",
               f"algo.a_qtype={a_qtype} (static scales) with a_dtype={a_dtype.name}, whose block scales are "
               "computed per token at run time: use algo.a_qtype=per_token")
+    check(a_dtype.clip_ratio == 1.0 or (not grid["has_zero"] and scale_format in ("float16", "float32")),
+          f"a_dtype.clip_ratio={a_dtype.clip_ratio} shrinks a scale computed as amax / (the grid's largest "
+          f"code): it needs a grid without a zero point (a_dtype.has_zero=false) with float16/float32 scales, "
+          f"not a_dtype={a_dtype.name} with has_zero={grid['has_zero']}, scale_format={scale_format}; "
+          "or leave clip_ratio at 1.0")
+    clip = {"clip_ratio": a_dtype.clip_ratio}
     try:
         if block is None:
-            return QuantScheme(a_dtype.name, a_qtype, -1, **grid, scale_format=scale_format)
-        return QuantScheme(a_dtype.name, "per_group", block[1], **grid, scale_format=scale_format)
+            return QuantScheme(a_dtype.name, a_qtype, -1, **grid, scale_format=scale_format, **clip)
+        return QuantScheme(a_dtype.name, "per_group", block[1], **grid, scale_format=scale_format, **clip)
     except ValueError as exc:
         raise ConfigError(f"a_dtype/algo: {exc}") from None
 

@@ -23,6 +23,10 @@ processed by descending ``diag(H)``; the group parameters are then fixed up fron
 original weights in the original column order ("static groups"), so group ``k // groupsize``
 of column ``k`` stays contiguous and the packed layout needs no ``g_idx``.
 
+Ranges (``observer``): ``minmax`` takes each group's scale from its min/max; ``mse`` searches
+a clipped range per group (:class:`~quantkit.quant_linear.MSERange`: the GPTQ reference
+quantizer's ``mse=True``, QuaRot's weight clipping), wherever the group parameters are computed.
+
 Compositions (``pre``): ``pre=smoothquant`` (SmoothQuant+GPTQ, with ``alpha``) or ``pre=awq``
 (AWQ+GPTQ: AWQ's scale search with ``awq.yaml``'s defaults, no clip search, GPTQ does the
 rounding) transform each linear group in :meth:`GPTQ.prepare_group`: per-input-channel scales
@@ -56,7 +60,7 @@ from quantkit.algorithms.smoothquant import check_alpha, search_and_fold, smooth
 from quantkit.algorithms.registry import register
 from quantkit.config import ConfigError, DTypeConfig, check, check_choice, check_groupsize
 from quantkit.layers import LayerScheme
-from quantkit.quant_linear import QuantLinear, weight_qparams
+from quantkit.quant_linear import OBSERVERS, MSERange, QuantLinear, weight_qparams
 from quantkit.reference import dequantize, expand_to_cols, global_scale, quantize
 from quantkit.scheme import QuantScheme
 
@@ -83,8 +87,21 @@ class GPTQConfig:
     layer_sequential: bool = True
     pre: str | None = None
     alpha: float | None = None
+    observer: str = "minmax"
+    mse_grid: int = 100
+    mse_max_shrink: float = 0.8
+    mse_norm: float = 2.4
 
     def __post_init__(self) -> None:
+        check_choice("algo.observer", self.observer, OBSERVERS)
+        mse = {"mse_grid": 100, "mse_max_shrink": 0.8, "mse_norm": 2.4}
+        changed = [f"algo.{k}={getattr(self, k)}" for k, v in mse.items() if getattr(self, k) != v]
+        check(self.observer == "mse" or not changed,
+              f"{', '.join(changed)} acts only with algo.observer=mse (algo.observer={self.observer})")
+        check(isinstance(self.mse_grid, int) and not isinstance(self.mse_grid, bool) and self.mse_grid >= 1,
+              f"algo.mse_grid={self.mse_grid!r} must be an int >= 1 (steps of the range search)")
+        check(0.0 <= self.mse_max_shrink < 1.0, f"algo.mse_max_shrink={self.mse_max_shrink} must be in [0, 1)")
+        check(self.mse_norm > 0.0, f"algo.mse_norm={self.mse_norm} must be > 0 (the error's exponent)")
         check(self.pre is None or self.pre in PRE_ALGORITHMS,
               f"algo.pre={self.pre!r} is not valid; choose one of: null, {', '.join(PRE_ALGORITHMS)}")
         if self.alpha is not None:
@@ -219,6 +236,7 @@ def gptq_quantize(
     actorder: bool = False,
     static_groups: bool = True,
     name: str = "weight",
+    mse: MSERange | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, GPTQStats]:
     """GPTQ-quantize ``W (out, in)`` given the Hessian ``H (in, in)`` of its inputs.
 
@@ -227,6 +245,8 @@ def gptq_quantize(
     of ``scheme.scale_shape(out, in)``, and :class:`GPTQStats` (with the per-tensor scale of
     e4m3 scale formats, which ``scale`` was computed with). ``static_groups`` only acts
     with ``actorder``; ``actorder`` with ``per_group`` requires it. ``name`` labels log lines.
+    ``mse``: every scale from the range search of :class:`~quantkit.quant_linear.MSERange`
+    (of the group's current, error-updated weights where groups are dynamic) instead of min/max.
     """
     rows, cols = W.shape
     if H.shape != (cols, cols):
@@ -255,7 +275,7 @@ def gptq_quantize(
         scale = torch.ones(shape, dtype=torch.float32, device=W.device)
         zero = torch.zeros(shape, dtype=torch.int32, device=W.device) if scheme.has_zero else None
     else:  # per channel/tensor, or static groups: fixed up front from the original order
-        scale, zero = weight_qparams(W, scheme, glob)
+        scale, zero = weight_qparams(W, scheme, glob, mse)
         col_scale = expand_to_cols(scale, rows, cols, scheme)  # (out, in) view
         col_zero = expand_to_cols(zero, rows, cols, scheme).float() if zero is not None else None
 
@@ -282,7 +302,7 @@ def gptq_quantize(
                 if dynamic:
                     if j % g == 0:
                         group = _current_group(W, W1, Err1, U, i1, i, j, g)  # (out, <=g)
-                        gs, gz = weight_qparams(group, col_quant.group_scheme(group), glob)  # (out|RB, 1)
+                        gs, gz = weight_qparams(group, col_quant.group_scheme(group), glob, mse)  # (out|RB, 1)
                         scale[:, j // g] = gs[:, 0]
                         s = col_quant.rows(gs[:, 0], rows)  # (out,)
                         if zero is not None:
@@ -463,6 +483,7 @@ class GPTQ(Algorithm):
         t0 = time.perf_counter()
         codes, scale, zero, stats = gptq_quantize(
             linear.weight, observer.H, scheme, cfg.blocksize, cfg.percdamp, cfg.actorder, cfg.static_groups, label,
+            MSERange(cfg.mse_grid, cfg.mse_max_shrink, cfg.mse_norm) if cfg.observer == "mse" else None,
         )
         weight = linear.weight
         module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, scheme,
