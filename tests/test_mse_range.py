@@ -7,7 +7,8 @@ import torch
 
 from quantkit import reference as ref
 from quantkit.algorithms.gptq import GPTQConfig, gptq_quantize
-from quantkit.config import ConfigError
+from quantkit.algorithms.rtn import RTN, RTNConfig
+from quantkit.config import ConfigError, DTypeConfig
 from quantkit.quant_linear import MSERange, QuantLinear, weight_qparams
 from quantkit.scheme import QuantScheme
 from tests.test_gptq import problem
@@ -69,6 +70,20 @@ def test_gptq_with_mse_range_stores_consistent_codes(actorder: bool) -> None:
     assert torch.equal(module.dequantized_weight(), stats.weight)
 
 
+def test_rtn_with_mse_range_quantizes_on_the_searched_scales() -> None:
+    linear = torch.nn.Linear(96, 24, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(_weight())
+    algo = RTN(RTNConfig(groupsize=32, observer="mse"), DTypeConfig("int4", has_zero=True, unsigned=True),
+               DTypeConfig("float16"))
+    module = algo.quantize_group({"q": linear}, {}, None)["q"]
+    scheme = algo.w_scheme
+    scale, zero = weight_qparams(linear.weight, scheme, mse=MSERange())
+    assert torch.equal(module.effective_scales(), scale) and torch.equal(module.zeros(), zero)
+    assert not torch.equal(scale, weight_qparams(linear.weight, scheme)[0])
+
+
+@pytest.mark.parametrize("config", [GPTQConfig, RTNConfig])
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -80,6 +95,6 @@ def test_gptq_with_mse_range_stores_consistent_codes(actorder: bool) -> None:
     ],
     ids=["observer", "without-mse", "grid", "shrink", "norm"],
 )
-def test_config_refuses_bad_observer_settings(kwargs: dict, match: str) -> None:
+def test_config_refuses_bad_observer_settings(config, kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        GPTQConfig(**kwargs)
+        config(**kwargs)

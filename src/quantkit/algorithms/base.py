@@ -26,7 +26,7 @@ from quantkit.algorithms.fold import FoldTarget
 from quantkit.config import ConfigError, DTypeConfig, check, check_choice, check_groupsize
 from quantkit.dtypes import get_dtype
 from quantkit.layers import LayerScheme
-from quantkit.quant_linear import QuantLinear
+from quantkit.quant_linear import OBSERVERS, MSERange, QuantLinear
 from quantkit.scheme import QuantScheme, check_format, check_grid, has_symmetric_range
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,26 @@ def check_weight_activation_keys(config: Any) -> None:
     check_groupsize("algo.groupsize", config.groupsize)
     check_choice("algo.w_qtype", config.w_qtype, W_QTYPES)
     check_choice("algo.a_qtype", config.a_qtype, A_QTYPES)
+
+
+MSE_DEFAULTS = {"mse_grid": 100, "mse_max_shrink": 0.8, "mse_norm": 2.4}
+
+
+def check_observer_keys(config: Any) -> None:
+    """Validate ``config.observer`` (minmax, mse) and its ``mse_*`` keys, which act only with mse."""
+    check_choice("algo.observer", config.observer, OBSERVERS)
+    changed = [f"algo.{k}={getattr(config, k)}" for k, v in MSE_DEFAULTS.items() if getattr(config, k) != v]
+    check(config.observer == "mse" or not changed,
+          f"{', '.join(changed)} acts only with algo.observer=mse (algo.observer={config.observer})")
+    check(isinstance(config.mse_grid, int) and not isinstance(config.mse_grid, bool) and config.mse_grid >= 1,
+          f"algo.mse_grid={config.mse_grid!r} must be an int >= 1 (steps of the range search)")
+    check(0.0 <= config.mse_max_shrink < 1.0, f"algo.mse_max_shrink={config.mse_max_shrink} must be in [0, 1)")
+    check(config.mse_norm > 0.0, f"algo.mse_norm={config.mse_norm} must be > 0 (the error's exponent)")
+
+
+def mse_range(config: Any) -> MSERange | None:
+    """The weight range search of ``config`` (``algo.observer=mse``), or None for min/max."""
+    return MSERange(config.mse_grid, config.mse_max_shrink, config.mse_norm) if config.observer == "mse" else None
 
 
 def activation_scheme(a_dtype: DTypeConfig, a_qtype: str) -> QuantScheme | None:

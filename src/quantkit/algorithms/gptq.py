@@ -52,15 +52,15 @@ from torch import nn
 
 from quantkit.algorithms.awq import AWQConfig, AWQObserver, search_scales
 from quantkit.algorithms.base import (
-    A_QTYPES, ActRangeObserver, Algorithm, ChannelRangeObserver, Observer, activation_scheme, default_granularity,
-    weight_scheme,
+    A_QTYPES, ActRangeObserver, Algorithm, ChannelRangeObserver, Observer, activation_scheme, check_observer_keys,
+    default_granularity, mse_range, weight_scheme,
 )
 from quantkit.algorithms.fold import FoldTarget
 from quantkit.algorithms.smoothquant import check_alpha, search_and_fold, smooth_scales
 from quantkit.algorithms.registry import register
 from quantkit.config import ConfigError, DTypeConfig, check, check_choice, check_groupsize
 from quantkit.layers import LayerScheme
-from quantkit.quant_linear import OBSERVERS, MSERange, QuantLinear, weight_qparams
+from quantkit.quant_linear import MSERange, QuantLinear, weight_qparams
 from quantkit.reference import dequantize, expand_to_cols, global_scale, quantize
 from quantkit.scheme import QuantScheme
 
@@ -93,15 +93,7 @@ class GPTQConfig:
     mse_norm: float = 2.4
 
     def __post_init__(self) -> None:
-        check_choice("algo.observer", self.observer, OBSERVERS)
-        mse = {"mse_grid": 100, "mse_max_shrink": 0.8, "mse_norm": 2.4}
-        changed = [f"algo.{k}={getattr(self, k)}" for k, v in mse.items() if getattr(self, k) != v]
-        check(self.observer == "mse" or not changed,
-              f"{', '.join(changed)} acts only with algo.observer=mse (algo.observer={self.observer})")
-        check(isinstance(self.mse_grid, int) and not isinstance(self.mse_grid, bool) and self.mse_grid >= 1,
-              f"algo.mse_grid={self.mse_grid!r} must be an int >= 1 (steps of the range search)")
-        check(0.0 <= self.mse_max_shrink < 1.0, f"algo.mse_max_shrink={self.mse_max_shrink} must be in [0, 1)")
-        check(self.mse_norm > 0.0, f"algo.mse_norm={self.mse_norm} must be > 0 (the error's exponent)")
+        check_observer_keys(self)
         check(self.pre is None or self.pre in PRE_ALGORITHMS,
               f"algo.pre={self.pre!r} is not valid; choose one of: null, {', '.join(PRE_ALGORITHMS)}")
         if self.alpha is not None:
@@ -483,7 +475,7 @@ class GPTQ(Algorithm):
         t0 = time.perf_counter()
         codes, scale, zero, stats = gptq_quantize(
             linear.weight, observer.H, scheme, cfg.blocksize, cfg.percdamp, cfg.actorder, cfg.static_groups, label,
-            MSERange(cfg.mse_grid, cfg.mse_max_shrink, cfg.mse_norm) if cfg.observer == "mse" else None,
+            mse_range(cfg),
         )
         weight = linear.weight
         module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, scheme,

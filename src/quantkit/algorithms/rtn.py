@@ -5,6 +5,8 @@ calibrated from the inputs each linear sees in the calibration pipeline, and the
 ``block_sequential``/``layer_sequential`` decide whether those inputs come from the already
 quantized earlier blocks/sublayers. With weight-only or dynamic activation quantization the
 two flags have nothing to act on (no calibration runs) and the run log says so.
+``observer=mse`` clips each weight group's range by the search of
+:class:`~quantkit.quant_linear.MSERange` (QuaRot's RTN weight clipping) instead of min/max.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from typing import Any
 
 from torch import nn
 
-from quantkit.algorithms.base import Algorithm, Observer, activation_scheme, default_granularity, weight_scheme
+from quantkit.algorithms.base import (
+    Algorithm, Observer, activation_scheme, check_observer_keys, default_granularity, mse_range, weight_scheme,
+)
 from quantkit.algorithms.fold import FoldTarget
 from quantkit.algorithms.registry import register
 from quantkit.config import DTypeConfig, check_groupsize
 from quantkit.layers import LayerScheme
+from quantkit.quant_linear import weight_qparams
 from quantkit.scheme import QuantScheme
 
 
@@ -31,9 +36,14 @@ class RTNConfig:
     a_qtype: str = "per_token"
     block_sequential: bool = False
     layer_sequential: bool = False
+    observer: str = "minmax"
+    mse_grid: int = 100
+    mse_max_shrink: float = 0.8
+    mse_norm: float = 2.4
 
     def __post_init__(self) -> None:
         check_groupsize("algo.groupsize", self.groupsize)
+        check_observer_keys(self)
 
 
 @register("rtn", RTNConfig)
@@ -59,3 +69,11 @@ class RTN(Algorithm):
         if scheme.a_static:
             return super().quantize_outside_block(name, linear, scheme)
         return self._to_quant_linear(linear, None, scheme)
+
+    def _to_quant_linear(self, linear: nn.Linear, observer: Observer | None, scheme: LayerScheme | None = None,
+                         **kwargs: Any) -> nn.Module:
+        scheme = scheme or self.run_scheme
+        mse = mse_range(self.config)
+        if mse is not None and scheme.w is not None:
+            kwargs["qparams"] = weight_qparams(linear.weight, scheme.w, mse=mse)
+        return super()._to_quant_linear(linear, observer, scheme, **kwargs)
