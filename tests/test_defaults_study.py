@@ -37,7 +37,7 @@ def test_weight_only_preset_expands_into_every_variant_bits_group_and_corpus():
     axes = {"w_dtype": ["int3", "int4"], "algo.groupsize": ["64", "128", "-1"], "data": ["pydoc", "austen"]}
     expected = {tuple(sorted([f"+study={v}", *(f"{k}={x}" for k, x in zip(axes, combo))]))
                 for v in VARIANTS for combo in itertools.product(*axes.values())}
-    assert len(jobs) == len(expected) == len(VARIANTS) * 12 == 204
+    assert len(jobs) == len(expected) == len(VARIANTS) * 12 == 240
     assert {tuple(sorted(job)) for job in jobs} == expected
 
 
@@ -57,6 +57,8 @@ def test_every_variant_builds_the_run_it_names(variant):
         assert cfg.algo.actorder == ("actorder" in words)
         assert cfg.algo.layer_sequential == ("parallel" not in words)
         assert cfg.algo.percdamp == (0.1 if "damp01" in words else 0.01)
+    if algo.name in ("gptq", "rtn"):
+        assert cfg.algo.observer == ("mse" if "mse" in words else "minmax")
     if algo.name == "awq":
         assert cfg.algo.clip == ("noclip" not in words)
         assert cfg.algo.n_grid == (10 if "grid10" in words else 20)
