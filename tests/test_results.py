@@ -41,6 +41,18 @@ def test_differences_name_every_changed_key_with_both_values():
     ]
 
 
+def test_a_key_added_later_matches_results_recorded_without_it_only_at_its_old_behaviour():
+    """Results written before ``algo.observer`` / ``a_dtype.clip_ratio`` existed are the run that
+    now says minmax / 1.0; any other value is a different run."""
+    new = _with()
+    new["algo"]["observer"], new["w_dtype"]["clip_ratio"] = "minmax", 1.0
+    assert config_differences(CONFIG, new) == []
+    new["algo"]["observer"], new["w_dtype"]["clip_ratio"] = "mse", 0.9
+    assert config_differences(CONFIG, new) == [
+        'algo.observer: (absent) there, "mse" now', 'w_dtype.clip_ratio: (absent) there, 0.9 now',
+    ]
+
+
 def test_keys_that_do_not_change_the_computation_are_ignored():
     assert config_differences(CONFIG, _with(output_dir="/elsewhere", name="grid", overwrite=True)) == []
 

@@ -138,6 +138,14 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 _ABSENT = object()
 
+# Keys the run config gained after results could have been recorded, with the value that
+# computes what the code did before them: recorded results without the key and a config with
+# that value are the same run (a sweep started before the key existed still resumes).
+LATER_KEYS: dict[str, Any] = {
+    "algo.observer": "minmax", "algo.mse_grid": 100, "algo.mse_max_shrink": 0.8, "algo.mse_norm": 2.4,
+    "w_dtype.clip_ratio": 1.0, "a_dtype.clip_ratio": 1.0,
+}
+
 
 def _show(value: Any) -> str:
     return "(absent)" if value is _ABSENT else json.dumps(value)
@@ -145,7 +153,8 @@ def _show(value: Any) -> str:
 
 def config_differences(recorded: dict[str, Any], current: dict[str, Any],
                        ignored: tuple[str, ...] = REUSE_IGNORED_KEYS) -> list[str]:
-    """``key: recorded -> current`` for every dotted key whose value differs (absent counts)."""
+    """``key: recorded -> current`` for every dotted key whose value differs (absent counts,
+    except a :data:`LATER_KEYS` key absent there and at its earlier-behaviour value now)."""
     current = json.loads(json.dumps(current, default=str))  # as results.json records it
     old, new = _flatten(recorded), _flatten(current)
     out = []
@@ -153,6 +162,8 @@ def config_differences(recorded: dict[str, Any], current: dict[str, Any],
         if key.split(".")[0] in ignored:
             continue
         a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if a is _ABSENT and key in LATER_KEYS and b == LATER_KEYS[key]:
+            continue
         if a != b:
             out.append(f"{key}: {_show(a)} there, {_show(b)} now")
     return out
