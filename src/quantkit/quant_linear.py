@@ -89,13 +89,24 @@ def weight_qparams(w: torch.Tensor, scheme: QuantScheme, global_scale: torch.Ten
         amax = reference.group_amax(w, scheme)
         if scheme.has_global_scale and global_scale is None:
             global_scale = reference.global_scale(w, scheme)
+    rows, cols = w.shape
+    # integer grids: the arithmetic of reference.quantize / dequantize inline (the same float32
+    # operations), without its per-call conversions; float grids go through the reference
+    zero_cols = None if zero is None else reference.expand_to_cols(zero, rows, cols, scheme).float()
     best, best_err = storage_scale(scale, scheme), None
     for k in range(int(round(mse.max_shrink * mse.n_grid)) + 1):
         f = 1.0 - k / mse.n_grid
         cand = (scale_formats.scale_from_amax(amax * f, scheme.dtype, scheme.absmax_code, scheme.scale_format,
                                               global_scale) if intrinsic else storage_scale(scale * f, scheme))
-        q = reference.dequantize(reference.quantize(w, cand, zero, scheme), cand, zero, scheme)
-        err = reference.group_sum((q - w).abs().pow(mse.norm), scheme)  # scale_shape
+        if scheme.dtype.is_int:
+            s_cols = reference.expand_to_cols(cand, rows, cols, scheme)  # (rows, cols)
+            q = torch.round(w / s_cols)
+            q = q.clamp_(scheme.qmin, scheme.qmax) if zero_cols is None else \
+                q.add_(zero_cols).clamp_(scheme.qmin, scheme.qmax).sub_(zero_cols)
+            d = q.mul_(s_cols).sub_(w)
+        else:
+            d = reference.dequantize(reference.quantize(w, cand, zero, scheme), cand, zero, scheme).sub_(w)
+        err = reference.group_sum(d.abs_().pow_(mse.norm), scheme)  # scale_shape
         if best_err is None:
             best, best_err = cand, err
             continue
