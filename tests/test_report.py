@@ -219,7 +219,7 @@ def test_task_metrics_become_columns_and_a_plot_and_runs_without_tasks_stay_rows
         "arc_easy.acc", "arc_easy.acc_stderr", "arc_easy.acc_norm", "ceval.acc"]
     assert float(rows["rtn_int3"]["arc_easy.acc"]) == 0.41 and float(rows["rtn_int4"]["arc_easy.acc_stderr"]) == 0.02
     assert rows["old"]["arc_easy.acc"] == "" and rows["old"]["status"] == "complete"
-    table_header = next(line for line in md.splitlines() if line.startswith("| algo"))
+    table_header = next(line for line in md.splitlines() if "| algo |" in line)
     assert "arc_easy.acc | arc_easy.acc_norm | ceval.acc |" in table_header and "stderr" not in table_header
     assert "| 0.410 ± 0.020 |" in md and "float16 baseline tasks: arc_easy.acc 0.600" in md
     assert (tmp_path / "acc_vs_bits.png").stat().st_size > 0 and "![acc_vs_bits](acc_vs_bits.png)" in md
@@ -322,3 +322,21 @@ def test_sensitivity_sweep_on_the_tiny_model(tmp_path):
         assert ppl != ref and f"| {ppl:.3f} | {ref:.3f} | {100 * (ppl / ref - 1):+.1f} |" in md
     assert "## Sensitivity" in md and (sweep / "sensitivity.png").stat().st_size > 0
     assert "missing" not in md  # every job of multirun.yaml (sensitivity.type=null included) was found
+
+
+def test_runs_that_differ_only_in_keys_without_a_column_are_named(tmp_path):
+    """Two clip ratios of the same W4A4 run: the note shows the activation scheme, and where the
+    columns still cannot tell runs apart (an algo key such as observer) the table names the runs."""
+    for name, clip, ppl in (("clip1", None, 54.5), ("clip0.75", " clip0.75", 41.5)):
+        _fake_results(tmp_path / name, "rtn", None, ppl)
+        record = json.loads((tmp_path / name / RESULTS_FILE).read_text())
+        record.update(a_dtype="int4", w_scheme="int4 g128", a_scheme="int4 token restricted" + (clip or ""))
+        write_json_atomic(tmp_path / name / RESULTS_FILE, record)
+    md = report.write_report(tmp_path).read_text()
+    assert "| int4 g128 / act int4 token restricted clip0.75 |" in md
+    assert next(line for line in md.splitlines() if line.startswith("| ")).startswith("| algo")
+    _fake_results(tmp_path / "observer=mse", "gptq", None, 14.0)
+    _fake_results(tmp_path / "observer=minmax", "gptq", None, 14.1)
+    md = report.write_report(tmp_path).read_text()
+    assert next(line for line in md.splitlines() if line.startswith("| ")).startswith("| run | algo")
+    assert "| observer=mse | gptq |" in md

@@ -77,7 +77,7 @@ def _row_from_results(name: str, r: dict[str, Any]) -> Row:
     delta = 100 * (r["perplexity"] / base - 1) if base else None
     scores = task_values(r.get("tasks"))
     config = r.get("config") or {}
-    note = r.get("w_scheme") or ""
+    note = (r.get("w_scheme") or "") + (f" / act {r['a_scheme']}" if r.get("a_scheme") else "")
     if r.get("mixed"):
         note = ", ".join(f"{n} x {scheme}" for scheme, n in r["scheme_counts"].items())
     return Row(name, "complete", {
@@ -187,6 +187,15 @@ def _task_baselines(rows: list[Row]) -> dict[str, list[float]]:
     return {m: sorted(v) for m, v in sorted(found.items())}
 
 
+_KEY_COLUMNS = ("algo", "w_dtype", "a_dtype", "groupsize", "layers", "sensitivity", "note")
+
+
+def _distinct(rows: list[Row], columns: list[str]) -> bool:
+    """Whether ``columns`` tell every row apart."""
+    keys = [tuple(_fmt_cell(r, c) for c in columns) for r in rows]
+    return len(set(keys)) == len(keys)
+
+
 def write_report(sweep_dir: Path, out_dir: Path | None = None) -> Path:
     """Write report.md, report.csv and plots for ``sweep_dir``; return the markdown path."""
     sweep_dir = Path(sweep_dir)
@@ -216,6 +225,8 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None) -> Path:
         lines += ["float16 baseline tasks: " + ", ".join(f"{m} {', '.join(f'{v:.3f}' for v in vs)}"
                                                         for m, vs in task_baselines.items()), ""]
     shown = [c for c in columns if c not in ("run", "status") and not c.endswith("_stderr")]
+    if not _distinct(complete, [c for c in shown if c in _KEY_COLUMNS]):
+        shown = ["run", *shown]  # runs that differ only in keys without a column: name them
     lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_fmt_cell(r, c) for c in shown) + " |" for r in complete]
     lines += sensitivity_section(complete)
