@@ -143,8 +143,11 @@ def check_observer_keys(config: Any) -> None:
 
 
 def mse_range(config: Any) -> MSERange | None:
-    """The weight range search of ``config`` (``algo.observer=mse``), or None for min/max."""
-    return MSERange(config.mse_grid, config.mse_max_shrink, config.mse_norm) if config.observer == "mse" else None
+    """The weight range search of ``config`` (``algo.observer=mse``), or None for min/max (and for
+    the algorithms without the key, e.g. SmoothQuant and ZeroQuant, which build on RTN)."""
+    if getattr(config, "observer", "minmax") != "mse":
+        return None
+    return MSERange(config.mse_grid, config.mse_max_shrink, config.mse_norm)
 
 
 def activation_scheme(a_dtype: DTypeConfig, a_qtype: str) -> QuantScheme | None:
