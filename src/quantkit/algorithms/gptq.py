@@ -80,7 +80,7 @@ class GPTQConfig:
     groupsize: int = 128
     blocksize: int = 128
     percdamp: float = 0.01
-    actorder: bool = False
+    actorder: bool = True  # the defaults study's winner (benchmarks/DEFAULTS_STUDY.md)
     static_groups: bool = True
     a_qtype: str = "per_token"
     block_sequential: bool = True
