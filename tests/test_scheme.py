@@ -241,6 +241,11 @@ RUN_GRID_ERRORS = {
                                      "a_dtype.symmetric_range=full has nothing to act on: a_dtype=float16"),
     "range-on-fp8": (["w_dtype=fp8", "algo.groupsize=-1", "w_dtype.symmetric_range=full"],
                      "w_dtype.symmetric_range=full is not valid with w_dtype=fp8"),
+    "clip-on-weights": (["w_dtype.clip_ratio=0.9"], "w_dtype.clip_ratio=0.9: a fixed clip ratio applies to activations"),
+    "clip-value": (["a_dtype=int4", "a_dtype.clip_ratio=1.5"], r"clip_ratio=1.5 must be a number in \(0, 1\]"),
+    "clip-on-asymmetric-activations": (["a_dtype=int4", "a_dtype.has_zero=true", "a_dtype.unsigned=true",
+                                        "a_dtype.clip_ratio=0.9"], "a_dtype.clip_ratio=0.9 shrinks a scale"),
+    "observer-value": (["algo=gptq", "algo.observer=l2"], "algo.observer='l2' is not valid"),
 }
 
 
