@@ -90,8 +90,8 @@ def weight_qparams(w: torch.Tensor, scheme: QuantScheme, global_scale: torch.Ten
         if scheme.has_global_scale and global_scale is None:
             global_scale = reference.global_scale(w, scheme)
     rows, cols = w.shape
-    # integer grids: the arithmetic of reference.quantize / dequantize inline (the same float32
-    # operations), without its per-call conversions; float grids go through the reference
+    # integer grids: reference.round_to_int_grid on parameters expanded once per candidate (the
+    # reference's float32 operations without its per-call conversions); float grids: the reference
     zero_cols = None if zero is None else reference.expand_to_cols(zero, rows, cols, scheme).float()
     best, best_err = storage_scale(scale, scheme), None
     for k in range(int(round(mse.max_shrink * mse.n_grid)) + 1):
@@ -100,10 +100,7 @@ def weight_qparams(w: torch.Tensor, scheme: QuantScheme, global_scale: torch.Ten
                                               global_scale) if intrinsic else storage_scale(scale * f, scheme))
         if scheme.dtype.is_int:
             s_cols = reference.expand_to_cols(cand, rows, cols, scheme)  # (rows, cols)
-            q = torch.round(w / s_cols)
-            q = q.clamp_(scheme.qmin, scheme.qmax) if zero_cols is None else \
-                q.add_(zero_cols).clamp_(scheme.qmin, scheme.qmax).sub_(zero_cols)
-            d = q.mul_(s_cols).sub_(w)
+            d = reference.round_to_int_grid(w, s_cols, zero_cols, scheme)[1].sub_(w)
         else:
             d = reference.dequantize(reference.quantize(w, cand, zero, scheme), cand, zero, scheme).sub_(w)
         err = reference.group_sum(d.abs_().pow_(mse.norm), scheme)  # scale_shape

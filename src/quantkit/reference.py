@@ -185,6 +185,19 @@ def _float_codes(y: torch.Tensor, dt: QuantDType) -> torch.Tensor:
     return encode_minifloat(round_to_minifloat(y, dt), dt)
 
 
+def round_to_int_grid(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, values)`` of ``x`` on an integer grid, both float32, with ``scale`` and float
+    ``zero`` already broadcastable to ``x``: the arithmetic of :func:`quantize` and
+    :func:`dequantize` (the same float32 operations) for callers that hold expanded parameters."""
+    q = torch.round(x / scale)
+    if zero is not None:
+        q = torch.clamp(q + zero, scheme.qmin, scheme.qmax)
+        return q, (q - zero) * scale
+    q = torch.clamp(q, scheme.qmin, scheme.qmax)
+    return q, q * scale
+
+
 def quantize(
     x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme
 ) -> torch.Tensor:

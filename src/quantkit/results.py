@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.quant_linear import QuantLinear
+from quantkit.quant_linear import MSERange, QuantLinear
 
 RESULTS_FILE = "results.json"
 SKIPPED_FILE = "skipped.json"  # why a sweep skipped a combination
@@ -142,8 +142,8 @@ _ABSENT = object()
 # computes what the code did before them: recorded results without the key and a config with
 # that value are the same run (a sweep started before the key existed still resumes).
 LATER_KEYS: dict[str, Any] = {
-    "algo.observer": "minmax", "algo.mse_grid": 100, "algo.mse_max_shrink": 0.8, "algo.mse_norm": 2.4,
-    "w_dtype.clip_ratio": 1.0, "a_dtype.clip_ratio": 1.0,
+    "algo.observer": "minmax", "algo.mse_grid": MSERange.n_grid, "algo.mse_max_shrink": MSERange.max_shrink,
+    "algo.mse_norm": MSERange.norm, "w_dtype.clip_ratio": 1.0, "a_dtype.clip_ratio": 1.0,
 }
 
 

@@ -292,13 +292,11 @@ def _upgrade_v2(manifest: dict[str, Any]) -> None:
 
 def _upgrade_v1(manifest: dict[str, Any]) -> None:
     """Format 1 -> 2 in memory: symmetric signed integer grids were all restricted then."""
-    layers = manifest.get("layers")
-    for layer in layers.values() if isinstance(layers, dict) else ():
-        for value in layer.values() if isinstance(layer, dict) else ():
-            if isinstance(value, dict) and "symmetric_range" not in value:
-                symmetric = (str(value.get("dtype", "")).startswith("int") and not value.get("has_zero")
-                             and not value.get("unsigned"))
-                value["symmetric_range"] = "restricted" if symmetric else "full"
+    for scheme in _scheme_dicts(manifest):
+        if "symmetric_range" not in scheme:
+            symmetric = (str(scheme["dtype"]).startswith("int") and not scheme.get("has_zero")
+                         and not scheme.get("unsigned"))
+            scheme["symmetric_range"] = "restricted" if symmetric else "full"
 
 
 def _verify_checksums(file: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:

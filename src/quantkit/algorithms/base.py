@@ -127,7 +127,7 @@ def check_weight_activation_keys(config: Any) -> None:
     check_choice("algo.a_qtype", config.a_qtype, A_QTYPES)
 
 
-MSE_DEFAULTS = {"mse_grid": 100, "mse_max_shrink": 0.8, "mse_norm": 2.4}
+MSE_DEFAULTS = {"mse_grid": MSERange.n_grid, "mse_max_shrink": MSERange.max_shrink, "mse_norm": MSERange.norm}
 
 
 def check_observer_keys(config: Any) -> None:

@@ -61,7 +61,7 @@ from quantkit.algorithms.registry import register
 from quantkit.config import ConfigError, DTypeConfig, check, check_choice, check_groupsize
 from quantkit.layers import LayerScheme
 from quantkit.quant_linear import MSERange, QuantLinear, weight_qparams
-from quantkit.reference import dequantize, expand_to_cols, global_scale, quantize
+from quantkit.reference import dequantize, expand_to_cols, global_scale, quantize, round_to_int_grid
 from quantkit.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,9 @@ class GPTQConfig:
     pre: str | None = None
     alpha: float | None = None
     observer: str = "minmax"
-    mse_grid: int = 100
-    mse_max_shrink: float = 0.8
-    mse_norm: float = 2.4
+    mse_grid: int = MSERange.n_grid
+    mse_max_shrink: float = MSERange.max_shrink
+    mse_norm: float = MSERange.norm
 
     def __post_init__(self) -> None:
         check_observer_keys(self)
@@ -184,8 +184,9 @@ def inverse_hessian_factor(
 class _ColumnQuantizer:
     """Quantize one column ``w (out,)`` with per-row ``scale``/``zero`` ``(out,)`` on ``scheme``'s grid.
 
-    Integer grids inline the arithmetic of :func:`quantkit.reference.quantize` (same float32
-    operations, so the codes are identical); float grids call the reference on ``(out, 1)``.
+    Integer grids use :func:`quantkit.reference.round_to_int_grid` (the reference's float32
+    operations on per-row parameters, so the codes are identical); float grids call the
+    reference on ``(out, 1)``.
     """
 
     def __init__(self, scheme: QuantScheme) -> None:
@@ -211,12 +212,7 @@ class _ColumnQuantizer:
         if not self.is_int:
             codes = quantize(w[:, None], scale[:, None], None, self.scheme)  # (out, 1) uint8
             return codes[:, 0], dequantize(codes, scale[:, None], None, self.scheme)[:, 0]
-        q = torch.round(w / scale)
-        if zero is not None:
-            q = torch.clamp(q + zero, self.scheme.qmin, self.scheme.qmax)
-            return q, (q - zero) * scale
-        q = torch.clamp(q, self.scheme.qmin, self.scheme.qmax)
-        return q, q * scale
+        return round_to_int_grid(w, scale, zero, self.scheme)
 
 
 def gptq_quantize(

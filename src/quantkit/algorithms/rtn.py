@@ -24,7 +24,7 @@ from quantkit.algorithms.fold import FoldTarget
 from quantkit.algorithms.registry import register
 from quantkit.config import DTypeConfig, check_groupsize
 from quantkit.layers import LayerScheme
-from quantkit.quant_linear import weight_qparams
+from quantkit.quant_linear import MSERange, weight_qparams
 from quantkit.scheme import QuantScheme
 
 
@@ -37,9 +37,9 @@ class RTNConfig:
     block_sequential: bool = False
     layer_sequential: bool = False
     observer: str = "minmax"
-    mse_grid: int = 100
-    mse_max_shrink: float = 0.8
-    mse_norm: float = 2.4
+    mse_grid: int = MSERange.n_grid
+    mse_max_shrink: float = MSERange.max_shrink
+    mse_norm: float = MSERange.norm
 
     def __post_init__(self) -> None:
         check_groupsize("algo.groupsize", self.groupsize)
