@@ -129,8 +129,8 @@ def llmcompressor_candidates(args: argparse.Namespace) -> list[dict[str, Any]]:
         return [{"name": "custom", "algo": "gptq", "symmetric": args.symmetric, "bits": args.bits,
                  "actorder": "static" if args.actorder else None}]
     if args.algo == "gptq":
-        default = {"name": "defaults (W4A16: sym, actorder static)", "algo": "gptq", "symmetric": True,
-                   "bits": args.bits, "actorder": "library-default"}
+        default = {"name": f"defaults (W4A16 settings at {args.bits} bits: sym, actorder static)", "algo": "gptq",
+                   "symmetric": True, "bits": args.bits, "actorder": "library-default"}
         if args.preset == "defaults":
             return [default]
         return [{"name": f"{'sym' if sym else 'asym'} actorder={order}", "algo": "gptq", "symmetric": sym,

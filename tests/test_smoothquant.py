@@ -339,7 +339,24 @@ def test_composition_presets_compose(algo, pre):
     assert build_algorithm(run.algo, run.w_dtype, run.a_dtype).config.pre == pre
 
 
-@pytest.mark.parametrize("algo, a_static", [("rtn_w8a8", True), ("smoothquant", False), ("zeroquant", False)])
+def test_smoothquant_gptq_preset_smooths_every_group_on_per_channel_weights():
+    # layer_sequential=true would quantize v_proj / up_proj before o_proj / down_proj are reached,
+    # leaving those groups unsmoothed; per channel as algo=smoothquant
+    run = build_run_config(_compose("algo=smoothquant_gptq", "w_dtype=int8", "a_dtype=int8"))
+    assert run.algo.layer_sequential is False and run.algo.groupsize == -1 and run.algo.alpha == 0.5
+
+
+@pytest.mark.parametrize("layer_sequential", [True, False])
+def test_pre_transform_under_layer_sequential_warns_that_linear_fed_groups_stay_untransformed(layer_sequential, caplog):
+    run = build_run_config(_compose("algo=smoothquant_gptq", "w_dtype=int8", "a_dtype=int8",
+                                    f"algo.layer_sequential={str(layer_sequential).lower()}"))
+    with caplog.at_level(logging.WARNING, logger="quantkit.algorithms.gptq"):
+        build_algorithm(run.algo, run.w_dtype, run.a_dtype)
+    assert ("stays untransformed" in caplog.text) == layer_sequential
+
+
+@pytest.mark.parametrize("algo, a_static", [("rtn_w8a8", True), ("smoothquant", False), ("smoothquant_gptq", False),
+                                                 ("zeroquant", False)])
 def test_w8a8_experiment_composes_every_swept_algorithm(algo, a_static):
     run = build_run_config(_compose("+experiment=w8a8", f"algo={algo}"))
     assert run.name == "w8a8" and run.eval.baseline
