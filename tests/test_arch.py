@@ -138,23 +138,28 @@ def test_folding_random_scales_into_every_group_leaves_float_logits_unchanged(ki
                         linears = [block.get_submodule(n) for n in group.linears]
                     except AttributeError:
                         continue  # an optional group this block lacks
-                    target = fold_target(block, group, arch)
+                    target = fold_target(block, group, arch, gqa=True)
+                    if group.heads is not None and linears[0].in_features != getattr(target.module, "out_features", 0):
+                        # grouped-query attention: a fold only with the heads layout (algo.gqa_fold)
+                        assert "grouped-query" in fold_blocker(fold_target(block, group, arch), linears)
                     if fold_blocker(target, linears) is None:
-                        fold_scales(target, linears, torch.rand(linears[0].in_features, generator=generator) * 3.9 + 0.1)
+                        s = torch.rand(linears[0].in_features, generator=generator) * 3.9 + 0.1
+                        fold_scales(target, linears, target.share(s))
                         folded[group.prev] = folded.get(group.prev, 0) + 1
     after = logits(model, ids)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
     assert (after - before).abs().max() > 0  # something was folded
-    expected = {  # producers folded into, per model (2 layers): GQA v_proj -> o_proj never folds
-        "llama": {"input_layernorm": 2, "post_attention_layernorm": 2, "mlp.up_proj": 2},
+    expected = {  # producers folded into, per model (2 layers); GQA v_proj -> o_proj with shared scales (gqa)
+        "llama": {"input_layernorm": 2, "self_attn.v_proj": 2, "post_attention_layernorm": 2, "mlp.up_proj": 2},
         "opt": {"self_attn_layer_norm": 2, "self_attn.v_proj": 2, "final_layer_norm": 2, "fc1": 2},
-        "gemma": {"input_layernorm": 2, "post_attention_layernorm": 2, "mlp.up_proj": 2},
-        "gemma2": {"input_layernorm": 2, "pre_feedforward_layernorm": 2, "mlp.up_proj": 2},
-        "gemma3_text": {"input_layernorm": 2, "pre_feedforward_layernorm": 2, "mlp.up_proj": 2},
+        "gemma": {"input_layernorm": 2, "self_attn.v_proj": 2, "post_attention_layernorm": 2, "mlp.up_proj": 2},
+        "gemma2": {"input_layernorm": 2, "self_attn.v_proj": 2, "pre_feedforward_layernorm": 2, "mlp.up_proj": 2},
+        "gemma3_text": {"input_layernorm": 2, "self_attn.v_proj": 2, "pre_feedforward_layernorm": 2,
+                        "mlp.up_proj": 2},
         "phi3": {"input_layernorm": 2, "self_attn.qkv_proj": 2, "post_attention_layernorm": 2, "mlp.gate_up_proj": 2},
-        "mixtral": {"input_layernorm": 2, "post_attention_layernorm": 2,
+        "mixtral": {"input_layernorm": 2, "self_attn.v_proj": 2, "post_attention_layernorm": 2,
                     **{f"mlp.experts.{e}.up_proj": 2 for e in range(4)}},
-        "qwen3_moe": {"input_layernorm": 2, "post_attention_layernorm": 2, "mlp.up_proj": 1,
+        "qwen3_moe": {"input_layernorm": 2, "self_attn.v_proj": 2, "post_attention_layernorm": 2, "mlp.up_proj": 1,
                       **{f"mlp.experts.{e}.up_proj": 1 for e in range(4)}},
     }
     assert folded == expected[kind]

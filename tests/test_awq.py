@@ -255,7 +255,8 @@ def test_awq_scale_search_and_fold_through_the_pipeline_is_exact(tiny_dirs, kind
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_gqa_group_keeps_unit_scales_but_is_clipped_and_quantized(tiny_dirs, caplog):
+def test_gqa_producer_without_heads_layout_keeps_unit_scales_but_is_clipped_and_quantized(tiny_dirs, caplog):
+    """A v_proj narrower than o_proj's input and no heads layout in the target: no fold."""
     model = load(tiny_dirs, "llama")
     attn = model.model.layers[0].self_attn
     assert attn.v_proj.out_features != attn.o_proj.in_features  # 2 KV heads for 4 query heads
@@ -276,6 +277,42 @@ def test_gqa_group_keeps_unit_scales_but_is_clipped_and_quantized(tiny_dirs, cap
         x, o_before, awq.fake_quantize_weight(o_before, algo.w_scheme)) * (1 + 1e-5)
     with pytest.raises(ValueError, match="grouped-query"):
         fold_scales(FoldTarget(attn.v_proj), [attn.o_proj], torch.ones(64))
+
+
+def test_gqa_o_proj_scales_are_shared_by_the_query_heads_of_a_value_head(tiny_dirs):
+    """Under grouped-query attention o_proj reads each value head once per query head sharing
+    it: AWQ's scale is one value per copy set, folded once into v_proj's rows, and the
+    full-precision model computes the same function."""
+    model = load(tiny_dirs, "llama")
+    reference = copy.deepcopy(model)
+    attn = model.model.layers[0].self_attn
+    repeat, dim = attn.num_key_value_groups, attn.head_dim
+    assert repeat == 2 and attn.o_proj.in_features == repeat * attn.v_proj.out_features
+    seen = []
+    handle = attn.o_proj.register_forward_hook(lambda _m, args, _o: seen.append(args[0].reshape(-1, 64)))
+    with torch.no_grad():
+        model(samples())
+    handle.remove()
+    x = torch.cat(seen)  # (tokens, 64): o_proj's real inputs
+    x[:, 5] *= 30  # an outlier channel in one copy only: the shared scale must still be one value
+    algo = awq.AWQ(awq.AWQConfig(groupsize=32), INT3, FP16)
+    obs = algo.make_observer("self_attn.o_proj", attn.o_proj)
+    obs.update(x)
+    target = FoldTarget(attn.v_proj, heads=(repeat, dim))
+    v_before, o_before = attn.v_proj.weight.detach().clone(), attn.o_proj.weight.detach().clone()
+    algo.prepare_group({"self_attn.o_proj": attn.o_proj}, {"self_attn.o_proj": obs}, target)
+    s = attn.o_proj.weight[0] / o_before[0]  # (64,): the folded scale per input column
+    assert not torch.allclose(s, torch.ones_like(s))  # the outlier made AWQ scale something
+    copies = s.reshape(-1, repeat, dim)  # (kv_heads, repeat, head_dim)
+    torch.testing.assert_close(copies, copies[:, :1].expand_as(copies))
+    torch.testing.assert_close(attn.v_proj.weight, v_before / copies[:, 0].reshape(-1, 1))
+    ids = samples(seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="differ between the query heads"):
+        fold_scales(target, [attn.o_proj], torch.rand(64) + 0.5)
+    shared = target.share(torch.arange(64.0))
+    assert torch.equal(shared.reshape(-1, repeat, dim)[:, 0], torch.arange(64.0).reshape(-1, repeat, dim)[:, -1])
 
 
 # ---------------------------------------------------------------- end to end

@@ -126,6 +126,28 @@ def test_folding_leaves_full_precision_outputs_unchanged(tiny_model, kind, caplo
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_gqa_fold_smooths_o_proj_and_keeps_full_precision_outputs(tiny_model, caplog):
+    """algo.gqa_fold: o_proj's scale is shared by the 2 query heads of each value head and
+    folded into v_proj's rows; the full-precision model computes the same function."""
+    model = load(tiny_model)
+    reference = copy.deepcopy(model)
+    with caplog.at_level(logging.INFO, logger="quantkit.algorithms.smoothquant"):
+        quantize_model(model, get_arch("llama"), _FoldOnly(sq.SmoothQuantConfig(alpha=0.8, gqa_fold=True), INT8, INT8),
+                       samples(), "cpu", progress=False)
+    assert "keep s=1" not in caplog.text  # every group folded
+    for block, ref_block in zip(model.model.layers, reference.model.layers):
+        s = block.self_attn.o_proj.weight[0] / ref_block.self_attn.o_proj.weight[0]  # (64,) folded scales
+        copies = s.reshape(-1, block.self_attn.num_key_value_groups, block.self_attn.head_dim)
+        assert not torch.allclose(s, torch.ones_like(s))
+        torch.testing.assert_close(copies, copies[:, :1].expand_as(copies))
+        s_qkv = block.self_attn.q_proj.weight[0] / ref_block.self_attn.q_proj.weight[0]  # input_layernorm's fold
+        torch.testing.assert_close(block.self_attn.v_proj.weight,  # rows / o_proj's scale, columns * q/k/v's
+                                   ref_block.self_attn.v_proj.weight * s_qkv / copies[:, 0].reshape(-1, 1))
+    ids = samples(seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_smoothing_moves_activation_outliers_into_the_weights(tiny_model):
     """After the fold the q/k/v input's channel ranges are balanced against the weights':
     max|X_j / s_j| == max|W_j * s_j| at alpha = 0.5."""
@@ -309,11 +331,28 @@ def test_compositions_run_through_the_pipeline(tiny_model, pre):
     assert logits_error(model, reference, samples(seed=2)) < 0.05 * scale
 
 
+@pytest.mark.parametrize("pre", ["smoothquant", "awq"])
+@pytest.mark.parametrize("gqa_fold", [False, True])
+def test_composition_folds_o_proj_under_gqa_only_with_gqa_fold(tiny_model, pre, gqa_fold, caplog):
+    model = load(tiny_model)
+    reference = copy.deepcopy(model)
+    algo = build_algorithm(GPTQConfig(groupsize=16, pre=pre, layer_sequential=False, gqa_fold=gqa_fold), INT4, INT8)
+    with caplog.at_level(logging.INFO, logger="quantkit.algorithms.smoothquant"):
+        quantize_model(model, get_arch("llama"), algo, samples(), "cpu", batch_size=2, progress=False)
+    unfolded = [line for line in caplog.text.splitlines() if "keep s=1" in line]
+    assert unfolded == [] if gqa_fold else len(unfolded) == 2 and all(
+        "self_attn.o_proj" in line and "grouped-query attention" in line for line in unfolded)  # one per block
+    with torch.no_grad():
+        scale = float((reference(samples(seed=2)).logits ** 2).mean())
+    assert logits_error(model, reference, samples(seed=2)) < 0.05 * scale
+
+
 @pytest.mark.parametrize("kwargs, key", [
     ({"alpha": 0.5}, "algo.alpha"),  # alpha without pre=smoothquant
     ({"pre": "awq", "alpha": 0.5}, "algo.alpha"),
     ({"pre": "smoothquant", "alpha": 2.0}, "algo.alpha"),
     ({"pre": "zeroquant"}, "algo.pre"),
+    ({"gqa_fold": True}, "algo.gqa_fold"),  # nothing to fold without pre
 ])
 def test_composition_config_errors_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=key):

@@ -171,6 +171,14 @@ def test_every_group_is_recorded_with_its_full_names(tiny_model, kind):
         assert err < 0.05 * float(reference(ids).logits.var())
 
 
+def test_gqa_fold_records_o_proj_smoothed(tmp_path):
+    cfg = build_run_config(compose_dict(*TINY, "algo=smoothquant", "w_dtype=int8", "a_dtype=int8",
+                                        "algo.gqa_fold=true", f"output_dir={tmp_path}"))
+    record = runner.run(cfg)["smoothquant"]
+    assert record["alpha_counts"] == {"0.5": 8}  # 4 groups x 2 blocks, o_proj's included
+    assert cfg.algo.gqa_fold
+
+
 def test_results_json_records_the_alphas(tmp_path):
     cfg = build_run_config(compose_dict(*TINY, "algo=smoothquant", "w_dtype=int8", "a_dtype=int8",
                                         "algo.alpha=auto", "algo.alpha_grid=[0.3,0.6]", f"output_dir={tmp_path}"))

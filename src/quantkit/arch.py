@@ -58,6 +58,9 @@ class LinearGroup:
     ``optional``: a block may lack all of the group's linears (Qwen3-MoE mixes dense and
     sparse MLP layers). ``per_expert``: a ``*`` group becomes one group per expert (each
     expert's ``down_proj`` reads its own input) instead of one group of every expert.
+    ``heads``: the attention module whose ``num_key_value_groups`` and ``head_dim`` say how
+    many query heads read each of ``prev``'s value heads (grouped-query attention: ``o_proj``
+    reads each ``v_proj`` head that many times, and a fold shares one scale over the copies).
     """
 
     linears: tuple[str, ...]
@@ -66,6 +69,7 @@ class LinearGroup:
     readers: tuple[str, ...] = ()
     optional: bool = False
     per_expert: bool = False
+    heads: str | None = None
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,7 @@ class ArchSpec:
 
 _ATTENTION = (
     LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
-    LinearGroup(("self_attn.o_proj",), "self_attn.v_proj"),
+    LinearGroup(("self_attn.o_proj",), "self_attn.v_proj", heads="self_attn"),
 )
 _LLAMA = ArchSpec(
     layout="llama",

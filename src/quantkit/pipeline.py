@@ -224,16 +224,31 @@ def _submodule(block: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-def fold_target(block: nn.Module, group: LinearGroup, arch: ArchSpec) -> FoldTarget | None:
+def fold_target(block: nn.Module, group: LinearGroup, arch: ArchSpec, gqa: bool = False) -> FoldTarget | None:
     """Where ``group``'s scales fold in ``block`` now (under ``layer_sequential`` a linear
     producer may already be a QuantLinear, which :func:`fold_blocker` then reports). None for
-    linears with an online Hadamard: a scale folded upstream would act before the transform."""
+    linears with an online Hadamard: a scale folded upstream would act before the transform.
+    ``gqa`` (``algo.gqa_fold``): a group with ``heads`` under grouped-query attention gets the
+    heads layout, so its scales can be shared over the query heads and folded; without it such
+    a group has no fold."""
     if group.prev is None or any(input_transform(block.get_submodule(n)) is not None for n in group.linears):
         return None
     module = block.get_submodule(group.prev)
     is_linear = isinstance(module, (nn.Linear, QuantLinear))
     return FoldTarget(module, 0.0 if is_linear else arch.norm_offset, group.prev_parts,
-                      tuple(block.get_submodule(r) for r in group.readers))
+                      tuple(block.get_submodule(r) for r in group.readers), _kv_heads(block, group) if gqa else None)
+
+
+def _kv_heads(block: nn.Module, group: LinearGroup) -> tuple[int, int] | None:
+    """``(query heads per KV head, head_dim)`` of ``group.heads`` under grouped-query attention
+    (None without it, or where the module does not say)."""
+    if group.heads is None:
+        return None
+    attention = _submodule(block, group.heads)
+    repeat, dim = getattr(attention, "num_key_value_groups", None), getattr(attention, "head_dim", None)
+    if not (isinstance(repeat, int) and isinstance(dim, int)) or repeat <= 1:
+        return None
+    return repeat, dim
 
 
 def _unfuse(blocks: nn.ModuleList, arch: ArchSpec) -> list[tuple[nn.Module, nn.Module]]:
@@ -264,7 +279,7 @@ def _refuse(unfused: list[tuple[nn.Module, nn.Module]], path: str) -> None:
 
 @torch.inference_mode()
 def verify_folds(blocks: nn.ModuleList, plans: list[list[Planned]], arch: ArchSpec, probe: Calibration,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, gqa: bool = False) -> None:
     """Probe every fold the algorithm may make, on float32 copies of the full-precision blocks.
 
     For each group with a foldable producer, fold random scales ``s`` in ``[0.5, 2]`` into a
@@ -280,7 +295,7 @@ def verify_folds(blocks: nn.ModuleList, plans: list[list[Planned]], arch: ArchSp
         kwargs = map_tensors(to_device(probe.kwargs[index][0], device), as_float)
         twin = copy.deepcopy(block).to(device, torch.float32)
         groups = [(g, list(ls)) for entry in plan for g, ls in entry
-                  if ls and fold_blocker(fold_target(twin, g, arch), [twin.get_submodule(n) for n in ls]) is None]
+                  if ls and fold_blocker(fold_target(twin, g, arch, gqa), [twin.get_submodule(n) for n in ls]) is None]
         inputs: dict[int, torch.Tensor] = {}
 
         def run() -> torch.Tensor:
@@ -298,10 +313,10 @@ def verify_folds(blocks: nn.ModuleList, plans: list[list[Planned]], arch: ArchSp
         before = dict(inputs)
         generator = torch.Generator().manual_seed(index)
         for k, (group, names) in enumerate(groups):
-            target = fold_target(twin, group, arch)
+            target = fold_target(twin, group, arch, gqa)
             linears = [twin.get_submodule(n) for n in names]
             state = snapshot([target.module, *linears, *target.readers])
-            s = (torch.rand(linears[0].in_features, generator=generator) * 1.5 + 0.5).to(device)
+            s = target.share(torch.rand(linears[0].in_features, generator=generator) * 1.5 + 0.5).to(device)
             fold_scales(target, linears, s)
             out = run()
             for module, saved in state:
@@ -362,7 +377,7 @@ def quantize_model(
         if calibrate and table.folds_scales(algorithm):
             probe = capture_block_inputs(model, blocks, arch.blocks, samples[:1, :PROBE_TOKENS], device, offload, 1,
                                          progress=False)
-            verify_folds(blocks, plans, arch, probe, device)
+            verify_folds(blocks, plans, arch, probe, device, algorithm.gqa_fold)
             del probe
     except (ConfigError, ValueError):
         _refuse(unfused, arch.experts.path if arch.experts else "")
@@ -419,7 +434,7 @@ def _quantize_block(block: nn.Module, i: int, plan: list[Planned], arch: ArchSpe
                 finally:
                     for h in handles:
                         h.remove()
-        targets = [fold_target(block, g, arch) for g, _ in phase]
+        targets = [fold_target(block, g, arch, algorithm.gqa_fold) for g, _ in phase]
         producers = [m for t in targets if t is not None for m in (t.module, *t.readers)]
         before = snapshot(producers) if replay is not None else []
         for (group, linears), target in zip(phase, targets):

@@ -143,7 +143,7 @@ _ABSENT = object()
 # that value are the same run (a sweep started before the key existed still resumes).
 LATER_KEYS: dict[str, Any] = {
     "algo.observer": "minmax", "algo.mse_grid": MSERange.n_grid, "algo.mse_max_shrink": MSERange.max_shrink,
-    "algo.mse_norm": MSERange.norm, "w_dtype.clip_ratio": 1.0, "a_dtype.clip_ratio": 1.0,
+    "algo.mse_norm": MSERange.norm, "w_dtype.clip_ratio": 1.0, "a_dtype.clip_ratio": 1.0, "algo.gqa_fold": False,
 }
 
 

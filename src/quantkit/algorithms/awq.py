@@ -12,8 +12,10 @@ multiply them matter most. AWQ protects them without mixed precision:
 2. **Fold** (:func:`~quantkit.algorithms.fold.fold_scales`): the ``1/s`` on the input goes into
    the module producing it (the norm's weight and bias, or the rows of the previous linear),
    so there is no runtime divide. Where no exact fold exists (``prev`` is None, a GQA
-   ``v_proj`` narrower than ``o_proj``'s input, or ``prev`` already quantized under
-   ``layer_sequential``) the group keeps ``s=1`` and is still clipped.
+   ``v_proj`` narrower than ``o_proj``'s input without ``gqa_fold``, or ``prev`` already
+   quantized under ``layer_sequential``) the group keeps ``s=1`` and is still clipped. With
+   ``gqa_fold`` the query heads reading one value head share one ``s`` (from their mean
+   ``mean|x|``), divided once out of ``v_proj``'s rows.
 3. **Clip search** (:func:`search_clip`, the reference "auto_clip"): per output row and weight
    group, shrink the quantization range by a factor in ``[1 - max_shrink, 1]`` and keep the one
    with the smallest output error of that group on the calibration tokens.
@@ -40,7 +42,7 @@ from quantkit.algorithms.base import (
     Algorithm, ChannelRangeObserver, Observer, activation_scheme, check_weight_activation_keys, default_granularity,
     weight_scheme,
 )
-from quantkit.algorithms.fold import FoldTarget, fold_blocker, fold_scales
+from quantkit.algorithms.fold import FoldTarget, fold_blocker, fold_scales, share
 from quantkit.algorithms.registry import register
 from quantkit.config import ConfigError, DTypeConfig, check
 from quantkit.layers import LayerScheme
@@ -74,6 +76,7 @@ class AWQConfig:
     max_tokens: int = 4096
     block_sequential: bool = False
     layer_sequential: bool = False
+    gqa_fold: bool = False
 
     def __post_init__(self) -> None:
         check_weight_activation_keys(self)
@@ -363,7 +366,8 @@ class AWQ(Algorithm):
         w = torch.cat([linears[n].weight.detach().float() for n in names])  # (sum_out, in)
         splits = [linears[n].out_features for n in names]
         grids = [self._scheme(schemes, n).w for n in names]
-        s = search_scales(w, obs.rows, obs.mean_abs, grids, self.config.n_grid, splits)
+        # gqa_fold: the query heads reading one value head share its scale (mean over the copies)
+        s = search_scales(w, obs.rows, share(prev, obs.mean_abs, "mean"), grids, self.config.n_grid, splits)
         if bool((s == 1).all()):
             return
         fold_scales(prev, list(linears.values()), s)

@@ -290,6 +290,13 @@ class Algorithm(ABC):
         self.a_scheme: QuantScheme | None = None
         self.o_scheme: QuantScheme | None = None  # layer outputs (SmoothQuant's quant_out)
 
+    @property
+    def gqa_fold(self) -> bool:
+        """``algo.gqa_fold``: under grouped-query attention, fold one scale per value channel
+        (shared by the query heads reading it) for ``o_proj`` into ``v_proj``; off: ``o_proj``
+        keeps ``s = 1``."""
+        return bool(getattr(self.config, "gqa_fold", False))
+
     @abstractmethod
     def build_schemes(self, config: Any, w_dtype: DTypeConfig, a_dtype: DTypeConfig
                       ) -> tuple[QuantScheme | None, QuantScheme | None, QuantScheme | None]:

@@ -55,7 +55,7 @@ from quantkit.algorithms.base import (
     A_QTYPES, ActRangeObserver, Algorithm, ChannelRangeObserver, Observer, activation_scheme, check_observer_keys,
     default_granularity, mse_range, weight_scheme,
 )
-from quantkit.algorithms.fold import FoldTarget
+from quantkit.algorithms.fold import FoldTarget, share
 from quantkit.algorithms.smoothquant import check_alpha, search_and_fold, smooth_scales
 from quantkit.algorithms.registry import register
 from quantkit.config import ConfigError, DTypeConfig, check, check_choice, check_groupsize
@@ -87,6 +87,7 @@ class GPTQConfig:
     layer_sequential: bool = True
     pre: str | None = None
     alpha: float | None = None
+    gqa_fold: bool = False
     observer: str = "minmax"
     mse_grid: int = MSERange.n_grid
     mse_max_shrink: float = MSERange.max_shrink
@@ -100,6 +101,8 @@ class GPTQConfig:
             check(self.pre == "smoothquant",
                   f"algo.alpha={self.alpha} acts only with algo.pre=smoothquant (algo.pre={self.pre}); set it to null")
             check_alpha("algo.alpha", self.alpha)
+        check(not self.gqa_fold or self.pre is not None,
+              "algo.gqa_fold=true acts only with algo.pre (smoothquant or awq: the scales it folds); set it to false")
         check_groupsize("algo.groupsize", self.groupsize)
         check(self.blocksize >= 1, f"algo.blocksize={self.blocksize} must be >= 1 (columns updated at once)")
         check(0.0 < self.percdamp <= 1.0,
@@ -443,12 +446,13 @@ class GPTQ(Algorithm):
         st = obs.stats
         if self.config.pre == "smoothquant":
             alpha = DEFAULT_ALPHA if self.config.alpha is None else self.config.alpha
-            s = search_and_fold(prev, linears, lambda w, _: smooth_scales(st.absmax, w.abs().amax(0), alpha),
+            s = search_and_fold(prev, linears, lambda w, _: smooth_scales(
+                share(prev, st.absmax), share(prev, w.abs().amax(0)), alpha),
                                 "gptq+smoothquant")
         else:
             grids = [self._scheme(schemes, n).w for n in linears]
             s = search_and_fold(prev, linears, lambda w, splits: search_scales(
-                w, st.rows, st.mean_abs, grids, AWQConfig().n_grid, splits), "gptq+awq")
+                w, st.rows, share(prev, st.mean_abs, "mean"), grids, AWQConfig().n_grid, splits), "gptq+awq")
         if s is not None:
             obs.rescale(s)
 

@@ -13,8 +13,10 @@ and multiplies weight column ``j`` by ``s_j``: the product is unchanged in full 
 module producing the input (norm weight and bias, or the rows of the previous linear, exactly
 as AWQ folds its scales: :func:`quantkit.algorithms.fold.fold_scales`), so nothing divides at
 run time. Groups without an exact fold (no ``prev``, a GQA ``v_proj`` narrower than
-``o_proj``'s input, a ``prev`` already quantized under ``layer_sequential``) keep ``s = 1``;
-the log says which and why. Channels that never fire (``max|X_j| = 0``) or whose weights are
+``o_proj``'s input without ``gqa_fold``, a ``prev`` already quantized under
+``layer_sequential``) keep ``s = 1``; the log says which and why. With ``gqa_fold`` the
+``o_proj`` input channels that copy one value channel share one ``s`` (from the maxima over
+the copies). Channels that never fire (``max|X_j| = 0``) or whose weights are
 all zero keep ``s_j = 1``.
 
 Then the weights are quantized round-to-nearest on ``w_dtype`` and the activations on
@@ -42,7 +44,7 @@ from torch import nn
 
 from quantkit.algorithms.awq import AWQObserver
 from quantkit.algorithms.base import ChannelRangeObserver, Observer, activation_scheme, check_weight_activation_keys
-from quantkit.algorithms.fold import FoldTarget, fold_blocker, fold_scales
+from quantkit.algorithms.fold import FoldTarget, fold_blocker, fold_scales, share
 from quantkit.algorithms.registry import register
 from quantkit.algorithms.rtn import RTN
 from quantkit.algorithms.smoothquant_search import DEFAULT_ALPHA_GRID, alpha_losses, best_alpha
@@ -77,6 +79,7 @@ class SmoothQuantConfig:
     quant_out: bool = False
     block_sequential: bool = False
     layer_sequential: bool = False
+    gqa_fold: bool = False
 
     def __post_init__(self) -> None:
         check_alpha("algo.alpha", self.alpha, auto=True)
@@ -201,21 +204,22 @@ class SmoothQuant(RTN):
         self._groups.append(record)
 
         def scales(w: torch.Tensor, splits: list[int]) -> torch.Tensor:
-            w_absmax = w.abs().amax(0)  # (in,)
+            # ranges shared over the query heads reading one value head (gqa_fold), else per channel
+            x_absmax, w_absmax = share(prev, obs.absmax), share(prev, w.abs().amax(0))  # (in,)
             if not self.config.auto:
-                return smooth_scales(obs.absmax, w_absmax, self.config.alpha)
+                return smooth_scales(x_absmax, w_absmax, self.config.alpha)
             grid = self.config.alpha_grid
             biases = [linears[n].bias for n in names]
             bias = None if all(b is None for b in biases) else torch.cat(
                 [torch.zeros(lin.out_features) if b is None else b.detach().float().cpu()
                  for b, lin in zip(biases, linears.values())])  # (sum_out,)
             losses = alpha_losses(obs.rows, w, splits, [self._scheme(schemes, n) for n in names],
-                                  lambda a: smooth_scales(obs.absmax, w_absmax, a), grid,
+                                  lambda a: smooth_scales(x_absmax, w_absmax, a), grid,
                                   None if bias is None else bias.to(w.device), (obs.lo, obs.hi))
             record["alpha"] = alpha = best_alpha(grid, losses)
             record["losses"] = losses
             log.debug("smoothquant: %s alpha=%s (losses %s)", record["linears"], alpha, losses)
-            return smooth_scales(obs.absmax, w_absmax, alpha)
+            return smooth_scales(x_absmax, w_absmax, alpha)
 
         s = search_and_fold(prev, linears, scales, "smoothquant")
         if s is not None:
