@@ -394,6 +394,17 @@ def test_pre_transform_under_layer_sequential_warns_that_linear_fed_groups_stay_
     assert ("stays untransformed" in caplog.text) == layer_sequential
 
 
+def test_awq_gptq_preset_keeps_layer_sequential_and_says_so_without_a_warning(caplog):
+    """AWQ+GPTQ int4 measured better with layer_sequential=true (DEFAULTS_STUDY.md): the
+    preset keeps it; the untransformed groups are logged at INFO, not warned about."""
+    run = build_run_config(_compose("algo=awq_gptq"))
+    assert run.algo.pre == "awq" and run.algo.layer_sequential
+    with caplog.at_level(logging.INFO, logger="quantkit.algorithms.gptq"):
+        build_algorithm(run.algo, run.w_dtype, run.a_dtype)
+    (record,) = [r for r in caplog.records if "stays untransformed" in r.getMessage()]
+    assert record.levelno == logging.INFO
+
+
 @pytest.mark.parametrize("algo, a_static", [("rtn_w8a8", True), ("smoothquant", False), ("smoothquant_gptq", False),
                                                  ("zeroquant", False)])
 def test_w8a8_experiment_composes_every_swept_algorithm(algo, a_static):

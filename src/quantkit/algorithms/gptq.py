@@ -407,10 +407,13 @@ class GPTQ(Algorithm):
               "algo.pre=smoothquant migrates activation outliers into the weights for quantized activations; "
               f"a_dtype={a_dtype.name} is not quantized: set a_dtype (e.g. int8) or use algo.pre=awq or null")
         if config.pre is not None and config.layer_sequential:
-            log.warning("algo.pre=%s with algo.layer_sequential=true: a group whose input comes from a linear "
-                        "(o_proj <- v_proj, down_proj <- up_proj) is reached after that linear is quantized, so "
-                        "its scales cannot be folded and it stays untransformed; algo.layer_sequential=false "
-                        "transforms every group", config.pre)
+            # a warning where it was measured to cost (SmoothQuant+GPTQ W8A8); AWQ+GPTQ int4 is better
+            # this way on SmolLM2 (benchmarks/DEFAULTS_STUDY.md), so its preset keeps it and is told only
+            log.log(logging.WARNING if config.pre == "smoothquant" else logging.INFO,
+                    "algo.pre=%s with algo.layer_sequential=true: a group whose input comes from a linear "
+                    "(o_proj <- v_proj, down_proj <- up_proj) is reached after that linear is quantized, so "
+                    "its scales cannot be folded and it stays untransformed; algo.layer_sequential=false "
+                    "transforms every group", config.pre)
         self._seen: Counter[str] = Counter()  # quantize calls per linear name: the block index in logs
 
     def build_schemes(self, config: Any, w_dtype: DTypeConfig, a_dtype: DTypeConfig
