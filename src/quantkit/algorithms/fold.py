@@ -102,8 +102,9 @@ def fold_blocker(target: FoldTarget | None, linears: Sequence[nn.Module]) -> str
                     f"of each {dim}-wide head")
         if prev.out_features != target.parts * width:
             chunk = "" if target.parts == 1 else f" = {target.parts} x {prev.out_features / target.parts:g}"
+            hint = "; algo.gqa_fold=true shares one scale per value channel" if target.parts == 1 else ""
             return (f"producer width {prev.out_features}{chunk} does not match input width {width} "
-                    "(grouped-query attention without the heads layout)")
+                    f"(grouped-query attention{hint})")
         return None
     weight = getattr(prev, "weight", None)
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (width,):
