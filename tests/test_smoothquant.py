@@ -413,3 +413,9 @@ def test_w8a8_experiment_composes_every_swept_algorithm(algo, a_static):
     built = build_algorithm(run.algo, run.w_dtype, run.a_dtype)
     assert built.w_scheme.dtype.name == built.a_scheme.dtype.name == "int8"
     assert built.a_static == a_static
+
+
+@pytest.mark.parametrize("algo", ["smoothquant", "awq", "awq_gptq"])
+def test_gqa_fold_must_be_a_boolean(algo):
+    with pytest.raises(ConfigError, match="algo.gqa_fold must be true or false"):
+        build_run_config(_compose(f"algo={algo}", "w_dtype=int8", "a_dtype=int8", "algo.gqa_fold=maybe"))
