@@ -78,6 +78,8 @@ def no_model_load(monkeypatch):
         (["device=cuda"], "device=cuda but no CUDA GPU is available"),
         (["model_type=bloom"], "unsupported architecture model_type='bloom'"),
         (["w_dtype=float16", "a_dtype=int8"], "activation-only quantization"),
+        (["algo=awq", "calibrate_reuse=true"], "calibrate_reuse=true reuses outputs between the calibration passes"),
+        (["algo=gptq", "algo.layer_sequential=false", "calibrate_reuse=true"], "algo=gptq makes one pass per block"),
     ],
 )
 def test_invalid_runs_fail_before_the_model_loads(tmp_path, no_model_load, overrides, message):

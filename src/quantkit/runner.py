@@ -82,6 +82,9 @@ def run(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any
     device = resolve_device(cfg.device, "device")
     offload = resolve_device(cfg.offload, "offload")
     algorithm = build_algorithm(cfg.algo, cfg.w_dtype, cfg.a_dtype)
+    check(not cfg.calibrate_reuse or algorithm.layer_sequential,
+          f"calibrate_reuse=true reuses outputs between the calibration passes of algo.layer_sequential=true; "
+          f"algo={cfg.algo.name} makes one pass per block (algo.layer_sequential=false): set calibrate_reuse=false")
     dtype = compute_dtype(cfg.model.dtype, device)
     autocast = calibration_autocast(cfg.calibrate_dtype, device, dtype)
 
