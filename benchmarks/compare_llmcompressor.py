@@ -293,6 +293,21 @@ def distinct_per_group(weight: torch.Tensor, groupsize: int) -> int:
     return worst
 
 
+def freeze_weights(linears: dict[str, torch.nn.Module]) -> None:
+    """Write each quantized linear's rounded weight into its stored weight.
+
+    ``QuantizationModifier`` (the weights after AWQ) keeps the float weight stored and rounds it
+    in the wrapped forward only; ``GPTQModifier`` stores the rounded weights itself."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    with torch.no_grad():
+        for m in linears.values():
+            scheme = getattr(m, "quantization_scheme", None)
+            if scheme is not None and scheme.weights is not None:
+                m.weight.copy_(fake_quantize(m.weight, m.weight_scale, getattr(m, "weight_zero_point", None),
+                                             scheme.weights))
+
+
 def run_llmcompressor(args: argparse.Namespace, candidate: dict[str, Any], path: str, eval_ids: torch.Tensor,
                       samples: torch.Tensor) -> dict[str, Any]:
     from compressed_tensors.quantization import disable_quantization, enable_quantization
@@ -327,19 +342,35 @@ def run_llmcompressor(args: argparse.Namespace, candidate: dict[str, Any], path:
         model.apply(disable_quantization)
         plain = model(window, use_cache=False).logits
     activations = "input_activations" in group
+    check = {"probe_layer": probe}
+    evaluated_with = "stored weights"
     if activations:  # W8A8: the activations are quantized in the wrapped forward only
         model.apply(enable_quantization)
+        evaluated_with = "wrapped forward (fake-quantized activations)"
+    elif candidate["algo"] == "awq":
+        freeze_weights(linears)
+        evaluated_with = "stored weights (the wrapped forward's rounding written in)"
+        with torch.inference_mode():
+            frozen = model(window, use_cache=False).logits
+        check["frozen_vs_wrapped_forward_max_abs_logit_diff"] = diff = float((frozen - wrapped).abs().max())
+        if diff > 1e-4 * float(wrapped.abs().max()):
+            raise RuntimeError(f"llm-compressor {candidate['name']}: the weights written back compute other logits "
+                               f"than its wrapped forward (max difference {diff:.3g})")
+    after = linears[probe].weight.detach()
+    distinct = distinct_per_group(after, -1 if activations else args.groupsize)
+    if not activations and distinct > 2 ** candidate["bits"]:  # the stored weights are what is evaluated
+        raise RuntimeError(f"llm-compressor {candidate['name']}: {probe} holds {distinct} distinct values in a "
+                           f"group of {args.groupsize} after quantization, more than {2 ** candidate['bits']}: "
+                           "its stored weights are not the quantized ones")
     result = perplexity(model, eval_ids, args.eval_seq_length, args.eval_batch_size, args.max_windows, device)
     model.apply(enable_quantization)
-    after = linears[probe].weight.detach()
     return {
         **candidate, "group": group, "ignore": ignore, "layout": layout,
         "quantized_linears": sum(getattr(m, "quantization_scheme", None) is not None for m in linears.values()),
         "total_linears": len(linears), "perplexity": result["perplexity"], "nll": result["nll"],
         "eval_tokens": result["tokens"], "eval_windows": result["windows"], "quant_seconds": quant_seconds,
-        "evaluated_with": "wrapped forward (fake-quantized activations)" if activations else "stored weights",
-        "check": {"probe_layer": probe, "weight_changed": bool((after != before).any()),
-                  "max_distinct_values_per_group": distinct_per_group(after, -1 if activations else args.groupsize),
+        "evaluated_with": evaluated_with,
+        "check": {**check, "weight_changed": bool((after != before).any()), "max_distinct_values_per_group": distinct,
                   "wrapped_vs_plain_forward_max_abs_logit_diff": float((wrapped - plain).abs().max())},
     }
 
