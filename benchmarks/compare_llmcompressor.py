@@ -43,9 +43,11 @@ Group sizes that do not divide a layer's input width (SmolLM2: 576 % 128 != 0): 
 quantkit does. ``--layout group`` forces the group strategy (fails on such layers),
 ``--layout group-ignore`` leaves the indivisible layers unquantized (llm-compressor's own advice).
 
-Weight-only runs leave the quantize-dequantized weights in each Linear's ``weight``; their
-perplexity is measured with compressed-tensors' forward-time fake quantization switched off (a
-check on one window compares it with the wrapped forward). W8A8 keeps it on: the activations are
+Weight-only runs are evaluated on the quantize-dequantized weights stored in each Linear's
+``weight``, with compressed-tensors' forward-time fake quantization switched off. GPTQModifier
+stores them itself; after AWQ, QuantizationModifier rounds only in the wrapped forward, so the
+script writes that rounding into the weights (and checks the logits against the wrapped
+forward). A stored weight with more than 2**bits values in a group is refused. W8A8 keeps it on: the activations are
 quantized in that forward (compressed-tensors' full symmetric grid, ``amax / 127.5``; quantkit's
 activations use the restricted one, ``amax / 127``, as vLLM's int8 kernels).
 
