@@ -175,17 +175,23 @@ def bf16_bits(v):
 
 @triton.jit
 def packed_code_at(row_ptrs, idx, mask, BITS: tl.constexpr, SIGNED: tl.constexpr):
-    """Code number ``idx`` of packed rows starting at ``row_ptrs`` (same shapes), as int32.
+    """Code number ``idx`` of packed rows starting at ``row_ptrs`` (same shapes), as int32
+    (``mask``: where to load, None for everywhere).
 
     Code ``idx`` occupies bits ``[b, b + BITS)`` of its run's little-endian word with
     ``b = (idx % 8) * BITS``, i.e. at most two consecutive bytes of the row.
     """
     bit = (idx % 8) * BITS
     byte = (idx // 8) * BITS + bit // 8
-    v = tl.load(row_ptrs + byte, mask=mask, other=0).to(tl.int32)
+    if mask is None:  # every code in range
+        v = tl.load(row_ptrs + byte).to(tl.int32)
+    else:
+        v = tl.load(row_ptrs + byte, mask=mask, other=0).to(tl.int32)
     if BITS < 8:
         straddles = (bit % 8) + BITS > 8  # int3 codes 2 and 5 cross a byte boundary
-        hi = tl.load(row_ptrs + byte + 1, mask=mask & straddles, other=0).to(tl.int32)
+        if mask is not None:
+            straddles = straddles & mask
+        hi = tl.load(row_ptrs + byte + 1, mask=straddles, other=0).to(tl.int32)
         v = ((v | (hi << 8)) >> (bit % 8)) & ((1 << BITS) - 1)
     if SIGNED:
         v = (v << (32 - BITS)) >> (32 - BITS)  # sign-extend the field

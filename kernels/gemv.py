@@ -36,6 +36,17 @@ weight leaves about 3.5 thread-instructions per element, so the loop must be lea
   adds ``2**(bits-1)``). Then ``sum_j x_j (c_j - z) = 2**bits * (sum_j x_j f_j) - (2**bits + z)
   * sum_j x_j``: one FFMA per weight, and the zero point and scale cost two FFMAs per chunk.
   Every product ``x * f`` is exact in fp32 (11 + bits + 1 significant bits).
+* 2- and 4-bit codes go in pairs, so the shift is paid once per two codes: shifting the odd
+  code of a pair to the top of the mantissa leaves its even neighbour in the ``bits`` bits
+  below, read with a second mask as ``f_lo = 1 + c / 2**(2 bits)`` into a second partial sum,
+  and ``x (1 + c / 2**bits) = 2**bits x f_lo - (2**bits - 1) x`` folds it back once per chunk.
+  Its products stay exact (11 + 2 bits + 1 significant bits); the sum keeps ``bits`` fewer
+  bits of the code's contribution, about 2**-20 relative for int4, far below an fp16 output's
+  2**-11. (8-bit pairs would not be exact, and 3-bit codes straddle words.)
+* Rows past ``N`` or ``M`` read the last row instead (never stored), so loads need no row
+  masks; at ``M = 1`` whole K-tiles are read without masks too (a masked load clears its
+  registers first) and only the ragged last K-tile carries them. (2- and 4-bit pairs and the
+  unmasked tiles stay at ``M = 1``: with more rows their extra registers make ptxas spill.)
 * Float codes (fp4/fp8) are placed into fp16 bit positions (subnormals included, which fp16
   hardware converts exactly), widened to fp32 and scaled back by ``2**(15 - bias)``.
 * Scales and zero points are loaded once per chunk (or once per word for groups shorter than a
@@ -151,51 +162,92 @@ def code_value(w0, w1, w2, w3, field_mask, one_bits, J: tl.constexpr, BITS: tl.c
 
 
 @triton.jit
-def chunk_dot(w0, w1, w2, w3, field_mask, one_bits, x_lane, k_lane, m_ok, K, C0: tl.constexpr,
-              NC: tl.constexpr,
-              XV: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr, IS_FLOAT: tl.constexpr,
-              EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr):
+def x_at(x0, x1, x2, x3, x4, x5, x6, x7, V: tl.constexpr):
+    """``(x0, ..., x7)[V]`` for a constexpr ``V``."""
+    if V < 4:
+        return pick(x0, x1, x2, x3, V)
+    return pick(x4, x5, x6, x7, V - 4)
+
+
+@triton.jit
+def add_product(part, f, x, FIRST: tl.constexpr):
+    """``part + f * x`` as ``(BLOCK_M, BLOCK_N, T)`` for codes ``f (BLOCK_N, T)`` and activations
+    ``x (BLOCK_M, T)``; the first product of a chunk replaces ``part`` (ptxas does not drop an
+    addition of zero, which would cost a register clear per partial sum and chunk)."""
+    product = f[None, :, :] * x[:, None, :]
+    if FIRST:
+        return product
+    return part + product
+
+
+@triton.jit
+def chunk_dot(w0, w1, w2, w3, field_mask, one_bits, field_mask_lo, one_bits_lo, x_lane, k_lane,
+              m_ok, K, C0: tl.constexpr, NC: tl.constexpr, XV: tl.constexpr, BITS: tl.constexpr,
+              SIGNED: tl.constexpr, IS_FLOAT: tl.constexpr, EXP_BITS: tl.constexpr,
+              MANT_BITS: tl.constexpr, MASKED: tl.constexpr):
     """``(sum_c x[c] * f(code c), sum_c x[c])`` over codes ``C0 .. C0 + NC`` of the lanes' chunks:
     ``(BLOCK_M, BLOCK_N, T)`` and ``(BLOCK_M, 1, T)`` fp32.
 
     ``x_lane (BLOCK_M, T, 1)`` points at each lane's first activation of the chunk, which is
-    activation ``k_lane (1, T, 1)``; activations are read ``XV`` at a time (16 bytes).
+    activation ``k_lane (1, T, 1)``; activations are read ``XV`` at a time (16 bytes), those
+    past ``K`` as zero where ``MASKED``.
+
+    2- and 4-bit integer codes are taken in pairs: one shift moves the odd code of a pair to the
+    top of the mantissa and its even neighbour to the ``BITS`` bits below, and each gets its own
+    mask (``field_mask_lo``, ``one_bits_lo``) and partial sum (see the module docstring).
     """
+    PAIRS: tl.constexpr = (BITS == 2 or BITS == 4) and not IS_FLOAT and x_lane.shape[0] == 1
     offs_v = tl.arange(0, XV)[None, None, :]
     part = tl.zeros((x_lane.shape[0], w0.shape[0], w0.shape[1]), tl.float32)
+    part_lo = tl.zeros((x_lane.shape[0], w0.shape[0], w0.shape[1]), tl.float32)
     xsum = tl.zeros((x_lane.shape[0], 1, w0.shape[1]), tl.float32)
+    xsum_lo = tl.zeros((x_lane.shape[0], 1, w0.shape[1]), tl.float32)
     for xc in tl.static_range(NC // XV):
         C = C0 + xc * XV
-        xmask = m_ok & (k_lane + (C + offs_v) < K)
-        x = tl.load(x_lane + (C + offs_v), mask=xmask, other=0.0).to(tl.float32)  # (M, T, XV)
+        if MASKED:
+            xmask = m_ok & (k_lane + (C + offs_v) < K)
+            x = tl.load(x_lane + (C + offs_v), mask=xmask, other=0.0).to(tl.float32)
+        else:
+            x = tl.load(x_lane + (C + offs_v)).to(tl.float32)  # (M, T, XV)
         if XV == 8:
             x0, x1, x2, x3, x4, x5, x6, x7 = split8(x)
-            xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
         else:
             x0, x1, x2, x3 = split4(x)
+            x4, x5, x6, x7 = x0, x1, x2, x3  # unused
+        if PAIRS:  # the even codes' activations are needed apart
+            xs_even = (x0 + x2) + (x4 + x6) if XV == 8 else x0 + x2
+            xs = xs_even + ((x1 + x3) + (x5 + x7) if XV == 8 else x1 + x3)
+        elif XV == 8:  # (summed as pairs ptxas spills at 4 rows of int3)
+            xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        else:
             xs = (x0 + x1) + (x2 + x3)
-        for v in tl.static_range(XV):
-            if v == 0:
-                xv = x0
-            elif v == 1:
-                xv = x1
-            elif v == 2:
-                xv = x2
-            elif v == 3:
-                xv = x3
-            elif v == 4:
-                xv = x4
-            elif v == 5:
-                xv = x5
-            elif v == 6:
-                xv = x6
-            else:
-                xv = x7
-            f = code_value(w0, w1, w2, w3, field_mask, one_bits, C + v, BITS, SIGNED, IS_FLOAT,
-                           EXP_BITS, MANT_BITS)
-            part += f[None, :, :] * xv[:, None, :]  # (M, N, T)
+        if PAIRS:
+            for v in tl.static_range(0, XV, 2):
+                # the odd code at the top of the mantissa, the even one just below it
+                t = field_at(w0, w1, w2, w3, C + v + 1, BITS, 23 - BITS)
+                if SIGNED:
+                    f_hi = ((t & field_mask) ^ one_bits).to(tl.float32, bitcast=True)
+                    f_lo = ((t & field_mask_lo) ^ one_bits_lo).to(tl.float32, bitcast=True)
+                else:
+                    f_hi = ((t & field_mask) | one_bits).to(tl.float32, bitcast=True)
+                    f_lo = ((t & field_mask_lo) | one_bits_lo).to(tl.float32, bitcast=True)
+                part = add_product(part, f_hi, x_at(x0, x1, x2, x3, x4, x5, x6, x7, v + 1),
+                                   xc == 0 and v == 0)
+                part_lo = add_product(part_lo, f_lo, x_at(x0, x1, x2, x3, x4, x5, x6, x7, v),
+                                      xc == 0 and v == 0)
+            xsum_lo += xs_even[:, None, :]
+        else:
+            for v in tl.static_range(XV):
+                f = code_value(w0, w1, w2, w3, field_mask, one_bits, C + v, BITS, SIGNED,
+                               IS_FLOAT, EXP_BITS, MANT_BITS)
+                part = add_product(part, f, x_at(x0, x1, x2, x3, x4, x5, x6, x7, v),
+                                   xc == 0 and v == 0)
         if not IS_FLOAT:  # float codes carry no offset to take out
             xsum += xs[:, None, :]
+    if PAIRS:
+        # an even code's f_lo = 1 + c / 2**(2 BITS):
+        # x (1 + c / 2**BITS) = 2**BITS x f_lo - (2**BITS - 1) x
+        part += part_lo * (1 << BITS) - xsum_lo * ((1 << BITS) - 1)
     return part, xsum
 
 
@@ -214,13 +266,18 @@ def chunk_scale(raw, SCALE_FMT: tl.constexpr):
 @triton.jit
 def chunk_qparams(s_rows, z_rows, n_ok, k, K, group_size, stride_sg, BITS: tl.constexpr,
                   SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, IS_FLOAT: tl.constexpr,
-                  EXP_BIAS: tl.constexpr, SCALE_FMT: tl.constexpr):
+                  EXP_BIAS: tl.constexpr, SCALE_FMT: tl.constexpr, MASKED: tl.constexpr):
     """Effective scale and zero ``(BLOCK_N, T)`` of the group holding activation ``k (T,)`` in each
     row, such that the group's contribution is ``s * (part - zz * xsum)`` for :func:`chunk_dot`'s
     sums (lanes past ``K`` get a zero scale; e4m3 scales still lack their ``2**8 / g``)."""
-    mask = n_ok[:, None] & (k < K)[None, :]
     g = k // group_size
-    s = chunk_scale(tl.load(s_rows[:, None] + g[None, :] * stride_sg, mask=mask, other=0), SCALE_FMT)
+    s_ptrs = s_rows[:, None] + g[None, :] * stride_sg
+    if MASKED:
+        mask = n_ok[:, None] & (k < K)[None, :]
+        s = chunk_scale(tl.load(s_ptrs, mask=mask, other=0), SCALE_FMT)
+    else:
+        mask = None
+        s = chunk_scale(tl.load(s_ptrs), SCALE_FMT)
     if IS_FLOAT:  # part sums value * 2**(BIAS - 15): scale back (exact power of two)
         return s * (1 << (15 - EXP_BIAS)), tl.zeros_like(s)
     # part sums 1 + c_u / 2**BITS with c_u = c (+ 2**(BITS - 1) if signed); the weight is c - z
@@ -233,9 +290,13 @@ def chunk_qparams(s_rows, z_rows, n_ok, k, K, group_size, stride_sg, BITS: tl.co
 
 
 @triton.jit
-def load_words(ptrs, mask):
-    """One ``(BLOCK_N, T)`` uint32 word per lane from ``(BLOCK_N, T, 1)`` pointers."""
-    w = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
+def load_words(ptrs, mask, MASKED: tl.constexpr):
+    """One ``(BLOCK_N, T)`` uint32 word per lane from ``(BLOCK_N, T, 1)`` pointers (``MASKED``:
+    zero where ``mask`` is false)."""
+    if MASKED:
+        w = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
+    else:
+        w = tl.load(ptrs, eviction_policy="evict_first")
     return tl.reshape(w, (w.shape[0], w.shape[1])).to(tl.uint32, bitcast=True)
 
 
@@ -248,13 +309,62 @@ def accumulate(acc, part, xsum, s, zz, IS_FLOAT: tl.constexpr):
 
 
 @triton.jit
+def k_tile(acc, k0, w_ptrs, x_lane, m_ok, n_ok, s_rows, z_rows, offs_t, offs_w, K, K_WORDS,
+           group_size, stride_sg, field_mask, one_bits, field_mask_lo, one_bits_lo,
+           BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr,
+           IS_FLOAT: tl.constexpr, EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr,
+           EXP_BIAS: tl.constexpr, SCALE_PER_WORD: tl.constexpr, SCALE_FMT: tl.constexpr,
+           XV: tl.constexpr, MASKED: tl.constexpr):
+    """``acc`` plus the K-tile starting at activation ``k0``. ``MASKED``: rows past ``M`` or
+    ``N`` (``m_ok``, ``n_ok``) and weight words and activations past ``K`` read as zero;
+    otherwise every load is in range."""
+    UNIT: tl.constexpr = BITS == 3 or BITS == 6  # 3-word units (12-byte, not 16-byte aligned)
+    WORDS: tl.constexpr = 3 if UNIT else 4  # 32-bit words per lane and row in a tile
+    CHUNK: tl.constexpr = 96 // BITS if UNIT else 128 // BITS  # codes per lane and row in a tile
+    CPW: tl.constexpr = 96 // BITS if UNIT else 32 // BITS  # codes per scale step (SCALE_PER_WORD)
+    word0 = (k0 // CHUNK) * WORDS  # first word of this K-tile in each row
+    word = (word0 + offs_t * WORDS)[None, :, None] + offs_w[None, None, :]
+    if UNIT:
+        row_ok = n_ok[:, None, None]
+        w0 = load_words(w_ptrs + word0, row_ok & (word < K_WORDS), MASKED)
+        w1 = load_words(w_ptrs + (word0 + 1), row_ok & (word + 1 < K_WORDS), MASKED)
+        w2 = load_words(w_ptrs + (word0 + 2), row_ok & (word + 2 < K_WORDS), MASKED)
+        w3 = w2  # unused
+    else:
+        if MASKED:
+            w = tl.load(w_ptrs + word0, mask=n_ok[:, None, None] & (word < K_WORDS), other=0,
+                        eviction_policy="evict_first")
+        else:
+            w = tl.load(w_ptrs + word0, eviction_policy="evict_first")
+        w0, w1, w2, w3 = split4(w.to(tl.uint32, bitcast=True))  # (BLOCK_N, T) each
+    k_lane = (k0 + offs_t * CHUNK)[None, :, None]  # (1, T, 1)
+    if SCALE_PER_WORD:
+        for i in tl.static_range(CHUNK // CPW):
+            part, xsum = chunk_dot(w0, w1, w2, w3, field_mask, one_bits, field_mask_lo,
+                                   one_bits_lo, x_lane + k0, k_lane, m_ok, K, i * CPW, CPW, XV,
+                                   BITS, SIGNED, IS_FLOAT, EXP_BITS, MANT_BITS, MASKED)
+            s, zz = chunk_qparams(s_rows, z_rows, n_ok, k0 + offs_t * CHUNK + i * CPW, K,
+                                  group_size, stride_sg, BITS, SIGNED, HAS_ZERO, IS_FLOAT,
+                                  EXP_BIAS, SCALE_FMT, MASKED)
+            acc = accumulate(acc, part, xsum, s, zz, IS_FLOAT)
+    else:
+        part, xsum = chunk_dot(w0, w1, w2, w3, field_mask, one_bits, field_mask_lo, one_bits_lo,
+                               x_lane + k0, k_lane, m_ok, K, 0, CHUNK, XV, BITS, SIGNED, IS_FLOAT,
+                               EXP_BITS, MANT_BITS, MASKED)
+        s, zz = chunk_qparams(s_rows, z_rows, n_ok, k0 + offs_t * CHUNK, K, group_size, stride_sg,
+                              BITS, SIGNED, HAS_ZERO, IS_FLOAT, EXP_BIAS, SCALE_FMT, MASKED)
+        acc = accumulate(acc, part, xsum, s, zz, IS_FLOAT)
+    return acc
+
+
+@triton.jit
 def _dequant_gemv_kernel(
     # pointers
     x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, global_ptr, bias_ptr, out_ptr,
     # sizes
     M, N, K, K_WORDS, group_size, block_rows,
-    # code-to-float constants (see code_value)
-    field_mask, one_bits,
+    # code-to-float constants (see code_value; *_lo: the lower code of a pair, see chunk_dot)
+    field_mask, one_bits, field_mask_lo, one_bits_lo,
     # strides (qweight in 32-bit words)
     stride_xm, stride_qn, stride_sn, stride_sg, stride_zn, stride_om, stride_on,
     # quantization
@@ -273,14 +383,16 @@ def _dequant_gemv_kernel(
     UNIT: tl.constexpr = BITS == 3 or BITS == 6  # 3-word units (12-byte, not 16-byte aligned)
     WORDS: tl.constexpr = 3 if UNIT else 4  # 32-bit words per lane and row in a tile
     CHUNK: tl.constexpr = 96 // BITS if UNIT else 128 // BITS  # codes per lane and row in a tile
-    CPW: tl.constexpr = 96 // BITS if UNIT else 32 // BITS  # codes per scale step (SCALE_PER_WORD)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     offs_t = tl.arange(0, T)  # (T,) lanes along K
     n_ok = offs_n < N
-    rows64 = offs_n.to(tl.int64)  # N * row stride can exceed 2**31
     m_ok = (offs_m < M)[:, None, None]  # (M, 1, 1)
+    if BLOCK_M == 1:  # rows past N read the last row (never stored): no row masks needed
+        rows64 = tl.minimum(offs_n, N - 1).to(tl.int64)  # N * row stride can exceed 2**31
+    else:  # rows are masked (see the K loop below)
+        rows64 = offs_n.to(tl.int64)
     # each lane's chunk of every row: 4 contiguous words (128 bits), or a 3-word unit read as
     # three (BLOCK_N, T) tiles (12-byte units are not 16-byte aligned)
     offs_w = tl.arange(0, 1) if UNIT else tl.arange(0, 4)
@@ -291,40 +403,29 @@ def _dequant_gemv_kernel(
     s_rows = scales_ptr + (rows64 // block_rows) * stride_sn  # (BLOCK_N,)
     z_rows = qzeros_ptr + rows64 * stride_zn
 
-    # The code mask is computed, not a literal, so that ptxas keeps it in one register (LOP3 has
-    # a single immediate slot, which the exponent of 1.0 takes); as a literal, ptxas
-    # rematerialises it before most codes (~0.6 SASS per weight). K >= 0, so K >> 31 == 0.
+    # M = 1: whole K-tiles without masks (a masked load clears its registers first), then the
+    # ragged last tile with masks along K. More rows keep one masked loop: there a second copy
+    # of the loop body makes ptxas spill (fp32 activations, 3 or 4 rows).
+    TILE: tl.constexpr = T * CHUNK
     acc = tl.zeros((BLOCK_M, BLOCK_N, T), tl.float32)
-    for k0 in range(0, K, T * CHUNK):
-        word0 = (k0 // CHUNK) * WORDS  # first word of this K-tile in each row
-        word = (word0 + offs_t * WORDS)[None, :, None] + offs_w[None, None, :]
-        row_ok = n_ok[:, None, None]
-        if UNIT:
-            w0 = load_words(w_ptrs + word0, row_ok & (word < K_WORDS))
-            w1 = load_words(w_ptrs + (word0 + 1), row_ok & (word + 1 < K_WORDS))
-            w2 = load_words(w_ptrs + (word0 + 2), row_ok & (word + 2 < K_WORDS))
-            w3 = w2  # unused
-        else:
-            w = tl.load(w_ptrs + word0, mask=row_ok & (word < K_WORDS), other=0,
-                        eviction_policy="evict_first")
-            w0, w1, w2, w3 = split4(w.to(tl.uint32, bitcast=True))  # (BLOCK_N, T) each
-        k_lane = (k0 + offs_t * CHUNK)[None, :, None]  # (1, T, 1)
-        if SCALE_PER_WORD:
-            for i in tl.static_range(CHUNK // CPW):
-                part, xsum = chunk_dot(w0, w1, w2, w3, field_mask, one_bits, x_lane + k0, k_lane,
-                                       m_ok, K, i * CPW, CPW, XV, BITS, SIGNED, IS_FLOAT,
-                                       EXP_BITS, MANT_BITS)
-                s, zz = chunk_qparams(s_rows, z_rows, n_ok, k0 + offs_t * CHUNK + i * CPW, K,
-                                      group_size, stride_sg, BITS, SIGNED, HAS_ZERO, IS_FLOAT,
-                                      EXP_BIAS, SCALE_FMT)
-                acc = accumulate(acc, part, xsum, s, zz, IS_FLOAT)
-        else:
-            part, xsum = chunk_dot(w0, w1, w2, w3, field_mask, one_bits, x_lane + k0, k_lane,
-                                   m_ok, K, 0, CHUNK, XV, BITS, SIGNED, IS_FLOAT, EXP_BITS,
-                                   MANT_BITS)
-            s, zz = chunk_qparams(s_rows, z_rows, n_ok, k0 + offs_t * CHUNK, K, group_size,
-                                  stride_sg, BITS, SIGNED, HAS_ZERO, IS_FLOAT, EXP_BIAS, SCALE_FMT)
-            acc = accumulate(acc, part, xsum, s, zz, IS_FLOAT)
+    if BLOCK_M == 1:
+        k_full = (K // TILE) * TILE
+        for k0 in range(0, k_full, TILE):
+            acc = k_tile(acc, k0, w_ptrs, x_lane, m_ok, n_ok, s_rows, z_rows, offs_t, offs_w, K,
+                         K_WORDS, group_size, stride_sg, field_mask, one_bits, field_mask_lo,
+                         one_bits_lo, BITS, SIGNED, HAS_ZERO, IS_FLOAT, EXP_BITS, MANT_BITS,
+                         EXP_BIAS, SCALE_PER_WORD, SCALE_FMT, XV, False)
+        if k_full < K:
+            acc = k_tile(acc, k_full, w_ptrs, x_lane, m_ok, n_ok, s_rows, z_rows, offs_t, offs_w,
+                         K, K_WORDS, group_size, stride_sg, field_mask, one_bits, field_mask_lo,
+                         one_bits_lo, BITS, SIGNED, HAS_ZERO, IS_FLOAT, EXP_BITS, MANT_BITS,
+                         EXP_BIAS, SCALE_PER_WORD, SCALE_FMT, XV, True)
+    else:
+        for k0 in range(0, K, TILE):
+            acc = k_tile(acc, k0, w_ptrs, x_lane, m_ok, n_ok, s_rows, z_rows, offs_t, offs_w, K,
+                         K_WORDS, group_size, stride_sg, field_mask, one_bits, field_mask_lo,
+                         one_bits_lo, BITS, SIGNED, HAS_ZERO, IS_FLOAT, EXP_BITS, MANT_BITS,
+                         EXP_BIAS, SCALE_PER_WORD, SCALE_FMT, XV, True)
 
     y = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N): the only cross-lane reduction
     if SCALE_FMT == 2:  # e4m3 scales were summed as value * 2**-8 (chunk_scale): times 2**8 / g
@@ -358,11 +459,21 @@ class GemvConfig:
 
 
 # More activation rows: the tensor-core kernel amortises the dequantization better (sm90 SASS
-# per weight, int4 g128, 4096x4096: GEMV 5.0 / 6.3 / 9.0 / 17.6 at M = 1 / 2 / 4 / 8, the
-# 16-row tensor-core tile ~10 for any M <= 16).
+# per weight, int4 g128, 4096x4096: GEMV 3.9 / 5.7 / 8.6 at M = 1 / 2 / 3-4 and 17.6 at M = 8
+# when last measured there, the 16-row tensor-core tile ~10 for any M <= 16).
 MAX_M = 4
 ONE_BITS = 0x3F800000  # fp32 1.0
 SIGN_FLIP = 1 << 22  # the top mantissa bit, where a signed code's sign bit lands
+
+
+def code_constants(bits: int, signed: bool) -> tuple[int, int, int, int]:
+    """``field_mask, one_bits, field_mask_lo, one_bits_lo`` of :func:`_dequant_gemv_kernel`: the
+    masks of a code at the top ``bits`` mantissa bits and of one ``bits`` lower (the even code of
+    a pair), and the bits of 1.0 or-ed (signed codes: xor-ed, flipping the code's sign bit)
+    into them."""
+    field_mask = ((1 << bits) - 1) << (23 - bits)
+    flip = SIGN_FLIP if signed else 0
+    return field_mask, ONE_BITS | flip, field_mask >> bits, ONE_BITS | (flip >> bits)
 
 
 def weight_constexprs(scheme: QuantScheme) -> dict:
@@ -450,8 +561,7 @@ def plan_dequant_gemv(
         scales if global_scale is None else global_scale, x if bias is None else bias,
         out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
         M, N, K, row_bytes // 4, group_size, scheme.block_rows if scales.shape[0] > 1 else 1,
-        ((1 << bits) - 1) << (23 - bits),  # field_mask: the top `bits` mantissa bits
-        ONE_BITS | (SIGN_FLIP if scheme.dtype.is_int and not scheme.unsigned else 0),
+        *code_constants(bits, scheme.dtype.is_int and not scheme.unsigned),
         x.stride(0), words.stride(0), stride_sn, stride_sg, stride_zn, out.stride(0), out.stride(1),
     )
     constexprs = weight_constexprs(scheme) | dict(

@@ -86,11 +86,20 @@ def test_gemv_granularities(granularity: str, groupsize: int, bits: int,
     _run(scheme, 2, K_FOR_BITS[bits], x_dtype)
 
 
-@pytest.mark.parametrize("bits, k", [(4, 1100), (3, 1116), (8, 700)])
-def test_gemv_loops_over_k_tiles(bits: int, k: int) -> None:
-    """One warp (a 32-lane K-tile) walks several tiles and a ragged last one."""
-    scheme = QuantScheme(f"int{bits}", "per_group", 32, has_zero=True)
-    _run(scheme, 1, k, config=GemvConfig(1, 4, 1), bias=False)
+@pytest.mark.parametrize(
+    "name, has_zero, k, m",
+    [
+        ("int4", True, 1100, 1), ("int3", True, 1116, 1), ("int8", True, 700, 1),
+        ("int4", False, 1100, 3), ("int2", False, 2256, 1), ("int2", True, 2256, 3),
+        ("fp4", False, 1100, 1), ("int4", True, 2048, 3),
+    ],
+    ids=["int4", "int3", "int8", "int4-sym-m3", "int2-sym", "int2-m3", "fp4", "int4-no-tail-m3"],
+)
+def test_gemv_loops_over_k_tiles(name: str, has_zero: bool, k: int, m: int) -> None:
+    """One warp (a 32-lane K-tile) walks whole tiles without masks, then a ragged last one with
+    them (none where K is a whole number of tiles); rows past N and M are clamped into range."""
+    scheme = QuantScheme(name, "per_group", 32, has_zero=has_zero)
+    _run(scheme, m, k, config=GemvConfig(4 if m > 1 else 1, 4, 1), bias=False)
 
 
 def test_gemv_broadcast_qparams_and_no_bias() -> None:

@@ -144,7 +144,10 @@ def compile_spec(spec: CompileSpec, capability: int = 90) -> Any:
     from triton.compiler import ASTSource
 
     src = ASTSource(spec.jit_function(), spec.signature, spec.constexprs, spec.attrs)
-    options = dict(num_warps=spec.num_warps, num_stages=spec.num_stages)
+    from quantkit.kernels._launch import FP_FUSION
+
+    options = dict(num_warps=spec.num_warps, num_stages=spec.num_stages,
+                   enable_fp_fusion=FP_FUSION)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
 
 
