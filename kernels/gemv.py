@@ -43,10 +43,10 @@ weight leaves about 3.5 thread-instructions per element, so the loop must be lea
   Its products stay exact (11 + 2 bits + 1 significant bits); the sum keeps ``bits`` fewer
   bits of the code's contribution, about 2**-20 relative for int4, far below an fp16 output's
   2**-11. (8-bit pairs would not be exact, and 3-bit codes straddle words.)
-* Rows past ``N`` or ``M`` read the last row instead (never stored), so loads need no row
-  masks; at ``M = 1`` whole K-tiles are read without masks too (a masked load clears its
-  registers first) and only the ragged last K-tile carries them. (2- and 4-bit pairs and the
-  unmasked tiles stay at ``M = 1``: with more rows their extra registers make ptxas spill.)
+* At ``M = 1`` whole K-tiles are read without masks (a masked load clears its registers
+  first): weight rows past ``N`` read the last row instead (never stored) and only the ragged
+  last K-tile carries masks. (2- and 4-bit pairs and the unmasked tiles stay at ``M = 1``: with
+  more rows their extra registers make ptxas spill, so those rows keep masked loads.)
 * Float codes (fp4/fp8) are placed into fp16 bit positions (subnormals included, which fp16
   hardware converts exactly), widened to fp32 and scaled back by ``2**(15 - bias)``.
 * Scales and zero points are loaded once per chunk (or once per word for groups shorter than a
@@ -133,6 +133,15 @@ def field_at(w0, w1, w2, w3, J: tl.constexpr, BITS: tl.constexpr, TO: tl.constex
 
 
 @triton.jit
+def int_code_value(v, field_mask, one_bits, SIGNED: tl.constexpr):
+    """The fp32 whose bits are ``v``'s code field (``field_mask``) or-ed with ``one_bits``
+    (signed codes: xor-ed, which also flips the code's sign bit); see :func:`code_value`."""
+    if SIGNED:
+        return ((v & field_mask) ^ one_bits).to(tl.float32, bitcast=True)
+    return ((v & field_mask) | one_bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def code_value(w0, w1, w2, w3, field_mask, one_bits, J: tl.constexpr, BITS: tl.constexpr,
                SIGNED: tl.constexpr, IS_FLOAT: tl.constexpr, EXP_BITS: tl.constexpr,
                MANT_BITS: tl.constexpr):
@@ -155,10 +164,8 @@ def code_value(w0, w1, w2, w3, field_mask, one_bits, J: tl.constexpr, BITS: tl.c
         return h.to(tl.float32)
     else:
         TOP: tl.constexpr = 23 - BITS  # the field fills the top BITS mantissa bits
-        v = field_at(w0, w1, w2, w3, J, BITS, TOP) & field_mask
-        if SIGNED:
-            return (v ^ one_bits).to(tl.float32, bitcast=True)
-        return (v | one_bits).to(tl.float32, bitcast=True)
+        return int_code_value(field_at(w0, w1, w2, w3, J, BITS, TOP), field_mask, one_bits,
+                              SIGNED)
 
 
 @triton.jit
@@ -225,12 +232,8 @@ def chunk_dot(w0, w1, w2, w3, field_mask, one_bits, field_mask_lo, one_bits_lo, 
             for v in tl.static_range(0, XV, 2):
                 # the odd code at the top of the mantissa, the even one just below it
                 t = field_at(w0, w1, w2, w3, C + v + 1, BITS, 23 - BITS)
-                if SIGNED:
-                    f_hi = ((t & field_mask) ^ one_bits).to(tl.float32, bitcast=True)
-                    f_lo = ((t & field_mask_lo) ^ one_bits_lo).to(tl.float32, bitcast=True)
-                else:
-                    f_hi = ((t & field_mask) | one_bits).to(tl.float32, bitcast=True)
-                    f_lo = ((t & field_mask_lo) | one_bits_lo).to(tl.float32, bitcast=True)
+                f_hi = int_code_value(t, field_mask, one_bits, SIGNED)
+                f_lo = int_code_value(t, field_mask_lo, one_bits_lo, SIGNED)
                 part = add_product(part, f_hi, x_at(x0, x1, x2, x3, x4, x5, x6, x7, v + 1),
                                    xc == 0 and v == 0)
                 part_lo = add_product(part_lo, f_lo, x_at(x0, x1, x2, x3, x4, x5, x6, x7, v),
