@@ -214,6 +214,72 @@ def test_bad_tensor_inputs_are_clear_errors():
         gptq_quantize(W, bad, SCHEMES["int4-ch-sym"])
 
 
+def lstsq_scales(W, H, codes, zero, scheme, damp):
+    """Per row, the scales minimising (w - A s)^T (H + damp I) (w - A s), A (in, groups): the
+    row's values at unit scale, one column per group (float64, solved directly)."""
+    rows, cols = W.shape
+    H = H.double().clone()
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1.0
+    H.diagonal().add_(damp)
+    W = W.double().clone()
+    W[:, dead] = 0.0
+    unit = ref.dequantize(codes, torch.ones(scheme.scale_shape(rows, cols)), zero, scheme).double()
+    groups = ref.group_index(cols, scheme)  # (in,)
+    out = torch.empty(scheme.scale_shape(rows, cols), dtype=torch.float64)
+    for r in range(rows):
+        A = torch.zeros(cols, out.shape[1], dtype=torch.float64)
+        A[torch.arange(cols), groups] = unit[r]
+        out[r] = torch.linalg.solve(A.T @ H @ A, A.T @ H @ W[r])
+    return out
+
+
+@pytest.mark.parametrize("actorder", [False, True], ids=["natural", "actorder"])
+@pytest.mark.parametrize("scheme", ["int4-g32-sym", "int3-g40-asym", "int4-ch-asym", "fp4-g40"])
+def test_refit_scales_are_the_least_squares_optimum_for_the_codes(scheme, actorder):
+    scheme = SCHEMES[scheme]
+    W, H = problem(rows=32, cols=96, seed=4)
+    codes0, scale0, zero0, plain = gptq_quantize(W, H, scheme, 32, 0.01, actorder)
+    codes, scale, zero, stats = gptq_quantize(W, H, scheme, 32, 0.01, actorder, refit=1)
+    assert torch.equal(codes, codes0) and (zero is None or torch.equal(zero, zero0))  # only the scales move
+    assert stats.refit_rounds == 1 and stats.refit_rows > 0
+    assert torch.equal(ref.dequantize(codes, scale, zero, scheme), stats.weight)
+    assert torch.equal(scale, scale.half().float())  # still storage-rounded
+    best = lstsq_scales(W, H, codes, zero, scheme, stats.damp).float()
+    changed = (scale != scale0).any(dim=1)  # rows that took the refit (the rest: no gain after rounding)
+    assert changed.sum() == stats.refit_rows
+    assert torch.allclose(scale[changed], best[changed], rtol=2e-3, atol=0)  # float16 rounding of the optimum
+    assert stats.loss < plain.loss
+
+
+def test_refit_rounds_lower_the_loss_and_stop_when_it_stops_falling():
+    scheme = SCHEMES["int3-g40-asym"]
+    W, H = problem(rows=48, cols=96, seed=5)
+    losses = [gptq_quantize(W, H, scheme, 32, 0.01, True, refit=r)[3] for r in (0, 1, 3)]
+    assert losses[0].loss > losses[1].loss >= losses[2].loss
+    assert losses[2].refit_rounds in (2, 3) and losses[1].refit_rounds == 1 and losses[0].refit_rounds == 0
+    again = gptq_quantize(W, H, scheme, 32, 0.01, True, refit=50)[3]  # stops once a round gains nothing
+    assert again.refit_rounds < 50 and again.loss <= losses[2].loss
+
+
+def test_given_qparams_are_the_static_groups():
+    scheme = SCHEMES["int3-g40-asym"]
+    W, H = problem(seed=6)
+    codes, scale, zero, _ = gptq_quantize(W, H, scheme, 32, 0.01, True)
+    live = W * (H.diagonal() != 0)  # GPTQ sets the weights of dead inputs to 0 first
+    again = gptq_quantize(W, H, scheme, 32, 0.01, True, qparams=weight_qparams(live, scheme))
+    assert torch.equal(again[0], codes) and torch.equal(again[1], scale) and torch.equal(again[2], zero)
+
+
+def test_refit_refuses_scales_fixed_by_their_format():
+    for scheme in (QuantScheme("mxfp4", "per_group", 32), QuantScheme("nvfp4", "per_group", 16)):
+        with pytest.raises(ValueError, match="refit"):
+            gptq_quantize(*problem(), scheme, refit=1)
+    with pytest.raises(ConfigError, match="algo.refit_scales"):
+        gptq(DTypeConfig("mxfp4"), refit_scales=1, groupsize=32)
+    gptq(DTypeConfig("mxfp4"), refit_scales=0, groupsize=32)  # off: fine
+
+
 @pytest.mark.parametrize(
     "kwargs, key",
     [
@@ -224,6 +290,8 @@ def test_bad_tensor_inputs_are_clear_errors():
         ({"groupsize": 0}, "algo.groupsize"),
         ({"actorder": True, "static_groups": False}, "algo.static_groups"),
         ({"a_qtype": "per_group"}, "algo.a_qtype"),
+        ({"refit_scales": -1}, "algo.refit_scales"),
+        ({"refit_scales": True}, "algo.refit_scales"),
     ],
     ids=lambda v: str(v),
 )
@@ -285,6 +353,14 @@ def test_end_to_end_quantizes_every_block_linear(tiny_llama, caplog):
     with torch.no_grad():
         out, ref_out = model(ids).logits, fp(ids).logits
     assert torch.isfinite(out).all() and not torch.equal(out, ref_out)
+
+
+def test_end_to_end_refit_logs_its_rounds(tiny_llama, caplog):
+    with caplog.at_level(logging.INFO, logger="quantkit.algorithms.gptq"):
+        quantize_model(tiny_llama(), get_arch("llama"), gptq(actorder=True, refit_scales=2), samples(), "cpu",
+                       progress=False)
+    logs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("gptq ")]
+    assert logs and all("scale refit round(s)" in m for m in logs)
 
 
 def test_static_activation_scales_with_the_composite_observer(tiny_llama):

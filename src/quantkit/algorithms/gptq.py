@@ -60,7 +60,7 @@ from quantkit.algorithms.smoothquant import check_alpha, search_and_fold, smooth
 from quantkit.algorithms.registry import register
 from quantkit.config import ConfigError, DTypeConfig, check, check_choice, check_groupsize
 from quantkit.layers import LayerScheme
-from quantkit.quant_linear import MSERange, QuantLinear, weight_qparams
+from quantkit.quant_linear import MSERange, QuantLinear, storage_scale, weight_qparams
 from quantkit.reference import dequantize, expand_to_cols, global_scale, quantize, round_to_int_grid
 from quantkit.scheme import QuantScheme
 
@@ -92,6 +92,7 @@ class GPTQConfig:
     mse_grid: int = MSERange.n_grid
     mse_max_shrink: float = MSERange.max_shrink
     mse_norm: float = MSERange.norm
+    refit_scales: int = 0
 
     def __post_init__(self) -> None:
         check_observer_keys(self)
@@ -104,6 +105,8 @@ class GPTQConfig:
         check(not self.gqa_fold or self.pre is not None,
               "algo.gqa_fold=true acts only with algo.pre (smoothquant or awq: the scales it folds); set it to false")
         check_groupsize("algo.groupsize", self.groupsize)
+        check(isinstance(self.refit_scales, int) and not isinstance(self.refit_scales, bool) and self.refit_scales >= 0,
+              f"algo.refit_scales={self.refit_scales!r} must be an integer >= 0 (0: off; n: rounds of rounding + scale refit)")
         check(self.blocksize >= 1, f"algo.blocksize={self.blocksize} must be >= 1 (columns updated at once)")
         check(0.0 < self.percdamp <= 1.0,
               f"algo.percdamp={self.percdamp} must be in (0, 1] (fraction of the mean Hessian diagonal)")
@@ -127,6 +130,8 @@ class GPTQStats:
     dead_columns: int  # inputs that were always zero (H_ii == 0): weights set to 0
     weight: torch.Tensor  # (out, in) float32: the GPTQ weight, == dequantize(codes, scale, zero)
     global_scale: torch.Tensor | None = None  # (1, 1) fp32 per-tensor scale of e4m3 scales
+    refit_rows: int = 0  # rows whose scales the last refit changed
+    refit_rounds: int = 0  # rounding + refit rounds kept (each lowered the loss)
 
 
 # --- pure tensor functions ------------------------------------------------------------------
@@ -228,6 +233,8 @@ def gptq_quantize(
     static_groups: bool = True,
     name: str = "weight",
     mse: MSERange | None = None,
+    refit: int = 0,
+    qparams: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, GPTQStats]:
     """GPTQ-quantize ``W (out, in)`` given the Hessian ``H (in, in)`` of its inputs.
 
@@ -238,6 +245,11 @@ def gptq_quantize(
     with ``actorder``; ``actorder`` with ``per_group`` requires it. ``name`` labels log lines.
     ``mse``: every scale from the range search of :class:`~quantkit.quant_linear.MSERange`
     (of the group's current, error-updated weights where groups are dynamic) instead of min/max.
+    ``refit`` rounds (free-valued scale formats only): after the rounding, :func:`refit_scales`
+    moves every row's scales to the minimum of the damped objective for the codes found; each
+    further round runs GPTQ again on the refit scales (fixed, as static groups) and refits, and is
+    kept only while the loss falls. ``qparams``: ``(scale, zero)`` to round with instead of
+    computing them (storage-rounded, ``scheme.scale_shape``).
     """
     rows, cols = W.shape
     if H.shape != (cols, cols):
@@ -251,13 +263,18 @@ def gptq_quantize(
         raise ValueError(f"gptq {name}: actorder with per_group needs static_groups (contiguous group layout)")
     if not bool(torch.isfinite(H).all()):
         raise ValueError(f"gptq {name}: the Hessian contains NaN or inf (non-finite calibration inputs?)")
+    if refit < 0:
+        raise ValueError(f"gptq {name}: refit={refit} must be >= 0")
+    if refit:
+        check_refit_scheme(scheme, f"gptq {name}: refit")
     W_in, H_in = W.detach().float(), H.detach().float()
     W, H = W_in.clone(), H_in.clone()  # (out, in), (in, in)
     dead = H.diagonal() == 0  # inputs that were always zero: any weight is as good, take 0
     H.diagonal()[dead] = 1.0
     W[:, dead] = 0.0
 
-    dynamic = per_group and not actorder  # group params from the error-updated weights
+    W_fit, H_fit = (W.clone(), H.clone()) if refit else (None, None)  # the objective, original order
+    dynamic = per_group and not actorder and qparams is None  # group params from the error-updated weights
     g = scheme.group_cols(cols)
     col_quant = _ColumnQuantizer(scheme)
     glob = global_scale(W, scheme)  # e4m3 scales: fixed before any column changes
@@ -266,7 +283,7 @@ def gptq_quantize(
         scale = torch.ones(shape, dtype=torch.float32, device=W.device)
         zero = torch.zeros(shape, dtype=torch.int32, device=W.device) if scheme.has_zero else None
     else:  # per channel/tensor, or static groups: fixed up front from the original order
-        scale, zero = weight_qparams(W, scheme, glob, mse)
+        scale, zero = qparams if qparams is not None else weight_qparams(W, scheme, glob, mse)
         col_scale = expand_to_cols(scale, rows, cols, scheme)  # (out, in) view
         col_zero = expand_to_cols(zero, rows, cols, scheme).float() if zero is not None else None
 
@@ -313,12 +330,90 @@ def gptq_quantize(
         Q, codes = Q[:, inv], codes[:, inv]
     if scheme.dtype.is_int:
         codes = codes.to(torch.int8 if scheme.qmin < 0 else torch.uint8)
+    refit_rows = 0
+    if refit:  # the damped objective GPTQ minimised, for the codes it chose
+        H_fit.diagonal().add_(damp)
+        scale, refit_rows = refit_scales(W_fit, H_fit, codes, scale, zero, scheme)
+        Q = dequantize(codes, scale, zero, scheme)
+        del W_fit, H_fit
     E = W_in - Q  # (out, in)
     loss = float((E @ H_in * E).sum())
     energy = float((W_in @ H_in * W_in).sum())  # tr(W H W^T)
     stats = GPTQStats(loss, loss / energy if energy > 0 else 0.0, damp, percdamp * DAMP_GROWTH**raises,
-                      raises, int(dead.sum()), Q, glob)
-    return codes, scale, zero, stats
+                      raises, int(dead.sum()), Q, glob, refit_rows, int(refit > 0))
+    result = codes, scale, zero, stats
+    for _ in range(refit - 1):  # round again with the refit scales, while that lowers the loss
+        again = gptq_quantize(W_in, H_in, scheme, blocksize, percdamp, actorder, static_groups, name, mse,
+                              refit=1, qparams=(result[1], result[2]))
+        if not again[3].loss < result[3].loss:
+            break
+        again[3].refit_rounds = result[3].refit_rounds + 1
+        result = again
+    return result
+
+
+REFIT_CHUNK_ELEMENTS = 2**24  # refit_scales: rows per chunk so its (rows, in, groups) product stays ~64 MiB
+REFIT_SCALE_FORMATS = ("float16", "float32")  # free-valued scales (e8m0 / e4m3 are fixed by their rule)
+
+
+def check_refit_scheme(scheme: QuantScheme, label: str = "algo.refit_scales") -> None:
+    """Refuse a scheme whose scales :func:`refit_scales` cannot move (ValueError naming it)."""
+    if (scheme.scale_format not in REFIT_SCALE_FORMATS or scheme.block_rows != 1
+            or scheme.granularity not in ("per_channel", "per_group")):
+        raise ValueError(f"{label} refits free-valued scales of one row each (per_channel or per_group, "
+                         f"{' or '.join(REFIT_SCALE_FORMATS)} scale format, one row per block); "
+                         f"{scheme.describe()} is {scheme.granularity} with {scheme.scale_format} scales "
+                         f"and {scheme.block_rows}-row blocks")
+
+
+def refit_scales(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                 zero: torch.Tensor | None, scheme: QuantScheme) -> tuple[torch.Tensor, int]:
+    """The per-group scales that minimise GPTQ's objective for fixed codes (zeros stay).
+
+    With the codes fixed, a row's dequantized weight ``sum_g s_g u_g`` (``u_g``: the group's
+    values at unit scale, ``q - z`` or the float grid's ``value(q)``, zero outside group ``g``)
+    is linear in its scales, so ``(w - sum_g s_g u_g)^T H (w - sum_g s_g u_g)`` has its minimum
+    at the solution of ``M s = b``, ``M_gh = u_g^T H u_h`` and ``b_g = u_g^T H w`` (one small
+    system per row, groups coupled through ``H``). This is the scalar version of GPTVQ's
+    codebook update after GPTQ's rounding. The solution is rounded to the storage format and a
+    row keeps its old scales unless the rounded ones lower its error, so no row gets worse.
+
+    ``W (out, in)`` and ``H (in, in)``: the weight and the (damped) Hessian GPTQ used; ``codes``,
+    ``scale``, ``zero``: its result. Returns ``(scale, rows changed)``; ``scale`` storage-rounded.
+    """
+    check_refit_scheme(scheme, "refit_scales")
+    rows, cols = W.shape
+    g = scheme.group_cols(cols)
+    G = scheme.num_groups(cols)
+    pad = G * g - cols  # a shorter last group: zero columns that no scale reaches
+    unit = dequantize(codes, torch.ones_like(scale), zero, scheme)  # (out, in) values at scale 1
+    W, H = W.float(), H.float()
+    out = scale.clone()
+    changed = 0
+    chunk = max(1, REFIT_CHUNK_ELEMENTS // (cols * G))
+    Hg = torch.nn.functional.pad(H, (0, pad)).reshape(cols, G, g)  # (in, G, g): H's columns by group
+    for r0 in range(0, rows, chunk):
+        r1 = min(r0 + chunk, rows)
+        u = torch.nn.functional.pad(unit[r0:r1], (0, pad)).reshape(r1 - r0, G, g)  # (r, G, g)
+        Hu = torch.einsum("khb,rhb->rkh", Hg, u)  # (r, in, G): H u_h for every group h
+        Hu = torch.nn.functional.pad(Hu, (0, 0, 0, pad)).reshape(r1 - r0, G, g, G)
+        M = torch.einsum("rga,rgah->rgh", u, Hu)  # (r, G, G)
+        b = torch.einsum("rga,rga->rg", u, torch.nn.functional.pad(W[r0:r1] @ H, (0, pad)).reshape(-1, G, g))
+        s0 = scale[r0:r1].float()  # (r, G)
+        empty = u.abs().sum(-1) == 0  # groups whose codes all sit at zero: any scale is as good
+        M = M + torch.diag_embed(empty.float())  # pin them (with b = s0) to their old scale
+        M = M.masked_fill(empty[:, :, None] & ~torch.eye(G, dtype=torch.bool, device=M.device), 0.0)
+        M = M.masked_fill(empty[:, None, :] & ~torch.eye(G, dtype=torch.bool, device=M.device), 0.0)
+        b = torch.where(empty, s0, b)
+        s = torch.linalg.solve(M.double(), b.double()[..., None])[..., 0].float()  # (r, G)
+        s = storage_scale(torch.where(torch.isfinite(s) & (s > 0), s, s0), scheme)
+        def err(sc: torch.Tensor) -> torch.Tensor:  # (r,) the row's objective with scales sc
+            e = W[r0:r1] - (u * sc[..., None]).reshape(r1 - r0, -1)[:, :cols]
+            return (e @ H * e).sum(-1)
+        better = err(s) < err(s0)  # (r,)
+        out[r0:r1] = torch.where(better[:, None], s, s0)
+        changed += int(better.sum())
+    return out, changed
 
 
 @contextmanager
@@ -419,8 +514,13 @@ class GPTQ(Algorithm):
     def build_schemes(self, config: Any, w_dtype: DTypeConfig, a_dtype: DTypeConfig
                       ) -> tuple[QuantScheme | None, QuantScheme | None, QuantScheme | None]:
         qtype = "per_group" if config.groupsize > 0 else "per_channel"
-        return (weight_scheme(w_dtype, qtype, config.groupsize, default_granularity(config)),
-                activation_scheme(a_dtype, config.a_qtype), None)
+        w_scheme = weight_scheme(w_dtype, qtype, config.groupsize, default_granularity(config))
+        if config.refit_scales > 0 and w_scheme is not None:  # here, so a layers rule's dtype is checked too
+            try:
+                check_refit_scheme(w_scheme)
+            except ValueError as e:
+                raise ConfigError(f"{e}; set algo.refit_scales=0 for w_dtype={w_dtype.name}") from None
+        return w_scheme, activation_scheme(a_dtype, config.a_qtype), None
 
     def calibrates(self, scheme: LayerScheme) -> bool:
         return scheme.w is not None
@@ -483,7 +583,7 @@ class GPTQ(Algorithm):
         t0 = time.perf_counter()
         codes, scale, zero, stats = gptq_quantize(
             linear.weight, observer.H, scheme, cfg.blocksize, cfg.percdamp, cfg.actorder, cfg.static_groups, label,
-            mse_range(cfg),
+            mse_range(cfg), cfg.refit_scales,
         )
         weight = linear.weight
         module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, scheme,
@@ -496,6 +596,8 @@ class GPTQ(Algorithm):
             module.act_scale.copy_(act_scale.reshape(1, 1))
             if act_zero is not None:
                 module.act_zero.copy_(act_zero.reshape(1, 1))
-        log.info("gptq %s: error %.4g (relative %.3g), damping %.3g (percdamp %.3g), %.2f s",
-                 label, stats.loss, stats.rel_loss, stats.damp, stats.percdamp, time.perf_counter() - t0)
+        refit = (f", {stats.refit_rounds} scale refit round(s), the last changing {stats.refit_rows}/"
+                 f"{linear.out_features} rows" if cfg.refit_scales else "")
+        log.info("gptq %s: error %.4g (relative %.3g), damping %.3g (percdamp %.3g)%s, %.2f s",
+                 label, stats.loss, stats.rel_loss, stats.damp, stats.percdamp, refit, time.perf_counter() - t0)
         return module
