@@ -12,7 +12,9 @@ Two tables, all measured in one process (timers and references: ``scripts/benchl
    cuBLAS, quantkit's dequant GEMM/GEMV on int2/int3/int4/int8/fp4/fp8 weight grids, W8A8 int8
    and fp8 (GEMM on given codes, and the whole ``QuantLinear`` forward with the per-token
    activation quantization), SmoothQuant's fused smoothing + quantization, and
-   ``torch._int_mm`` / ``torch._scaled_mm`` / ``torch._weight_int4pack_mm``. Columns: the config
+   ``torch._int_mm`` / ``torch._scaled_mm`` / ``torch._weight_int4pack_mm``, and (extra
+   ``gemv_block_n``, M <= 4) the decode GEMV with other rows per program than the planner's
+   (``bench_matmul_cases.GEMV_BLOCK_NS``: an A/B the static sm90 numbers cannot settle). Columns: the config
    the dispatcher chose, the timer (rows with M <= 16 replay a CUDA graph over operand copies
    larger than the L2, so neither the host nor the L2 flatters them; others use ``do_bench``),
    median ms (p20-p80), GB/s and % copy, TFLOP/s (TOPS for int8) and % of the dense peak of
@@ -79,7 +81,7 @@ W4 = ("int4-g128-asym",)
 # deadline cuts the last ones): everything the targets of issue 12 need, then the other grids.
 CHECK_PLAN = [
     ((4096, 4096), "fp16", ("int4-g128-asym", "int8-channel"), cases.EXTRAS),
-    ((14336, 4096), "fp16", W4, ("w8a8", "vendor")),
+    ((14336, 4096), "fp16", W4, ("w8a8", "vendor", "gemv_block_n")),
     ((4096, 4096), "fp16", ("int4-g128", "int3-g128-asym", "int2-g128-asym", "fp4-g32",
                             "fp8-channel"), ()),
     ((4096, 4096), "bf16", W4, ("vendor",)),
@@ -174,6 +176,8 @@ def _block_cases(x: torch.Tensor, w: torch.Tensor, grids: tuple[str, ...],
             builders.append(lambda: cases.w8a8_cases(x, w, backend, fp8=True))
         if "smoothquant" in extras:
             builders.append(lambda: cases.smoothquant_cases(x, w, backend))
+        if "gemv_block_n" in extras:  # the planner's first grid (int4 g128 asym in the presets)
+            builders += [lambda g=g: cases.gemv_block_n_cases(x, w, g, backend) for g in grids[:1]]
     if "vendor" in extras:
         builders.append(lambda: cases.vendor_cases(x, w))
     return builders

@@ -48,7 +48,12 @@ GRIDS: dict[str, QuantScheme] = {
     "fp8-block128": QuantScheme("fp8_block", "per_group", 128, block_rows=128),
 }
 BLOCK_GRIDS = ("mxfp4", "nvfp4", "mxfp6_e3m2", "mxfp8", "fp8-block128")
-EXTRAS = ("w8a8", "fp8", "smoothquant", "vendor")
+EXTRAS = ("w8a8", "fp8", "smoothquant", "vendor", "gemv_block_n")
+# Rows per program the decode GEMV is also timed with (extra "gemv_block_n", M <= 4): at M = 1
+# the planner takes 8; 16 lowers the sm90 loop from 3.86 to 3.55 SASS per int4 weight (the x
+# loads, conversions and sums shared by twice the rows) but needs 255 registers instead of 128,
+# half the warps per SM. Which wins is a question for the hardware.
+GEMV_BLOCK_NS = (4, 16)
 A8 = QuantScheme("int8", "per_token")
 W8 = QuantScheme("int8", "per_channel")
 F8A = QuantScheme("fp8", "per_token")
@@ -186,6 +191,48 @@ def dequant_case(x: torch.Tensor, w: torch.Tensor, grid: str, backend: str) -> C
     moved = nbytes(x, q.qweight, q.scales, q.qzeros, q.global_scale) + M * N * x.element_size()
     return Case(f"quantkit {scheme.describe()}", "quantkit", PEAK_KIND[x.dtype], make, moved,
                 2 * M * N * K, dequant_config(x, q), err)
+
+
+def gemv_block_n_cases(x: torch.Tensor, w: torch.Tensor, grid: str, backend: str) -> list[Case]:
+    """The decode GEMV with each of :data:`GEMV_BLOCK_NS` rows per program other than the
+    planner's (none where the GEMV does not serve these operands, e.g. more than 4 rows)."""
+    from quantkit.kernels._launch import Target, run_all
+    from quantkit.kernels.gemv import MAX_M, GemvConfig, gemv_config, plan_dequant_gemv
+
+    scheme = GRIDS[grid]
+    M, K = x.shape
+    N = w.shape[0]
+    if backend != "triton" or M > MAX_M:
+        return []
+    q = QuantLinear.from_linear(_linear(w), scheme)
+    target = Target.of(x.device)
+    chosen = gemv_config(M, N, K, scheme.bits, target, x.element_size())
+    want = ops.quant_linear_matmul(x, q.qweight, q.scales, q.qzeros, None, scheme, backend="torch",
+                                   global_scale=q.global_scale)
+    moved = nbytes(x, q.qweight, q.scales, q.qzeros, q.global_scale) + M * N * x.element_size()
+    out: list[Case] = []
+    for block_n in GEMV_BLOCK_NS:
+        if block_n == chosen.block_n:
+            continue
+        cfg = GemvConfig(chosen.block_m, block_n, chosen.num_warps)
+
+        def make(cfg: GemvConfig = cfg) -> Callable[[], Any]:
+            c = _clone(q)
+            planned = plan_dequant_gemv(x, c.qweight, c.scales, c.qzeros, None, scheme, target, config=cfg,
+                                        global_scale=c.global_scale)
+            if planned is None:
+                raise ValueError(f"the GEMV does not serve {scheme.describe()} at M={M}")
+            y, launches = planned
+
+            def call() -> torch.Tensor:
+                run_all(launches, x.device)
+                return y
+            return call
+
+        err = rel_err(make()(), want)
+        out.append(Case(f"quantkit {scheme.describe()} GEMV block_n={block_n}", "quantkit", PEAK_KIND[x.dtype],
+                        make, moved, 2 * M * N * K, format_config(cfg), err))
+    return out
 
 
 def w8a8_cases(x: torch.Tensor, w: torch.Tensor, backend: str, fp8: bool) -> list[Case]:

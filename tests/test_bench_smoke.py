@@ -63,8 +63,13 @@ def test_bench_kernels_smoke_writes_markdown_and_json(tmp_path: Path) -> None:
                   "quantkit w8a8 int8 + per-token quant (QuantLinear)",
                   "quantkit fp8 + per-token quant (QuantLinear)",
                   "quantkit smooth_quantize int8 per-token", "quantkit smooth_quantize + int8 GEMM",
-                  "torch._int_mm (int32 out, no scales)", "torch._weight_int4pack_mm (tinygemm)"):
+                  "torch._int_mm (int32 out, no scales)", "torch._weight_int4pack_mm (tinygemm)",
+                  "quantkit int4 g128 asym GEMV block_n=4", "quantkit int4 g128 asym GEMV block_n=16"):
         assert label in kernels, label
+    # the GEMV variants time the decode kernel only (M <= 4) with the rows per program they name
+    variants = [row for row in mm if " GEMV block_n=" in row[0]]
+    assert {row[1] for row in variants} == {"1"}
+    assert all(row[2] == f"bm1 bn{row[0].rsplit('=', 1)[1]} w1" for row in variants), variants
     assert {row[1] for row in mm} == {"1", "16"}
     # the dispatcher's config is printed: GEMV tiles at M=1, 16-row tensor-core tiles at M=16
     w4 = {row[1]: row[2] for row in mm if row[0] == "quantkit int4 g128 asym"}
