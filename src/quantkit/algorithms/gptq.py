@@ -27,6 +27,11 @@ Ranges (``observer``): ``minmax`` takes each group's scale from its min/max; ``m
 a clipped range per group (:class:`~quantkit.quant_linear.MSERange`: the GPTQ reference
 quantizer's ``mse=True``, QuaRot's weight clipping), wherever the group parameters are computed.
 
+Scale refit (``refit_scales``): with the codes fixed, the dequantized weight is linear in the
+group scales, so the scales that minimise GPTQ's objective for the codes found are the solution
+of one small linear system per row (:func:`refit_scales`, GPTVQ's codebook update in scalar
+form); further rounds run GPTQ again with those scales fixed and refit, while the loss falls.
+
 Compositions (``pre``): ``pre=smoothquant`` (SmoothQuant+GPTQ, with ``alpha``) or ``pre=awq``
 (AWQ+GPTQ: AWQ's scale search with ``awq.yaml``'s defaults, no clip search, GPTQ does the
 rounding) transform each linear group in :meth:`GPTQ.prepare_group`: per-input-channel scales
