@@ -406,9 +406,8 @@ def refit_scales(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scale: t
         b = torch.einsum("rga,rga->rg", u, torch.nn.functional.pad(W[r0:r1] @ H, (0, pad)).reshape(-1, G, g))
         s0 = scale[r0:r1].float()  # (r, G)
         empty = u.abs().sum(-1) == 0  # groups whose codes all sit at zero: any scale is as good
-        M = M + torch.diag_embed(empty.float())  # pin them (with b = s0) to their old scale
-        M = M.masked_fill(empty[:, :, None] & ~torch.eye(G, dtype=torch.bool, device=M.device), 0.0)
-        M = M.masked_fill(empty[:, None, :] & ~torch.eye(G, dtype=torch.bool, device=M.device), 0.0)
+        pin = empty[:, :, None] | empty[:, None, :]  # their rows and columns of M become the
+        M = torch.where(pin, torch.eye(G, device=M.device).expand_as(M), M)  # identity's, with b = s0
         b = torch.where(empty, s0, b)
         s = torch.linalg.solve(M.double(), b.double()[..., None])[..., 0].float()  # (r, G)
         s = storage_scale(torch.where(torch.isfinite(s) & (s > 0), s, s0), scheme)
