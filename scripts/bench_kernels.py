@@ -176,7 +176,7 @@ def _block_cases(x: torch.Tensor, w: torch.Tensor, grids: tuple[str, ...],
             builders.append(lambda: cases.w8a8_cases(x, w, backend, fp8=True))
         if "smoothquant" in extras:
             builders.append(lambda: cases.smoothquant_cases(x, w, backend))
-        if "gemv_block_n" in extras:  # the planner's first grid (int4 g128 asym in the presets)
+        if "gemv_block_n" in extras:  # on the block's first grid (int4 g128 asym in the presets)
             builders += [lambda g=g: cases.gemv_block_n_cases(x, w, g, backend) for g in grids[:1]]
     if "vendor" in extras:
         builders.append(lambda: cases.vendor_cases(x, w))
