@@ -182,12 +182,13 @@ def _algorithm(name: str):
         "rtn": (RTNConfig(groupsize=32), INT4, FP16),
         "awq": (AWQConfig(groupsize=32, n_grid=5), INT4, FP16),
         "gptq": (GPTQConfig(groupsize=32), INT4, FP16),
+        "gptaq": (GPTQConfig(groupsize=32, float_target=0.25), INT4, FP16),  # the full-precision stream too
         "smoothquant": (SmoothQuantConfig(alpha=0.5), INT8, INT8),
     }
     return build_algorithm(*configs[name])
 
 
-@pytest.mark.parametrize("algo", ["rtn", "awq", "gptq", "smoothquant"])
+@pytest.mark.parametrize("algo", ["rtn", "awq", "gptq", "gptaq", "smoothquant"])
 @pytest.mark.parametrize("kind", NEW)
 def test_every_algorithm_quantizes_every_block_linear_of_the_new_families(kind, algo):
     model = build(kind)

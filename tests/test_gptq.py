@@ -19,7 +19,9 @@ from torch import nn
 from quantkit import models
 from quantkit import reference as ref
 from quantkit.algorithms import gptq as gptq_mod
-from quantkit.algorithms.gptq import GPTQConfig, accumulate_hessian, gptq_quantize, inverse_hessian_factor
+from quantkit.algorithms.gptq import (
+    GPTQConfig, HessianObserver, accumulate_hessian, float_target_weight, gptq_quantize, inverse_hessian_factor,
+)
 from quantkit.algorithms.registry import build_algorithm
 from quantkit.arch import get_arch
 from quantkit.config import ConfigError, DTypeConfig, build
@@ -171,6 +173,94 @@ def test_accumulate_hessian_is_the_running_mean_of_2xxT():
     assert n2 == 30 and torch.equal(H2, H)
 
 
+def _streams(tokens=512, cols=24, seed=0):
+    """Full-precision inputs and a quantized model's inputs of the same tokens (correlated errors)."""
+    g = torch.Generator().manual_seed(seed)
+    x_fp = correlated_inputs(tokens, cols, seed)
+    x_q = x_fp + 0.3 * torch.randn(tokens, cols, generator=g) @ torch.randn(cols, cols, generator=g) / cols ** 0.5
+    return x_fp, x_q
+
+
+def _moments(x_fp, x_q, batches=4):
+    H = D = None
+    n = 0
+    for fp, q in zip(x_fp.chunk(batches), x_q.chunk(batches)):
+        D, _ = accumulate_hessian(D, n, q, left=fp - q)
+        H, n = accumulate_hessian(H, n, q)
+    return H, D
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.25])
+def test_float_target_weight_is_the_damped_least_squares_fit(alpha):
+    x_fp, x_q = _streams()
+    W = torch.randn(10, x_fp.shape[1], generator=torch.Generator().manual_seed(3))
+    H, D = _moments(x_fp, x_q)
+    got = float_target_weight(W, H, D, alpha, percdamp=0.01)
+    n = x_q.shape[0]
+    fp, q, Wd = x_fp.double(), x_q.double(), W.double()
+    Hd = 2 / n * q.T @ q
+    damp = 0.01 * Hd.diagonal().mean()
+    # argmin_W' 2/n ||x_fp W^T - x_q W'^T||^2 + damp ||W' - W||^2
+    fit = torch.linalg.solve(Hd + damp * torch.eye(len(Hd), dtype=torch.float64),
+                             2 / n * q.T @ fp @ Wd.T + damp * Wd.T).T
+    want = Wd + alpha * (fit - Wd)
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert not torch.allclose(got, W, atol=1e-2)
+
+
+def test_float_target_weight_is_the_weight_when_the_streams_agree():
+    x_fp, _ = _streams()
+    W = torch.randn(10, x_fp.shape[1])
+    H, D = _moments(x_fp, x_fp)
+    assert torch.count_nonzero(D) == 0 and torch.equal(float_target_weight(W, H, D, 1.0), W)
+    with pytest.raises(ValueError, match="float target needs H and D"):
+        float_target_weight(W, H, D[:-1], 1.0)
+
+
+@pytest.mark.parametrize("scheme", ["int4-g32-sym", "int3-g40-asym"])
+def test_gptq_on_the_float_target_lowers_the_asymmetric_error(scheme):
+    """GPTQ rounding W' instead of W reproduces the full-precision outputs better from the quantized inputs."""
+    x_fp, x_q = _streams(tokens=1024, cols=64, seed=1)
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
+    H, D = _moments(x_fp, x_q)
+
+    def asymmetric_error(target):
+        codes, scale, zero, _ = gptq_quantize(target, H, SCHEMES[scheme], actorder=True)
+        Q = ref.dequantize(codes, scale, zero, SCHEMES[scheme])
+        return (x_fp @ W.T - x_q @ Q.T).square().sum().item()
+
+    plain, asym = asymmetric_error(W), asymmetric_error(float_target_weight(W, H, D, 1.0))
+    assert asym < 0.9 * plain, (asym, plain)
+
+
+def test_float_inputs_pair_with_one_batch_each():
+    observer = HessianObserver("q_proj", float_target=True)
+    with pytest.raises(RuntimeError, match="gptq q_proj: no full-precision inputs"):
+        observer.update(torch.randn(4, 8))
+    observer.stash_float(torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="never paired"):
+        observer.stash_float(torch.randn(4, 8))
+    observer.update(torch.randn(4, 8))
+    assert observer.D.shape == (8, 8) and observer.n == 4
+    with pytest.raises(ValueError, match="full-precision calibration inputs contain NaN"):
+        observer.stash_float(torch.full((4, 8), float("nan")))
+
+
+def test_quantized_hessian_inputs_are_the_fake_quantized_activations():
+    scheme = QuantScheme("int4", "per_token")
+    x, x_fp = torch.randn(2, 16, 32), torch.randn(2, 16, 32)
+    observer = HessianObserver("down_proj", float_target=True, act_quant=scheme)
+    for batch, fp in zip(x, x_fp):
+        observer.stash_float(fp)
+        observer.update(batch)
+    xq = torch.cat([ref.fake_quantize(b, scheme) for b in x])
+    assert not torch.allclose(xq, x.reshape(-1, 32), atol=1e-3)
+    want_H, _ = accumulate_hessian(None, 0, xq)
+    want_D, _ = accumulate_hessian(None, 0, xq, left=x_fp.reshape(-1, 32) - xq)
+    assert torch.allclose(observer.H, want_H, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(observer.D, want_D, rtol=1e-5, atol=1e-5)
+
+
 def test_inverse_hessian_factor_is_the_upper_cholesky_of_the_inverse():
     _, H = problem(cols=40, dead=())
     U, damp, raises = inverse_hessian_factor(H, 0.01)
@@ -292,6 +382,13 @@ def test_refit_refuses_scales_fixed_by_their_format():
         ({"a_qtype": "per_group"}, "algo.a_qtype"),
         ({"refit_scales": -1}, "algo.refit_scales"),
         ({"refit_scales": True}, "algo.refit_scales"),
+        ({"float_target": -0.1}, "algo.float_target"),
+        ({"float_target": 1.5}, "algo.float_target"),
+        ({"float_target": True}, "algo.float_target"),
+        ({"float_target": "0.25"}, "algo.float_target"),
+        ({"hessian_inputs": "dequantized"}, "algo.hessian_inputs"),
+        ({"hessian_inputs": "quantized", "a_qtype": "per_tensor"}, "algo.hessian_inputs=quantized needs algo.a_qtype"),
+        ({"hessian_inputs": "quantized", "pre": "awq"}, "algo.hessian_inputs=quantized cannot be combined"),
     ],
     ids=lambda v: str(v),
 )
@@ -435,6 +532,64 @@ def test_sequential_flags_change_what_the_observers_see(tiny_llama, monkeypatch,
     assert _same(seen["1.self_attn.q_proj"], expected["1.self_attn.q_proj"]) != block_sequential
 
 
+def test_float_target_pairs_each_batch_with_the_full_precision_models_inputs(tiny_llama, monkeypatch):
+    """The full-precision stream the observers get is the float model's, block after block, while
+    the quantized stream (block_sequential) departs from it after block 0."""
+    model, ids = tiny_llama(), samples()
+    expected = _fp_inputs(copy.deepcopy(model), ids, 2)
+    algorithm = gptq(float_target=0.5)
+    seen = _spy_inputs(algorithm, monkeypatch)
+    paired: dict[str, list[torch.Tensor]] = {}
+    stash = HessianObserver.stash_float
+
+    def spy(observer, x):
+        paired.setdefault(observer.name, []).append(x.clone())
+        stash(observer, x)
+
+    monkeypatch.setattr(HessianObserver, "stash_float", spy)
+    quantize_model(model, get_arch("llama"), algorithm, ids, "cpu", batch_size=2, progress=False)
+    blocks = len(model.model.layers)
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+        got = paired[name]
+        assert len(got) == 2 * blocks  # 2 batches per block
+        for b in range(blocks):
+            assert _same(got[2 * b:2 * b + 2], expected[f"{b}.{name}"]), (name, b)
+    assert not _same(seen["1.self_attn.q_proj"], expected["1.self_attn.q_proj"])
+
+
+def test_float_target_changes_nothing_where_the_streams_agree(tiny_llama):
+    """One full-precision pass per block and full-precision block outputs: both streams are the
+    float model's, D = 0, so the weights are GPTQ's bit for bit (the pairing is token-exact)."""
+    flags = {"block_sequential": False, "layer_sequential": False, "actorder": True}
+    models_ = []
+    for float_target in (0.0, 1.0):
+        model = tiny_llama()
+        quantize_model(model, get_arch("llama"), gptq(float_target=float_target, **flags), samples(), "cpu",
+                       batch_size=2, progress=False)
+        models_.append(model)
+    names = block_linears(models_[0])
+    for name in names:
+        a, b = models_[0].get_submodule(name), models_[1].get_submodule(name)
+        assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales), name
+
+
+@pytest.mark.parametrize("pre", [None, "awq"])
+def test_float_target_end_to_end_moves_the_weights(tiny_llama, caplog, pre):
+    outs = []
+    ids = samples(2, 16)
+    for float_target in (0.0, 1.0):
+        model = tiny_llama()
+        with caplog.at_level(logging.INFO, logger="quantkit.algorithms.gptq"):
+            quantize_model(model, get_arch("llama"), gptq(float_target=float_target, pre=pre,
+                                                          layer_sequential=pre is None),
+                           samples(), "cpu", batch_size=2, progress=False)
+        with torch.no_grad():
+            outs.append(model(ids).logits)
+    assert torch.isfinite(outs[1]).all() and not torch.equal(outs[0], outs[1])
+    logs = [r.getMessage() for r in caplog.records if "float target moved the weight by" in r.getMessage()]
+    assert len(logs) == len(block_linears(tiny_llama()))
+
+
 def test_groupsize_larger_than_a_layer_is_a_clear_error(tiny_llama):
     model = tiny_llama()
     with pytest.raises(ConfigError, match=r"groupsize=128 is larger than the input dim 64 of self_attn.q_proj\[0\]"):
@@ -470,6 +625,19 @@ def test_bench_script_prints_a_table_on_the_tiny_model(tmp_path):
     rows = [line.split(" | ")[0].lstrip("| ") for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert rows[1:] == ["float16", "rtn", "gptq"]
     assert (tmp_path / "bench" / "table.md").read_text() in proc.stdout + "\n"
+
+
+def test_quantized_hessian_inputs_need_quantized_activations(tiny_llama):
+    with pytest.raises(ConfigError, match="algo.hessian_inputs=quantized observes the inputs after"):
+        gptq(INT4, FP16, hessian_inputs="quantized")
+    outs, ids = [], samples(2, 16)
+    for hessian_inputs in ("raw", "quantized"):
+        model = tiny_llama()
+        quantize_model(model, get_arch("llama"), gptq(INT4, DTypeConfig("int4"), hessian_inputs=hessian_inputs,
+                                                      float_target=0.25), samples(), "cpu", progress=False)
+        with torch.no_grad():
+            outs.append(model(ids).logits)
+    assert torch.isfinite(outs[1]).all() and not torch.equal(outs[0], outs[1])
 
 
 def test_activation_only_is_rejected():

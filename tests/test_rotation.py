@@ -224,6 +224,7 @@ def test_rotation_lowers_the_w4a4_error():
 ALGORITHMS = {
     "rtn": (RTNConfig(groupsize=32), INT4, INT4),
     "gptq": (GPTQConfig(groupsize=32), INT4, INT8),
+    "gptaq": (GPTQConfig(groupsize=32, float_target=0.25, hessian_inputs="quantized"), INT4, INT8),
     "awq_gptq": (GPTQConfig(groupsize=32, pre="awq", observer="mse"), INT4, INT8),
     "smoothquant_gptq": (GPTQConfig(groupsize=32, pre="smoothquant"), INT4, INT8),
     "awq": (AWQConfig(groupsize=32, n_grid=5), INT4, FP16),

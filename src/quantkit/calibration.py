@@ -61,10 +61,14 @@ def _move_outside(model: nn.Module, blocks_path: str, device: torch.device | str
 
 @dataclass
 class Calibration:
-    """Activations entering the current block, one entry per batch, kept on ``offload``, and the
-    keyword arguments of every block: ``kwargs[block][batch]``."""
+    """Activations entering the current block, one entry per batch, kept on ``offload`` (and,
+    for an algorithm with a float target, those of the full-precision model), and the keyword
+    arguments of every block: ``kwargs[block][batch]``."""
 
     hidden: list[torch.Tensor] = field(default_factory=list)  # each (batch, seq, hidden)
+    # the same batches entering the current block of the full-precision model (kept only when an
+    # algorithm asks for it: Algorithm.float_target)
+    fp_hidden: list[torch.Tensor] | None = None
     kwargs: list[list[dict[str, Any]]] = field(default_factory=list)
 
 

@@ -16,6 +16,10 @@
    replace the linears; then compute the inputs of the next block (outputs of the quantized
    block with ``block_sequential``, else of the full-precision block, captured before any
    linear changed) and move the block back to ``offload``.
+3. An algorithm with a float target (GPTQ's ``float_target``) also gets, for every batch, the
+   inputs its linears receive in the full-precision model: a copy of the block taken before any
+   linear changed runs first on the full-precision stream (:func:`_float_inputs`), which then
+   moves on to the next block next to the quantized one.
 
 Peak memory on ``device``: one block plus one batch of activations; the captured activations
 wait on ``offload``. With ``reuse_outputs`` a pass takes the outputs of already quantized block
@@ -30,7 +34,7 @@ import copy
 import ctypes
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +94,8 @@ def _output(out: Any) -> torch.Tensor:
 def _run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]],
                device: torch.device | str, offload: torch.device | str, keep: bool,
                stop_after: list[nn.Module] | None = None, autocast: torch.dtype | None = None,
-               replay: Replay | None = None, in_place: bool = False) -> list[torch.Tensor]:
+               replay: Replay | None = None, in_place: bool = False,
+               before_batch: Callable[[int], None] | None = None) -> list[torch.Tensor]:
     """Run every calibration batch ``hidden[b]`` (with ``kwargs[b]``) through ``block``; return
     the outputs (on offload) if ``keep``. ``in_place``: write each output over its input in
     ``hidden`` instead, so the inputs and outputs of all batches are never held at once.
@@ -100,6 +105,8 @@ def _run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[s
     Without ``keep``, a batch's forward ends as soon as every module of ``stop_after`` has run
     (their forward hooks registered earlier, the observers, still run first): a phase that
     observes the attention projections does not pay for the MLP.
+
+    ``before_batch(b)`` runs before batch ``b`` enters the block (:func:`_float_inputs`).
     """
     outs, handles = [], []
     if stop_after and not keep:
@@ -117,6 +124,8 @@ def _run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[s
                 replay.batch = index
             if handles:
                 pending.update(id(m) for m in stop_after)
+            if before_batch is not None:
+                before_batch(index)
             try:
                 with _autocast(device, autocast):
                     out = _output(block(hidden[index].to(device), **to_device(kwargs[index], device)))
@@ -147,6 +156,40 @@ def _observe(linears: dict[str, nn.Linear], observers: dict[str, Any]) -> list[A
             observer.update(x.reshape(-1, x.shape[-1]))
         handles.append(linears[name].register_forward_hook(hook))
     return handles
+
+
+@contextlib.contextmanager
+def _float_inputs(twin: nn.Module, observers: dict[str, Any], calib: Calibration, kwargs: list[dict[str, Any]],
+                  device: torch.device | str, offload: torch.device | str, keep: bool,
+                  autocast: torch.dtype | None) -> Iterator[tuple[Callable[[int], None], list[torch.Tensor]]]:
+    """``(before_batch, outs)`` for :func:`_run_block`: before each batch ``b`` of a pass over the
+    block, ``twin`` (the block as it was before any linear changed) runs on the full-precision
+    stream's batch ``b`` and each observer gets its linear's full-precision input of the same
+    tokens (``stash_float``, hooked on the linear :func:`_observe` hooks); ``keep``: the twin runs
+    to the end and ``outs`` collects its outputs (the full-precision inputs of the next block)."""
+    handles, hooked, observed = [], set(), []
+    for name, observer in observers.items():
+        if id(observer) in hooked:
+            continue
+        hooked.add(id(observer))
+        module = twin.get_submodule(name)
+
+        def hook(m: nn.Module, args: tuple, _out: Any, observer: Any = observer) -> None:
+            x = transformed_input(m, args[0])
+            observer.stash_float(x.reshape(-1, x.shape[-1]))
+        handles.append(module.register_forward_hook(hook))
+        observed.append(module)
+    outs: list[torch.Tensor] = []
+
+    def before_batch(index: int) -> None:
+        outs.extend(_run_block(twin, calib.fp_hidden[index:index + 1], kwargs[index:index + 1], device, offload,
+                               keep, observed, autocast))
+    try:
+        with calibrate_all_experts(twin):
+            yield before_batch, outs
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @dataclass
@@ -362,6 +405,10 @@ def quantize_model(
 
     ``layers`` (rules) and ``sensitivity`` give linears their own schemes (:func:`plan_schemes`);
     ``report.schemes`` holds the table.
+
+    An algorithm with a float target (``algorithm.float_target > 0``) also keeps the
+    full-precision model's activations (a second copy of the calibration activations on
+    ``offload``) and runs each block once more in full precision (module doc, step 3).
     """
     report = PipelineReport()
     blocks = get_blocks(model, arch)
@@ -384,6 +431,8 @@ def quantize_model(
         raise
     del unfused
     calib = capture_block_inputs(model, blocks, arch.blocks, samples, device, offload, batch_size) if calibrate else None
+    if calib is not None and algorithm.float_target > 0:
+        calib.fp_hidden = list(calib.hidden)  # the two streams part after block 0
     for i, block in enumerate(tqdm(blocks, desc=f"quantize ({algorithm.name})", disable=not progress)):
         block.to(device)
         _quantize_block(block, i, plans[i], arch, algorithm, calib, device, offload, report, calibrate_dtype,
@@ -410,6 +459,9 @@ def _quantize_block(block: nn.Module, i: int, plan: list[Planned], arch: ArchSpe
     phases = entries if algorithm.layer_sequential else [[g for entry in entries for g in entry]]
     kwargs = calib.kwargs[i] if calib is not None else []
     fp_outputs = None
+    # the full-precision block, taken before the replay's hooks or any change (float target)
+    twin = copy.deepcopy(block) if calib is not None and calib.fp_hidden is not None else None
+    fp_next: list[torch.Tensor] | None = None  # the full-precision stream's next inputs
     replay = Replay(block) if calib is not None and reuse_outputs else None
     for k, phase in enumerate(phases):
         observers = {}
@@ -424,13 +476,18 @@ def _quantize_block(block: nn.Module, i: int, plan: list[Planned], arch: ArchSpe
                 pending = {n for later in phases[k:] for _, ls in later for n in ls}
                 store = k < len(phases) - 1 or algorithm.block_sequential  # a later pass will come
                 handles = _observe(phase_linears, observers)
+                paired = twin is not None and bool(observers)
                 try:
                     observed = [phase_linears[n] for n in observers]
                     with replay.active(pending, store) if replay else contextlib.nullcontext(), \
-                            calibrate_all_experts(block):
+                            calibrate_all_experts(block), \
+                            _float_inputs(twin, observers, calib, kwargs, device, offload, fp_next is None,
+                                          calibrate_dtype) if paired else contextlib.nullcontext((None, None)) \
+                            as (before_batch, twin_outs):
                         outs = _run_block(block, calib.hidden, kwargs, device, offload, keep, observed,
-                                          calibrate_dtype, replay)
+                                          calibrate_dtype, replay, before_batch=before_batch)
                     fp_outputs = outs if keep else fp_outputs
+                    fp_next = twin_outs if paired and fp_next is None else fp_next
                 finally:
                     for h in handles:
                         h.remove()
@@ -454,6 +511,11 @@ def _quantize_block(block: nn.Module, i: int, plan: list[Planned], arch: ArchSpe
                        replay=replay, in_place=True)
     elif calib is not None:
         calib.hidden = fp_outputs
+    if twin is not None and fp_next is None:  # no pass ran the full-precision block to the end
+        with calibrate_all_experts(twin):
+            _run_block(twin, calib.fp_hidden, kwargs, device, offload, False, autocast=calibrate_dtype, in_place=True)
+    elif twin is not None:
+        calib.fp_hidden = fp_next
     if replay is not None:
         log.debug("block %d: %d part outputs reused", i, replay.hits)
 

@@ -144,7 +144,8 @@ _ABSENT = object()
 LATER_KEYS: dict[str, Any] = {
     "algo.observer": "minmax", "algo.mse_grid": MSERange.n_grid, "algo.mse_max_shrink": MSERange.max_shrink,
     "algo.mse_norm": MSERange.norm, "w_dtype.clip_ratio": 1.0, "a_dtype.clip_ratio": 1.0, "algo.gqa_fold": False,
-    "algo.refit_scales": 0,
+    "algo.refit_scales": 0, "algo.float_target": 0.0,
+    "algo.hessian_inputs": "raw",
 }
 
 

@@ -360,6 +360,12 @@ class Algorithm(ABC):
     def layer_sequential(self) -> bool:
         return bool(getattr(self.config, "layer_sequential", False))
 
+    @property
+    def float_target(self) -> float:
+        """> 0: the observers also take the full-precision model's inputs of their linears
+        (``stash_float`` before each ``update``), which the pipeline then computes alongside."""
+        return float(getattr(self.config, "float_target", 0.0))
+
     #: True when an observer's statistics depend on the input only: the linears of a group read
     #: the same input, so one observer (fed once per batch) serves them all.
     shares_group_observer: bool = True

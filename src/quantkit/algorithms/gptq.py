@@ -32,6 +32,26 @@ group scales, so the scales that minimise GPTQ's objective for the codes found a
 of one small linear system per row (:func:`refit_scales`, GPTVQ's codebook update in scalar
 form); further rounds run GPTQ again with those scales fixed and refit, while the loss falls.
 
+Asymmetric calibration (``float_target``, GPTAQ: Li et al. 2025): with ``block_sequential`` a
+linear's inputs ``X_q`` come from the already quantized blocks before it, whose error GPTQ alone
+does not try to undo. With ``float_target = a > 0`` the pipeline also runs the full-precision
+model alongside (:func:`quantkit.pipeline.quantize_model`), each observer also collects
+``D = 2/n (X_fp - X_q)^T X_q`` from the full-precision inputs ``X_fp`` of the same tokens, and GPTQ
+rounds the weight whose outputs on ``X_q`` best reproduce the full-precision layer's outputs,
+
+    W' = W + a W D (H + damp I)^-1        (a = 1: argmin_W' ||X_fp W^T - X_q W'^T||^2 + damp ||W' - W||^2)
+
+(:func:`float_target_weight`; the damped least-squares target stays ``W`` where the two streams
+agree). Since the residual of that fit is orthogonal to ``X_q``, GPTQ's objective for ``W'``
+equals the asymmetric objective ``||X_fp W^T - X_q Q^T||^2`` up to a constant; ``a < 1`` moves
+only part of the way (GPTAQ's reference uses 0.25).
+
+Inputs of the Hessian (``hessian_inputs``): ``raw`` collects ``H`` (and ``D``) from the inputs
+as they reach the linear; ``quantized`` from those inputs after the linear's dynamic activation
+quantization, the inputs the quantized linear actually multiplies (QuaRot's and GPTAQ's GPTQ for
+W4A4), so GPTQ minimises ``||X^ W^T - X^ Q^T||`` (with ``float_target``: ``||X_fp W^T - X^_q Q^T||``, which
+also pulls the weights towards undoing the activation rounding on average).
+
 Compositions (``pre``): ``pre=smoothquant`` (SmoothQuant+GPTQ, with ``alpha``) or ``pre=awq``
 (AWQ+GPTQ: AWQ's scale search with ``awq.yaml``'s defaults, no clip search, GPTQ does the
 rounding) transform each linear group in :meth:`GPTQ.prepare_group`: per-input-channel scales
@@ -55,6 +75,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantkit import ops
 from quantkit.algorithms.awq import AWQConfig, AWQObserver, search_scales
 from quantkit.algorithms.base import (
     A_QTYPES, ActRangeObserver, Algorithm, ChannelRangeObserver, Observer, activation_scheme, check_observer_keys,
@@ -73,6 +94,7 @@ log = logging.getLogger(__name__)
 
 DAMP_GROWTH = 10.0  # damping multiplier after a failed factorization
 MAX_DAMP_RAISES = 6  # 0.01 * 10**6: far past any Hessian with finite entries
+HESSIAN_INPUTS = ("raw", "quantized")  # algo.hessian_inputs: before or after the activation quantization
 PRE_ALGORITHMS = ("smoothquant", "awq")  # algo.pre: transforms run before GPTQ's rounding
 DEFAULT_ALPHA = 0.5  # algo.alpha when pre=smoothquant leaves it null
 
@@ -98,6 +120,8 @@ class GPTQConfig:
     mse_max_shrink: float = MSERange.max_shrink
     mse_norm: float = MSERange.norm
     refit_scales: int = 0
+    float_target: float = 0.0
+    hessian_inputs: str = "raw"
 
     def __post_init__(self) -> None:
         check_observer_keys(self)
@@ -112,6 +136,18 @@ class GPTQConfig:
         check_groupsize("algo.groupsize", self.groupsize)
         check(isinstance(self.refit_scales, int) and not isinstance(self.refit_scales, bool) and self.refit_scales >= 0,
               f"algo.refit_scales={self.refit_scales!r} must be an integer >= 0 (0: off; n: rounds of rounding + scale refit)")
+        check(not isinstance(self.float_target, bool) and isinstance(self.float_target, (int, float))
+              and 0.0 <= self.float_target <= 1.0,
+              f"algo.float_target={self.float_target!r} must be a number in [0, 1] (0: off; 1: reproduce the "
+              "full-precision model's outputs; GPTAQ uses 0.25)")
+        check_choice("algo.hessian_inputs", self.hessian_inputs, HESSIAN_INPUTS)
+        if self.hessian_inputs == "quantized":
+            check(self.a_qtype == "per_token",
+                  "algo.hessian_inputs=quantized needs algo.a_qtype=per_token (dynamic activation scales: static "
+                  "scales are known only after calibration)")
+            check(self.pre is None,
+                  f"algo.hessian_inputs=quantized cannot be combined with algo.pre={self.pre} (its scales change "
+                  "the inputs after they were observed); set algo.pre=null or algo.hessian_inputs=raw")
         check(self.blocksize >= 1, f"algo.blocksize={self.blocksize} must be >= 1 (columns updated at once)")
         check(0.0 < self.percdamp <= 1.0,
               f"algo.percdamp={self.percdamp} must be in (0, 1] (fraction of the mean Hessian diagonal)")
@@ -142,8 +178,10 @@ class GPTQStats:
 # --- pure tensor functions ------------------------------------------------------------------
 
 
-def accumulate_hessian(H: torch.Tensor | None, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Fold inputs ``x (..., in)`` into the running ``H = 2/n sum x x^T`` ``(in, in)`` float32.
+def accumulate_hessian(H: torch.Tensor | None, n: int, x: torch.Tensor,
+                       left: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Fold inputs ``x (..., in)`` into the running ``H = 2/n sum x x^T`` ``(in, in)`` float32
+    (``left``, same shape as ``x``: the cross moment ``2/n sum left x^T`` instead).
 
     ``H`` is updated in place (allocated on ``x``'s device when None); returns ``(H, n)``
     with ``n`` the number of rows (tokens) seen so far.
@@ -155,9 +193,28 @@ def accumulate_hessian(H: torch.Tensor | None, n: int, x: torch.Tensor) -> tuple
     if t == 0:
         return H, n
     x = x.to(torch.float32)
+    left = x if left is None else left.reshape(x.shape).to(torch.float32)
     total = n + t
-    H.mul_(n / total).addmm_(x.T, x, alpha=2.0 / total)  # (in, in)
+    H.mul_(n / total).addmm_(left.T, x, alpha=2.0 / total)  # (in, in)
     return H, total
+
+
+def float_target_weight(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, alpha: float = 1.0,
+                        percdamp: float = 0.01, name: str = "weight") -> torch.Tensor:
+    """The weight GPTQ rounds under asymmetric calibration: ``W + alpha W D (H + damp I)^-1``
+    ``(out, in)`` float32 (module doc), with ``H = 2/n X_q^T X_q`` and ``D = 2/n (X_fp - X_q)^T X_q``
+    and the damping GPTQ itself uses (:func:`inverse_hessian_factor`, inputs that were always
+    zero count with diagonal 1 as there). ``D = 0`` (both streams equal) returns ``W``."""
+    W = W.detach().float()
+    if D.shape != H.shape or H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"gptq {name}: float target needs H and D of shape {(W.shape[1],) * 2}, "
+                         f"got {tuple(H.shape)} and {tuple(D.shape)}")
+    if not bool(torch.isfinite(D).all()):
+        raise ValueError(f"gptq {name}: the float/quantized input moment contains NaN or inf")
+    H = H.detach().float().clone()
+    H.diagonal()[H.diagonal() == 0] = 1.0
+    U, _, _ = inverse_hessian_factor(H, percdamp, name)  # U^T U = (H + damp I)^-1
+    return W + alpha * ((W @ D.float()) @ U.T) @ U
 
 
 def inverse_hessian_factor(
@@ -455,18 +512,44 @@ class HessianObserver(Observer):
     """Accumulates ``H = 2/n X^T X`` of one linear's inputs (and, for static activation
     scales, their range: the composite of a Hessian and an :class:`ActRangeObserver`)."""
 
-    def __init__(self, name: str, act_range: ActRangeObserver | None = None) -> None:
+    def __init__(self, name: str, act_range: ActRangeObserver | None = None, float_target: bool = False,
+                 act_quant: QuantScheme | None = None) -> None:
         self.name = name
+        self.act_quant = act_quant  # hessian_inputs=quantized: the linear's dynamic activation scheme
         self.H: torch.Tensor | None = None  # (in, in) float32
         self.n = 0
         self.act_range = act_range
+        self.float_target = float_target  # also collect D from the full-precision inputs (stash_float)
+        self.D: torch.Tensor | None = None  # (in, in) float32: 2/n sum (x_fp - x)^T x
+        self._fp: torch.Tensor | None = None  # the full-precision inputs of the batch update() gets next
 
-    def update(self, x: torch.Tensor) -> None:
+    def stash_float(self, x: torch.Tensor) -> None:
+        """The full-precision model's inputs of this linear for the batch :meth:`update` gets next
+        (the same tokens)."""
+        if self._fp is not None:
+            raise RuntimeError(f"gptq {self.name}: full-precision inputs of a batch were never paired "
+                               "with the quantized model's inputs")
+        self._check_finite(x, "full-precision calibration inputs")
+        self._fp = x
+
+    def _check_finite(self, x: torch.Tensor, what: str) -> None:
         if not bool(torch.isfinite(x).all()):
             raise ValueError(
-                f"gptq {self.name}: calibration inputs contain NaN or inf (batch after {self.n} tokens); "
+                f"gptq {self.name}: {what} contain NaN or inf (batch after {self.n} tokens); "
                 "the model produces non-finite activations on the calibration data"
             )
+
+    def update(self, x: torch.Tensor) -> None:
+        self._check_finite(x, "calibration inputs")
+        if self.act_quant is not None:
+            x = ops.fake_quantize(x, self.act_quant, check_finite=False)
+        if self.float_target:
+            fp, self._fp = self._fp, None
+            if fp is None or fp.numel() != x.numel():
+                raise RuntimeError(f"gptq {self.name}: no full-precision inputs of the same tokens came with this "
+                                   "batch (algo.float_target needs the pipeline's full-precision stream)")
+            x32 = x.to(torch.float32)
+            self.D, _ = accumulate_hessian(self.D, self.n, x32, left=fp.to(torch.float32).reshape(x32.shape) - x32)
         self.H, self.n = accumulate_hessian(self.H, self.n, x)
         if self.act_range is not None:
             self.act_range.update(x)
@@ -478,8 +561,8 @@ class PreHessianObserver(HessianObserver):
     static activation scale when ``static``); :meth:`rescale` turns every statistic into that
     of the folded inputs ``x / s``."""
 
-    def __init__(self, name: str, stats: ChannelRangeObserver, static: bool) -> None:
-        super().__init__(name, stats if static else None)
+    def __init__(self, name: str, stats: ChannelRangeObserver, static: bool, float_target: bool = False) -> None:
+        super().__init__(name, stats if static else None, float_target)
         self.stats = stats
 
     def update(self, x: torch.Tensor) -> None:
@@ -490,6 +573,8 @@ class PreHessianObserver(HessianObserver):
     def rescale(self, s: torch.Tensor) -> None:
         inv = 1.0 / s.to(self.H.device, torch.float32)  # (in,)
         self.H = self.H * inv[:, None] * inv[None, :]  # (in, in) diag(1/s) H diag(1/s); H is an inference tensor
+        if self.D is not None:  # both streams are read as x / s too
+            self.D = self.D * inv[:, None] * inv[None, :]
         self.stats.rescale(s)
 
 
@@ -505,6 +590,9 @@ class GPTQ(Algorithm):
         check(config.pre != "smoothquant" or self.a_scheme is not None,
               "algo.pre=smoothquant migrates activation outliers into the weights for quantized activations; "
               f"a_dtype={a_dtype.name} is not quantized: set a_dtype (e.g. int8) or use algo.pre=awq or null")
+        check(config.hessian_inputs == "raw" or self.a_scheme is not None,
+              f"algo.hessian_inputs=quantized observes the inputs after the activation quantization; a_dtype="
+              f"{a_dtype.name} is not quantized: set a_dtype (e.g. int4) or algo.hessian_inputs=raw")
         if config.pre is not None and config.layer_sequential:
             # a warning where it was measured to cost (SmoothQuant+GPTQ W8A8); AWQ+GPTQ int4 is better
             # this way on SmolLM2 (benchmarks/DEFAULTS_STUDY.md), so its preset keeps it and is told only
@@ -534,11 +622,13 @@ class GPTQ(Algorithm):
 
     def make_observer(self, name: str, linear: nn.Linear, scheme: LayerScheme | None = None) -> Observer | None:
         scheme = scheme or self.run_scheme
+        paired = self.float_target > 0
         if self.config.pre is None:
-            return HessianObserver(name, ActRangeObserver(scheme.a) if scheme.a_static else None)
+            act_quant = scheme.a if self.config.hessian_inputs == "quantized" and not scheme.a_static else None
+            return HessianObserver(name, ActRangeObserver(scheme.a) if scheme.a_static else None, paired, act_quant)
         act = scheme.a if scheme.a_static else None  # the stats' range gives static activation scales
         stats = AWQObserver(AWQConfig().max_tokens, act) if self.config.pre == "awq" else ChannelRangeObserver(act)
-        return PreHessianObserver(name, stats, scheme.a_static)
+        return PreHessianObserver(name, stats, scheme.a_static, paired)
 
     def prepare_group(
         self, linears: dict[str, nn.Linear], observers: dict[str, Observer], prev: FoldTarget | None,
@@ -569,9 +659,9 @@ class GPTQ(Algorithm):
     ) -> dict[str, nn.Module]:
         out = {name: self._quantize_linear(name, linear, observers.get(name), self._scheme(schemes, name))
                for name, linear in linears.items()}
-        for name in linears:  # free the (in, in) Hessian the group's linears shared
+        for name in linears:  # free the (in, in) Hessian (and D) the group's linears shared
             if isinstance(observers.get(name), HessianObserver):
-                observers[name].H = None
+                observers[name].H = observers[name].D = None
         return out
 
     def _quantize_linear(self, name: str, linear: nn.Linear, observer: Observer | None,
@@ -585,8 +675,15 @@ class GPTQ(Algorithm):
             raise ConfigError(f"algo.groupsize={scheme.groupsize} is larger than the input dim "
                               f"{linear.in_features} of {label}")
         t0 = time.perf_counter()
+        target, shift = linear.weight, ""
+        if cfg.float_target > 0:
+            if observer.D is None:
+                raise RuntimeError(f"gptq {label}: algo.float_target is set but no full-precision inputs were paired")
+            target = float_target_weight(linear.weight, observer.H, observer.D, cfg.float_target, cfg.percdamp, label)
+            change = (target - linear.weight.float()).norm() / linear.weight.float().norm().clamp_min(1e-30)
+            shift = f", float target moved the weight by {change.item():.3g} (relative)"
         codes, scale, zero, stats = gptq_quantize(
-            linear.weight, observer.H, scheme, cfg.blocksize, cfg.percdamp, cfg.actorder, cfg.static_groups, label,
+            target, observer.H, scheme, cfg.blocksize, cfg.percdamp, cfg.actorder, cfg.static_groups, label,
             mse_range(cfg), cfg.refit_scales,
         )
         weight = linear.weight
@@ -602,6 +699,6 @@ class GPTQ(Algorithm):
                 module.act_zero.copy_(act_zero.reshape(1, 1))
         refit = (f", {stats.refit_rounds} scale refit round(s), the last changing {stats.refit_rows}/"
                  f"{linear.out_features} rows" if cfg.refit_scales else "")
-        log.info("gptq %s: error %.4g (relative %.3g), damping %.3g (percdamp %.3g)%s, %.2f s",
-                 label, stats.loss, stats.rel_loss, stats.damp, stats.percdamp, refit, time.perf_counter() - t0)
+        log.info("gptq %s: error %.4g (relative %.3g), damping %.3g (percdamp %.3g)%s%s, %.2f s", label, stats.loss,
+                 stats.rel_loss, stats.damp, stats.percdamp, refit, shift, time.perf_counter() - t0)
         return module
