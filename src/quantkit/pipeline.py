@@ -141,19 +141,19 @@ def _run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[s
     return outs
 
 
-def _observe(linears: dict[str, nn.Linear], observers: dict[str, Any]) -> list[Any]:
-    """Forward hooks that feed each linear's input, flattened to (tokens, in), to its observer
-    (an observer shared by several linears of a group is fed once, from the first of them).
-    A linear with an online Hadamard (a rotated model) multiplies its weight by the transformed
-    input: that is what its observer sees."""
+def _observe(linears: dict[str, nn.Module], observers: dict[str, Any], feed: str = "update") -> list[Any]:
+    """Forward hooks that feed each linear's input, flattened to (tokens, in), to its observer's
+    ``feed`` method (an observer shared by several linears of a group is fed once, from the first
+    of them). A linear with an online Hadamard (a rotated model) multiplies its weight by the
+    transformed input: that is what its observer sees."""
     handles, hooked = [], set()
     for name, observer in observers.items():
         if id(observer) in hooked:
             continue
         hooked.add(id(observer))
-        def hook(m: nn.Module, args: tuple, _out: Any, observer: Any = observer) -> None:
+        def hook(m: nn.Module, args: tuple, _out: Any, take: Any = getattr(observer, feed)) -> None:
             x = transformed_input(m, args[0])
-            observer.update(x.reshape(-1, x.shape[-1]))
+            take(x.reshape(-1, x.shape[-1]))
         handles.append(linears[name].register_forward_hook(hook))
     return handles
 
@@ -167,18 +167,9 @@ def _float_inputs(twin: nn.Module, observers: dict[str, Any], calib: Calibration
     stream's batch ``b`` and each observer gets its linear's full-precision input of the same
     tokens (``stash_float``, hooked on the linear :func:`_observe` hooks); ``keep``: the twin runs
     to the end and ``outs`` collects its outputs (the full-precision inputs of the next block)."""
-    handles, hooked, observed = [], set(), []
-    for name, observer in observers.items():
-        if id(observer) in hooked:
-            continue
-        hooked.add(id(observer))
-        module = twin.get_submodule(name)
-
-        def hook(m: nn.Module, args: tuple, _out: Any, observer: Any = observer) -> None:
-            x = transformed_input(m, args[0])
-            observer.stash_float(x.reshape(-1, x.shape[-1]))
-        handles.append(module.register_forward_hook(hook))
-        observed.append(module)
+    modules = {name: twin.get_submodule(name) for name in observers}
+    handles = _observe(modules, observers, feed="stash_float")
+    observed = list(modules.values())  # the twin's pass may end once they have all run
     outs: list[torch.Tensor] = []
 
     def before_batch(index: int) -> None:
